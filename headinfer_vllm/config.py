@@ -1,0 +1,124 @@
+"""The one configuration object of headinfer_vllm.
+
+Every field has a default, a unit and a docstring, and is validated when the
+object is built. The vLLM plugin reads it from
+``--additional-config '{"headinfer": {...}}'`` and from ``HEADINFER_<NAME>``
+environment variables (see :meth:`HeadInferConfig.from_sources`); the
+transformers cache takes the same fields as keyword arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+GIB = 1 << 30
+
+ENV_PREFIX = "HEADINFER_"
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadInferConfig:
+    """Budgets and knobs of the head-wise offloaded KV cache."""
+
+    cpu_kv_cache_gib: float = 4.0
+    """Host memory for the KV cache, in GiB (pinned when CUDA is used).
+
+    This sets the capacity: the number of tokens the cache can hold is about
+    ``cpu_kv_cache_gib`` divided by the KV bytes per token of the streamed
+    heads. Allocated once, up front."""
+
+    gpu_kv_cache_gib: float | None = None
+    """Device memory for resident head pages and staging buffers, in GiB.
+
+    ``None`` means the minimum: only the staging buffers, every head streamed
+    (the paper's setting). A value below the staging size is refused with an
+    error that states the minimum; memory beyond it keeps whole head groups
+    resident on the device, which removes their transfers."""
+
+    head_group_size: int | None = None
+    """KV heads streamed together as one unit (1..num_kv_heads, a divisor).
+
+    ``None`` chooses: the largest group whose staging fits the device budget,
+    or 1 when no device budget is given. Larger groups mean fewer, larger
+    copies and kernels; smaller groups mean less device memory."""
+
+    prefetch_depth: int = 1
+    """Head groups loaded ahead of the one being computed (count, >= 1).
+
+    The staging ring holds ``prefetch_depth + 1`` head groups."""
+
+    def __post_init__(self) -> None:
+        if not self.cpu_kv_cache_gib > 0:
+            raise ValueError(
+                f"headinfer: cpu_kv_cache_gib must be > 0 GiB, got {self.cpu_kv_cache_gib!r}"
+            )
+        if self.gpu_kv_cache_gib is not None and not self.gpu_kv_cache_gib >= 0:
+            raise ValueError(
+                "headinfer: gpu_kv_cache_gib must be >= 0 GiB or unset (staging only), "
+                f"got {self.gpu_kv_cache_gib!r}"
+            )
+        if self.head_group_size is not None and self.head_group_size < 1:
+            raise ValueError(
+                f"headinfer: head_group_size must be >= 1 or unset (auto), got {self.head_group_size!r}"
+            )
+        if self.prefetch_depth < 1:
+            raise ValueError(
+                f"headinfer: prefetch_depth must be >= 1, got {self.prefetch_depth!r}"
+            )
+
+    @property
+    def cpu_kv_cache_bytes(self) -> int:
+        return int(self.cpu_kv_cache_gib * GIB)
+
+    @property
+    def gpu_kv_cache_bytes(self) -> int | None:
+        if self.gpu_kv_cache_gib is None:
+            return None
+        return int(self.gpu_kv_cache_gib * GIB)
+
+    @classmethod
+    def from_sources(
+        cls,
+        settings: Mapping[str, Any] | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> HeadInferConfig:
+        """Build from ``HEADINFER_<NAME>`` variables, then ``settings`` on top.
+
+        Unknown keys and unparsable values raise ``ValueError`` naming them.
+        """
+        environ = os.environ if environ is None else environ
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for name in fields:
+            raw = environ.get(ENV_PREFIX + name.upper())
+            if raw is not None and raw != "":
+                values[name] = _parse(name, raw, f"{ENV_PREFIX}{name.upper()}")
+        for name, value in (settings or {}).items():
+            if name not in fields:
+                raise ValueError(
+                    f"headinfer: unknown setting {name!r}; known settings: {', '.join(fields)}"
+                )
+            values[name] = _parse(name, value, f"setting {name!r}")
+        return cls(**values)
+
+
+_FLOAT_FIELDS = {"cpu_kv_cache_gib", "gpu_kv_cache_gib"}
+
+
+def _parse(name: str, value: Any, origin: str) -> Any:
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "auto")):
+        if name in ("gpu_kv_cache_gib", "head_group_size"):
+            return None
+        raise ValueError(f"headinfer: {origin} cannot be unset")
+    try:
+        if name in _FLOAT_FIELDS:
+            return float(value)
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return int(value)
+    except (TypeError, ValueError):
+        kind = "a number" if name in _FLOAT_FIELDS else "an integer"
+        raise ValueError(f"headinfer: {origin} must be {kind}, got {value!r}") from None

@@ -1,0 +1,93 @@
+"""Exact causal attention of one head group over its paged K/V.
+
+Two kernels, chosen once per device and dtype:
+
+- ``flash``: the FlashAttention that the CUDA vLLM wheel bundles
+  (``vllm.vllm_flash_attn.flash_attn_varlen_func``), which reads the paged
+  unit through the block table directly, for the whole batch in one call.
+- ``sdpa``: torch's ``scaled_dot_product_attention`` per request, over the
+  request's pages gathered into a contiguous K/V (CPU, and CUDA without vLLM).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from headinfer_vllm.core.plan import StepPlan
+
+AttendFn = Callable[[torch.Tensor, torch.Tensor, StepPlan, float, torch.Tensor], None]
+"""``attend(query, unit, plan, scale, out)``.
+
+query: ``[num_tokens, num_query_heads_of_group, head_dim]``.
+unit: ``[num_blocks, 2, block_size, head_group_size, head_dim]``.
+out: same shape as query; written in place (rows of padding untouched).
+"""
+
+
+def attend_sdpa(
+    query: torch.Tensor, unit: torch.Tensor, plan: StepPlan, scale: float, out: torch.Tensor
+) -> None:
+    group, head_dim = unit.shape[3], unit.shape[4]
+    for index, request in enumerate(plan.requests):
+        rows = slice(request.query_start, request.query_start + request.query_len)
+        pages = unit[plan.pages(index)]
+        # pages: [num_pages, 2, block_size, group, head_dim]
+        kv = pages.transpose(0, 1).reshape(2, -1, group, head_dim)[:, : request.seq_len]
+        # kv: [2, seq_len, group, head_dim]
+        q = query[rows].transpose(0, 1)  # [query_heads, query_len, head_dim]
+        k, v = kv[0].transpose(0, 1), kv[1].transpose(0, 1)  # [group, seq_len, head_dim]
+        mask = request.causal_mask()
+        result = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[0] != group
+        )
+        out[rows] = result.transpose(0, 1)
+
+
+def attend_flash(
+    query: torch.Tensor, unit: torch.Tensor, plan: StepPlan, scale: float, out: torch.Tensor
+) -> None:
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    num_tokens = plan.num_tokens
+    flash_attn_varlen_func(
+        q=query[:num_tokens],
+        k=unit[:, 0],
+        v=unit[:, 1],
+        cu_seqlens_q=plan.query_start_loc,
+        max_seqlen_q=plan.max_query_len,
+        seqused_k=plan.seq_lens,
+        max_seqlen_k=plan.max_seq_len,
+        softmax_scale=scale,
+        causal=True,
+        block_table=plan.block_table,
+        out=out[:num_tokens],
+    )
+
+
+@functools.cache
+def flash_available() -> bool:
+    try:
+        from vllm.vllm_flash_attn import flash_attn_varlen_func  # noqa: F401
+    except Exception:  # ImportError, or a wheel built for another CUDA
+        return False
+    return torch.cuda.is_available()
+
+
+def select_kernel(
+    device: torch.device, dtype: torch.dtype, block_size: int, allow_flash: bool = True
+) -> tuple[str, AttendFn]:
+    """The fastest exact kernel for this device, dtype and page size."""
+    flash_ok = (
+        allow_flash
+        and device.type == "cuda"
+        and dtype in (torch.float16, torch.bfloat16)
+        and block_size % 16 == 0
+        and flash_available()
+    )
+    if flash_ok:
+        return "flash", attend_flash
+    return "sdpa", attend_sdpa

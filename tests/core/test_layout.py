@@ -1,0 +1,70 @@
+"""Budgets to capacity: host sets the tokens, device holds staging + residents."""
+
+import pytest
+import torch
+
+from headinfer_vllm.core import HeadPageStore, KVLayout, plan_capacity
+
+SHAPE = dict(num_layers=4, num_kv_heads=4, head_dim=8, block_size=4, dtype=torch.float32)
+PAGE = 2 * 4 * 8 * 4  # bytes of one page of one KV head
+
+
+def plan(host_pages, device_pages=None, group=None, depth=1):
+    return plan_capacity(
+        **SHAPE, host_bytes=host_pages * PAGE,
+        device_bytes=None if device_pages is None else device_pages * PAGE,
+        head_group_size=group, prefetch_depth=depth,
+    )
+
+
+def test_host_budget_sets_capacity_without_device_budget():
+    result = plan(host_pages=16 * 100)
+    assert result.layout.head_group_size == 1
+    assert result.layout.num_blocks == 100
+    assert result.num_resident_units == 0
+    assert result.host_bytes == 16 * 100 * PAGE
+    assert result.device_bytes == 2 * 100 * PAGE
+
+
+def test_too_small_device_budget_states_minimum():
+    with pytest.raises(ValueError, match=r"minimum is .* GiB"):
+        plan(host_pages=16 * 100, device_pages=199)
+
+
+def test_device_budget_picks_largest_group_that_fits():
+    # Staging of 2 groups of 2 heads at 100 blocks = 400 pages.
+    result = plan(host_pages=16 * 100, device_pages=400)
+    assert result.layout.head_group_size == 2
+    assert result.device_bytes <= 400 * PAGE
+
+
+def test_extra_device_memory_makes_units_resident_and_grows_capacity():
+    result = plan(host_pages=16 * 100, device_pages=600, group=1)
+    assert result.num_resident_units > 0
+    assert result.layout.num_blocks == (16 * 100) // (16 - result.num_resident_units)
+    assert result.device_bytes <= 600 * PAGE
+    assert result.host_bytes <= 16 * 100 * PAGE
+
+
+def test_device_large_enough_for_everything_keeps_all_resident():
+    result = plan(host_pages=16 * 10, device_pages=16 * 1000, group=4)
+    assert result.num_resident_units == result.layout.num_units
+    assert result.num_staging_buffers == 0
+    assert result.host_bytes == 0
+    assert result.layout.num_blocks == 1000
+
+
+def test_group_must_divide_heads():
+    with pytest.raises(ValueError, match="must divide"):
+        plan(host_pages=1000, group=3)
+
+
+def test_store_never_exceeds_device_budget():
+    result = plan(host_pages=16 * 50, device_pages=500, group=1)
+    store = HeadPageStore.from_plan(result, "cpu")
+    assert store.device_bytes == result.device_bytes <= 500 * PAGE
+    assert store.host_bytes == result.host_bytes
+    layout = KVLayout(4, 4, 8, 4, 50, 1, torch.float32)
+    with pytest.raises(ValueError, match="budget"):
+        HeadPageStore(layout, resident_units=frozenset({(0, 0)}), num_staging_buffers=2,
+                      device="cpu", device_budget_bytes=3 * layout.unit_bytes - 1)
