@@ -1,0 +1,212 @@
+"""Core benchmark: streamed attention vs an all-resident cache, at model shapes.
+
+Measures, for each context length:
+- pinned host-to-device and device-to-host bandwidth (once);
+- per-layer attention time of a prefill chunk, every head streamed vs every
+  head resident on the device, and their ratio (resident / streamed; 1.0
+  means the transfers are completely hidden);
+- per-layer decode time with every head streamed, against the bandwidth
+  bound (streamed KV bytes of a layer / measured H2D bandwidth);
+- device memory of the KV path (store tiers and peak allocation).
+
+Writes ``results.json`` and ``results.png`` to ``--out``.
+
+    python benchmarks/bench_core.py --out benchmarks/out            # CUDA, Llama-3-8B layer shapes
+    python benchmarks/bench_core.py --smoke --out benchmarks/out    # CPU, small shapes (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from headinfer_vllm.core import HeadPageStore, KVLayout, StreamedAttention, build_step_plan
+from headinfer_vllm.core.host_memory import free_host_bytes
+
+LLAMA3_8B = dict(num_query_heads=32, num_kv_heads=8, head_dim=128, dtype="bfloat16")
+SMOKE = dict(num_query_heads=8, num_kv_heads=4, head_dim=64, dtype="float32")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="small shapes on CPU, for CI")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
+    parser.add_argument("--contexts", type=int, nargs="*", help="context lengths in tokens")
+    parser.add_argument("--chunk", type=int, help="prefill chunk in tokens (default 8192; smoke 256)")
+    parser.add_argument("--layers", type=int, default=4, help="layers simulated per step (pipelining crosses them)")
+    parser.add_argument("--block-size", type=int, default=256, help="tokens per page")
+    parser.add_argument("--head-group-size", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--host-fraction", type=float, default=0.6, help="share of free host memory usable")
+    return parser.parse_args()
+
+
+def timed(device: torch.device, function, repeats: int) -> float:
+    """Median seconds of ``function()`` after one warm-up call."""
+    function()
+    samples = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        function()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def bandwidth(device: torch.device, megabytes: int, repeats: int) -> dict[str, float]:
+    """Pinned host <-> device copy bandwidth in GB/s (10^9 bytes per second)."""
+    host = torch.empty(megabytes << 20, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    on_device = torch.empty_like(host, device=device)
+    h2d = timed(device, lambda: on_device.copy_(host, non_blocking=True), repeats)
+    d2h = timed(device, lambda: host.copy_(on_device, non_blocking=True), repeats)
+    return {"h2d_gbps": host.numel() / h2d / 1e9, "d2h_gbps": host.numel() / d2h / 1e9}
+
+
+def make_engine(layout: KVLayout, streamed: bool, device: torch.device, num_query_heads: int) -> StreamedAttention:
+    units = layout.num_units
+    resident = frozenset() if streamed else frozenset(
+        (layer, group) for layer in range(layout.num_layers) for group in range(layout.num_groups)
+    )
+    store = HeadPageStore(layout, resident_units=resident, num_staging_buffers=2 if streamed else 0,
+                          device=device, device_budget_bytes=(2 if streamed else units) * layout.unit_bytes)
+    if device.type == "cpu":
+        store.host.normal_()  # uninitialized memory may hold denormals, which are slow on CPU
+        store.resident.normal_()
+    return StreamedAttention(store, num_query_heads=num_query_heads, scale=layout.head_dim**-0.5)
+
+
+def one_step(engine: StreamedAttention, context: int, query_len: int, shapes: dict, device: torch.device):
+    """A closure running one step of one request: ``query_len`` new tokens ending at ``context``."""
+    layout = engine.store.layout
+    pages = -(-context // layout.block_size)
+    block_table = torch.arange(pages)[None]
+    slots = torch.arange(context - query_len, context)
+    plan = build_step_plan(
+        query_start_loc=torch.tensor([0, query_len]), seq_lens=torch.tensor([context]),
+        block_table=block_table, slot_mapping=slots, block_size=layout.block_size, device=device,
+    )
+    dtype = layout.dtype
+    query = torch.randn(query_len, shapes["num_query_heads"], layout.head_dim, device=device, dtype=dtype)
+    key = torch.randn(query_len, layout.num_kv_heads, layout.head_dim, device=device, dtype=dtype)
+    out = torch.empty_like(query)
+
+    def run() -> None:
+        engine.begin_step(plan)
+        for layer in range(layout.num_layers):
+            engine.forward(layer, query, key, key, out)
+
+    return run
+
+
+def measure_context(args, shapes, device, context, chunk, link) -> dict:
+    dtype = getattr(torch, shapes["dtype"])
+    num_blocks = -(-context // args.block_size)
+    layout = KVLayout(args.layers, shapes["num_kv_heads"], shapes["head_dim"], args.block_size,
+                      num_blocks, args.head_group_size, dtype)
+    result = {"context": context, "chunk": chunk}
+    streamed_bytes_per_layer = layout.num_groups * context * layout.unit_page_bytes // layout.block_size
+    for mode in ("resident", "streamed"):
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        engine = make_engine(layout, mode == "streamed", device, shapes["num_query_heads"])
+        prefill = timed(device, one_step(engine, context, chunk, shapes, device), args.repeats)
+        result[f"prefill_{mode}_ms_per_layer"] = 1e3 * prefill / args.layers
+        if mode == "streamed":
+            decode = timed(device, one_step(engine, context, 1, shapes, device), args.repeats)
+            result["decode_streamed_ms_per_layer"] = 1e3 * decode / args.layers
+            result["decode_bound_ms_per_layer"] = 1e3 * streamed_bytes_per_layer / (link["h2d_gbps"] * 1e9)
+            result["device_tier_bytes"] = engine.store.device_bytes
+            result["kernel"] = engine.kernel_name
+            if device.type == "cuda":
+                result["device_peak_bytes"] = torch.cuda.max_memory_allocated(device) - base
+        del engine
+    result["prefill_ratio"] = result["prefill_resident_ms_per_layer"] / result["prefill_streamed_ms_per_layer"]
+    result["decode_over_bound"] = result["decode_streamed_ms_per_layer"] / result["decode_bound_ms_per_layer"]
+    return result
+
+
+def plot(results: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    contexts = [r["context"] for r in results]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(contexts, [r["prefill_resident_ms_per_layer"] for r in results], "o-", label="all resident")
+    left.plot(contexts, [r["prefill_streamed_ms_per_layer"] for r in results], "s-", label="all streamed")
+    left.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="ms per layer",
+             title=f"prefill chunk of {results[0]['chunk']} tokens")
+    right.plot(contexts, [r["decode_streamed_ms_per_layer"] for r in results], "s-", label="all streamed")
+    right.plot(contexts, [r["decode_bound_ms_per_layer"] for r in results], "k--", label="H2D bound")
+    right.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="ms per layer", title="decode")
+    for axis in (left, right):
+        axis.legend()
+        axis.grid(True, which="both", alpha=0.3)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> int:
+    args = parse_args()
+    if args.smoke:
+        device, shapes = torch.device("cpu"), SMOKE
+        contexts, chunk = args.contexts or [1024, 4096], args.chunk or 256
+        args.block_size, args.repeats = min(args.block_size, 64), min(args.repeats, 3)
+    else:
+        if not torch.cuda.is_available():
+            print("bench_core: no CUDA device; use --smoke for the CPU run", file=sys.stderr)
+            return 2
+        device, shapes = torch.device("cuda"), LLAMA3_8B
+        contexts = args.contexts or [8192, 32768, 131072, 524288, 1048576]
+        chunk = args.chunk or 8192
+    args.out.mkdir(parents=True, exist_ok=True)
+    link = bandwidth(device, 64 if args.smoke else 1024, args.repeats)
+    print(f"link: {link}", flush=True)
+    results = []
+    for context in contexts:
+        page = 2 * shapes["head_dim"] * torch.empty((), dtype=getattr(torch, shapes["dtype"])).element_size()
+        host_needed = args.layers * shapes["num_kv_heads"] * context * page
+        if host_needed > args.host_fraction * (free_host_bytes() or 0):
+            print(f"context {context}: needs {host_needed / 2**30:.1f} GiB of host memory; stopping")
+            break
+        result = measure_context(args, shapes, device, context, min(chunk, context), link)
+        print(json.dumps(result), flush=True)
+        results.append(result)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    report = {
+        "benchmark": "bench_core",
+        "device": device_name,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "torch": torch.__version__,
+        "shapes": shapes,
+        "layers_simulated": args.layers,
+        "block_size": args.block_size,
+        "head_group_size": args.head_group_size,
+        "link": link,
+        "results": results,
+    }
+    (args.out / "results.json").write_text(json.dumps(report, indent=2))
+    if results:
+        plot(results, args.out / "results.png", f"headinfer core on {device_name}")
+    print(f"wrote {args.out / 'results.json'}")
+    return 0 if results else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
