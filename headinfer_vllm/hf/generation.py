@@ -1,0 +1,34 @@
+"""``generate`` with the prompt prefilled in bounded chunks."""
+
+from __future__ import annotations
+
+import torch
+
+from headinfer_vllm.hf.cache import HeadInferCache
+
+
+def generate(model, input_ids: torch.Tensor, past_key_values: HeadInferCache | None = None, **kwargs):
+    """``model.generate`` over a HeadInferCache, prefilling the prompt chunk by chunk first.
+
+    All prompt tokens but the last go through :meth:`HeadInferCache.prefill`
+    (``prefill_chunk_size`` tokens per forward pass); ``model.generate`` then
+    sees the cache holding them and runs only the last prompt token before
+    decoding, so the result equals an unchunked ``model.generate``.
+
+    Args:
+        model: a Llama, Mistral or Qwen2 model loaded with ``attn_implementation="headinfer"``.
+        input_ids: ``[B, L]`` prompt (equal-length rows, no padding), or the
+            full sequence when continuing a cache that holds a prefix of it.
+        past_key_values: the cache; a ``HeadInferCache(model.config)`` by default.
+        **kwargs: passed to ``model.generate``.
+
+    Returns what ``model.generate`` returns.
+    """
+    cache = past_key_values if past_key_values is not None else HeadInferCache(model.config)
+    attention_mask = kwargs.get("attention_mask")
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError("headinfer: padded batches are not supported (the attention_mask has zeros)")
+    pending = input_ids[:, cache.get_seq_length() : -1]
+    if pending.shape[1]:
+        cache.prefill(model, pending)
+    return model.generate(input_ids, past_key_values=cache, **kwargs)
