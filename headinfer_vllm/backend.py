@@ -1,0 +1,164 @@
+"""The vLLM attention backend: a thin adapter over the core engine.
+
+- :class:`HeadInferMetadataBuilder` plans once per step: it turns vLLM's
+  ``CommonAttentionMetadata`` into a :class:`StepPlan` (pages to load and
+  write back, new-token slots, attention metadata).
+- :class:`HeadInferImpl` runs per layer: stream, attend, write back, via the
+  worker's :class:`HeadInferRuntime`.
+
+The KV lives in the plugin's page store, not in vLLM's KV tensor, which
+:meth:`HeadInferBackend.customize_spec` shrinks to one element per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+)
+
+from headinfer_vllm.core import StepPlan, build_step_plan
+from headinfer_vllm.runtime import HeadInferRuntime
+
+ALTERNATIVE = "use vLLM's default attention backend (omit --attention-backend) for this model"
+
+
+class HeadInferBackend(AttentionBackend):
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto"]
+    forward_includes_kv_cache_update = True
+    """``forward`` stores the new tokens itself, into the page store."""
+
+    @staticmethod
+    def get_name() -> str:
+        # The CUSTOM slot: a new enum member cannot be unpickled by spawned
+        # processes (see _vllm_compat.register_backend).
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls() -> type[HeadInferImpl]:
+        return HeadInferImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[HeadInferMetadataBuilder]:
+        return HeadInferMetadataBuilder
+
+    @classmethod
+    def customize_spec(cls, spec):
+        """One head slot of one element per token: vLLM's own KV tensor stays tiny.
+
+        vLLM still allocates ``num_blocks * block_size * itemsize`` bytes per
+        layer, a ``2 * num_kv_heads * head_dim``-th of the real KV.
+        """
+        return dataclasses.replace(spec, num_head_slots=1, state_content_bytes=spec.dtype.itemsize)
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def supports_sink(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return False
+
+    @classmethod
+    def validate_configuration(cls, **kwargs) -> list[str]:
+        return [f"{reason} by headinfer" for reason in super().validate_configuration(**kwargs)]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HeadInferMetadata:
+    plan: StepPlan
+    runtime: HeadInferRuntime
+    num_actual_tokens: int
+
+
+class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
+    def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config, device: torch.device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.block_size = kv_cache_spec.block_size
+        self.runtime = HeadInferRuntime.get(vllm_config, layer_names, device)
+
+    def build(
+        self,
+        common_prefix_len: int,
+        common_attn_metadata: CommonAttentionMetadata,
+        fast_build: bool = False,
+    ) -> HeadInferMetadata:
+        m = common_attn_metadata
+        num_reqs, num_tokens = m.num_reqs, m.num_actual_tokens
+        plan = build_step_plan(
+            query_start_loc=m.query_start_loc_cpu[: num_reqs + 1],
+            seq_lens=m.seq_lens[:num_reqs],
+            block_table=m.block_table_tensor[:num_reqs],
+            slot_mapping=m.slot_mapping[:num_tokens],
+            block_size=self.block_size,
+            device=self.device,
+        )
+        return HeadInferMetadata(plan=plan, runtime=self.runtime, num_actual_tokens=num_tokens)
+
+
+class HeadInferImpl(AttentionImpl[HeadInferMetadata]):
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int | None = None,
+        alibi_slopes: list[float] | None = None,
+        sliding_window: int | None = None,
+        kv_cache_dtype: str = "auto",
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        **extra_impl_args,
+    ) -> None:
+        refused = {
+            "ALiBi": alibi_slopes is not None,
+            "sliding-window attention": sliding_window is not None,
+            "logits soft-capping": bool(logits_soft_cap),
+            f"attention type {attn_type}": attn_type != AttentionType.DECODER,
+            "KV sharing across layers": kv_sharing_target_layer_name is not None,
+            f"kv_cache_dtype={kv_cache_dtype}": kv_cache_dtype != "auto",
+            "attention sinks": extra_impl_args.pop("sinks", None) is not None,
+        }
+        refused.update({f"the option {name!r}": True for name in extra_impl_args})
+        reasons = [name for name, hit in refused.items() if hit]
+        if reasons:
+            raise NotImplementedError(f"headinfer does not support {', '.join(reasons)}; {ALTERNATIVE}")
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.attn_type = attn_type
+
+    def forward(
+        self,
+        layer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: HeadInferMetadata | None,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """query ``[T, Hq, D]``, key/value ``[T, Hkv, D]``, output ``[T, Hq, D]`` (in place)."""
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("headinfer does not support fused output quantization")
+        if attn_metadata is None:  # profiling and warm-up runs
+            return output
+        attn_metadata.runtime.forward(layer.layer_name, attn_metadata.plan, query, key, value, output)
+        return output

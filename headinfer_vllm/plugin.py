@@ -1,0 +1,20 @@
+"""The ``vllm.general_plugins`` entry point.
+
+vLLM calls :func:`register` once in every process it starts (API server,
+engine core, workers). It must be idempotent, and an exception here stops
+vLLM's start-up, so it only registers and patches; all checks happen when
+headinfer is actually selected.
+"""
+
+import logging
+
+logger = logging.getLogger("headinfer_vllm")
+
+
+def register() -> None:
+    from headinfer_vllm import _vllm_compat
+
+    _vllm_compat.share_vllm_logging()
+    _vllm_compat.register_backend()
+    _vllm_compat.patch_platform()
+    logger.debug("headinfer: backend registered (select it with --attention-backend headinfer)")
