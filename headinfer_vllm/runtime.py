@@ -77,10 +77,11 @@ def apply_settings(vllm_config: VllmConfig) -> None:
     check_host_budget(config.cpu_kv_cache_bytes)
     capacity = capacity_for(vllm_config, config)
     layout = capacity.layout
-    if layout.max_tokens < model.max_model_len:
-        needed = config.cpu_kv_cache_gib * model.max_model_len / layout.max_tokens
+    usable_tokens = (layout.num_blocks - 1) * layout.block_size  # vLLM keeps one null block
+    if usable_tokens < model.max_model_len:
+        needed = config.cpu_kv_cache_gib * (model.max_model_len + layout.block_size) / usable_tokens
         raise ValueError(
-            f"headinfer: cpu_kv_cache_gib={config.cpu_kv_cache_gib} holds {layout.max_tokens} tokens but "
+            f"headinfer: cpu_kv_cache_gib={config.cpu_kv_cache_gib} holds {usable_tokens} tokens but "
             f"max_model_len is {model.max_model_len}; raise cpu_kv_cache_gib to at least {needed:.3f} "
             "or lower --max-model-len"
         )

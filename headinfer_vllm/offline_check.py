@@ -1,0 +1,79 @@
+"""Run prompts through vLLM with one attention backend, in a fresh process.
+
+The demo and the end-to-end tests compare headinfer with vLLM's stock
+backend this way: each backend runs in its own Python process (vLLM keeps
+global state), and reports greedy tokens, top logprobs, prefix-cache hits,
+preemptions and, for headinfer, the size of each tier.
+
+    python -m headinfer_vllm.offline_check SPEC.json   # prints one JSON line
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+RESULT_PREFIX = "OFFLINE_CHECK_RESULT "
+
+
+def run_in_subprocess(spec: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
+    """Run ``spec`` (see :func:`run`) in a new interpreter; returns its result."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": spec.get("multiprocessing", "0")}
+    completed = subprocess.run(
+        [sys.executable, "-m", "headinfer_vllm.offline_check", json.dumps(spec)],
+        capture_output=True, text=True, timeout=timeout, env=env,
+    )
+    for line in completed.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            result = json.loads(line[len(RESULT_PREFIX):])
+            result["log"] = completed.stderr + completed.stdout
+            return result
+    raise RuntimeError(f"offline_check failed (exit {completed.returncode}):\n{completed.stderr[-6000:]}")
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    """Generate with vLLM as ``spec`` says.
+
+    spec keys: ``model`` (directory), ``engine`` (kwargs for ``LLM``),
+    ``batches`` (a list of batches, each a list of token-id prompts, run one
+    after another), ``max_tokens``, ``logprobs``.
+    """
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=spec["model"], skip_tokenizer_init=True, disable_log_stats=False, **spec["engine"])
+    sampling = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, logprobs=spec["logprobs"],
+                              ignore_eos=True)
+    outputs = []
+    for batch in spec["batches"]:
+        for output in llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], sampling, use_tqdm=False):
+            completion = output.outputs[0]
+            outputs.append({
+                "tokens": list(completion.token_ids),
+                "logprobs": [{str(t): lp.logprob for t, lp in step.items()} for step in completion.logprobs],
+                "cached_tokens": output.num_cached_tokens or 0,
+            })
+    metrics = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
+    return {"outputs": outputs, "preemptions": metrics.get("vllm:num_preemptions", 0), "tiers": _tiers()}
+
+
+def _tiers() -> dict[str, int] | None:
+    """headinfer's tier sizes, when its runtime lives in this process."""
+    from headinfer_vllm.runtime import HeadInferRuntime
+
+    for runtime in HeadInferRuntime._instances.values():
+        store = runtime.attention.store
+        return {
+            "host_bytes": store.host_bytes,
+            "device_bytes": store.device_bytes,
+            "streamed_units": len(store.streamed_units),
+            "num_blocks": store.layout.num_blocks,
+        }
+    return None
+
+
+if __name__ == "__main__":
+    print(RESULT_PREFIX + json.dumps(run(json.loads(sys.argv[1]))), flush=True)
