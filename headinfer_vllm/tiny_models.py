@@ -37,13 +37,12 @@ CHAT_TEMPLATE = (
 def model_config(family: str, **overrides):
     import transformers
 
-    shape = {**SHAPE, **overrides}
     if family == "llama":
-        return transformers.LlamaConfig(**shape)
+        return transformers.LlamaConfig(**{**SHAPE, **overrides})
     if family == "mistral":
-        return transformers.MistralConfig(sliding_window=None, **shape)
+        return transformers.MistralConfig(**{**SHAPE, "sliding_window": None, **overrides})
     if family == "qwen2":  # q/k/v projections carry biases
-        return transformers.Qwen2Config(use_sliding_window=False, **shape)
+        return transformers.Qwen2Config(**{**SHAPE, "use_sliding_window": False, **overrides})
     raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
 
 
@@ -56,7 +55,7 @@ def save_tiny_model(directory: str | Path, family: str = "llama", *, seed: int =
     directory = Path(directory)
     config = model_config(family, **overrides)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(directory)
     if with_tokenizer:
         save_char_tokenizer(directory, config.vocab_size)

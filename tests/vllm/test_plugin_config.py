@@ -1,0 +1,81 @@
+"""The plugin's decisions at config time, through vLLM's own EngineArgs.
+
+``create_engine_config`` loads the plugins, converts ``attention_backend`` and
+runs the platform hook, exactly as ``LLM(...)`` and ``vllm serve`` do, without
+starting an engine.
+"""
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from vllm.engine.arg_utils import EngineArgs
+
+from headinfer_vllm.offline_check import run_in_subprocess
+from headinfer_vllm.tiny_models import SHAPE, save_tiny_model
+
+pytestmark = pytest.mark.vllm
+
+BLOCK = 32
+BYTES_PER_BLOCK = SHAPE["num_hidden_layers"] * SHAPE["num_key_value_heads"] * 2 * BLOCK * SHAPE["head_dim"] * 4
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return str(save_tiny_model(tmp_path_factory.mktemp("llama"), "llama"))
+
+
+def config_for(model, settings=None, **engine):
+    args = dict(model=model, dtype="float32", max_model_len=1024, block_size=BLOCK, **engine)
+    if settings is not None:
+        args.update(attention_backend="headinfer", additional_config={"headinfer": settings})
+    return EngineArgs(**args).create_engine_config()
+
+
+def test_not_selected_changes_nothing(model):
+    config = config_for(model, kv_cache_memory_bytes=1 << 26)
+    assert config.attention_config.backend is None or config.attention_config.backend.name != "CUSTOM"
+    assert config.cache_config.num_gpu_blocks_override is None
+    assert "headinfer" not in (config.additional_config or {})
+
+
+def test_host_budget_sets_block_count(model):
+    config = config_for(model, {"cpu_kv_cache_gib": 300 * BYTES_PER_BLOCK / 2**30})
+    assert config.attention_config.backend.name == "CUSTOM"
+    assert config.cache_config.num_gpu_blocks_override == 300
+    # vLLM's own tensor is tiny: one element per token and layer (plus slack).
+    assert config.cache_config.kv_cache_memory_bytes <= max(1 << 20, 2 * 300 * BYTES_PER_BLOCK // 64)
+    resolved = config.additional_config["headinfer"]
+    assert resolved["gpu_kv_cache_gib"] is None and resolved["prefetch_depth"] == 1
+
+
+def test_settings_from_environment(model, monkeypatch):
+    monkeypatch.setenv("HEADINFER_CPU_KV_CACHE_GIB", str(200 * BYTES_PER_BLOCK / 2**30))
+    assert config_for(model, {}).cache_config.num_gpu_blocks_override == 200
+
+
+@pytest.mark.parametrize(
+    "settings, engine, message",
+    [
+        ({"cpu_kv_cache_gib": 0.01, "gpu_kv_cache_gib": 1e-6}, {}, r"cannot hold the staging buffers.*minimum is"),
+        ({"cpu_kv_cache_gib": 1 << 20}, {}, "only .* GiB is available"),
+        ({"cpu_kv_cache_gib": 20 * BYTES_PER_BLOCK / 2**30}, {}, "holds 608 tokens but max_model_len is 1024"),
+        ({"cpu_kv_cache": 1}, {}, "unknown setting 'cpu_kv_cache'"),
+        ({"head_group_size": 3}, {}, "must divide num_kv_heads"),
+        ({}, {"kv_cache_dtype": "fp8"}, "kv_cache_dtype=fp8 is not supported"),
+    ],
+)
+def test_bad_configurations_are_refused_clearly(model, settings, engine, message):
+    with pytest.raises(ValueError, match=message):
+        config_for(model, settings, **engine)
+
+
+def test_sliding_window_model_is_refused_at_startup(tmp_path):
+    model = save_tiny_model(tmp_path, "mistral", sliding_window=64)
+    spec = {
+        "model": str(model), "batches": [[[5, 6, 7]]], "max_tokens": 1, "logprobs": 0,
+        "engine": {"attention_backend": "headinfer", "dtype": "float32", "max_model_len": 512,
+                   "enforce_eager": True, "additional_config": {"headinfer": {"cpu_kv_cache_gib": 0.01}}},
+    }
+    with pytest.raises(RuntimeError, match="sliding window not supported by headinfer"):
+        run_in_subprocess(spec, timeout=300)
