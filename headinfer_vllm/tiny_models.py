@@ -28,6 +28,9 @@ SHAPE = dict(
     tie_word_embeddings=False,
 )
 
+CHAR_SYMBOLS = ["<unk>", "<s>", "</s>", *sorted(set(string.printable))]
+"""The character tokenizer's vocabulary: ids 0, 1, 2 are unk, bos, eos."""
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -48,28 +51,30 @@ def model_config(family: str, **overrides):
 
 def save_tiny_model(directory: str | Path, family: str = "llama", *, seed: int = 0,
                     with_tokenizer: bool = False, **overrides) -> Path:
-    """Write a random float32 model of ``family`` to ``directory``; returns it."""
+    """Write a random float32 model of ``family`` to ``directory``; returns it.
+
+    With a tokenizer, the vocabulary is the tokenizer's, so every id decodes.
+    """
     import torch
     import transformers
 
     directory = Path(directory)
+    if with_tokenizer:
+        overrides.setdefault("vocab_size", len(CHAR_SYMBOLS))
     config = model_config(family, **overrides)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(directory)
     if with_tokenizer:
-        save_char_tokenizer(directory, config.vocab_size)
+        save_char_tokenizer(directory)
     return directory
 
 
-def save_char_tokenizer(directory: Path, vocab_size: int) -> None:
+def save_char_tokenizer(directory: Path) -> None:
     """A character-level WordLevel tokenizer with a chat template."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    symbols = ["<unk>", "<s>", "</s>", *sorted(set(string.printable))]
-    if len(symbols) > vocab_size:
-        raise ValueError("vocab_size too small for the character tokenizer")
-    tokenizer = Tokenizer(models.WordLevel({s: i for i, s in enumerate(symbols)}, unk_token="<unk>"))
+    tokenizer = Tokenizer(models.WordLevel({s: i for i, s in enumerate(CHAR_SYMBOLS)}, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
     tokenizer.save(str(directory / "tokenizer.json"))
