@@ -88,3 +88,25 @@ def test_device_tier_is_small_and_kv_is_streamed(runs):
     longest_prompt_kv = 4000 * BYTES_PER_BLOCK // BLOCK_SIZE
     assert longest_prompt_kv >= 10 * tiers["device_bytes"]
     assert "headinfer: 0 of 24 (layer, KV head) pairs resident" in runs["headinfer"]["log"]
+
+
+# Half precision: the two backends round differently, so logprobs agree only
+# to the dtype's precision; greedy tokens must still be identical.
+HALF_TOLERANCE = {"bfloat16": 0.25, "float16": 0.03}
+
+
+@pytest.mark.parametrize("dtype", sorted(HALF_TOLERANCE))
+def test_half_precision_matches_stock_backend(dtype, tmp_path):
+    model = save_tiny_model(tmp_path, "qwen2")
+    rng = random.Random(1)
+    batch = [[rng.randrange(3, SHAPE["vocab_size"]) for _ in range(n)] for n in (1500, 300, 7)]
+    spec = {"model": str(model), "batches": [batch], "max_tokens": 8, "logprobs": 1}
+    common = dict(dtype=dtype, max_model_len=2048, enforce_eager=True, seed=0, max_num_batched_tokens=512)
+    stock = run_in_subprocess({**spec, "engine": {**common, "kv_cache_memory_bytes": 64 << 20}})
+    ours = run_in_subprocess({**spec, "engine": {**common, "attention_backend": "headinfer",
+                                                 "additional_config": {"headinfer": {"cpu_kv_cache_gib": 0.02}}}})
+    for want, got in zip(stock["outputs"], ours["outputs"], strict=True):
+        assert got["tokens"] == want["tokens"]
+        for want_top, got_top in zip(want["logprobs"], got["logprobs"], strict=True):
+            for token, logprob in want_top.items():
+                assert abs(got_top[token] - logprob) <= HALF_TOLERANCE[dtype]
