@@ -203,7 +203,8 @@ def main() -> int:
     }
     (args.out / "results.json").write_text(json.dumps(report, indent=2))
     if results:
-        plot(results, args.out / "results.png", f"headinfer core on {device_name}")
+        title = f"headinfer core on {device_name}, {report['date']}\n{report['command']}"
+        plot(results, args.out / "results.png", title)
     print(f"wrote {args.out / 'results.json'}")
     return 0 if results else 1
 
