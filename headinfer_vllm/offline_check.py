@@ -64,7 +64,7 @@ def _tiers() -> dict[str, int] | None:
     """headinfer's tier sizes, when its runtime lives in this process."""
     from headinfer_vllm.runtime import HeadInferRuntime
 
-    for runtime in HeadInferRuntime._instances.values():
+    for runtime in HeadInferRuntime.live:
         store = runtime.attention.store
         return {
             "host_bytes": store.host_bytes,

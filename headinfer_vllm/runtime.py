@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import weakref
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -68,7 +69,12 @@ def apply_settings(vllm_config: VllmConfig) -> None:
             "headinfer: tensor and pipeline parallelism are not supported; run with "
             "--tensor-parallel-size 1 --pipeline-parallel-size 1, or use the default attention backend"
         )
-    if cache.cache_dtype not in ("auto", None) and getattr(torch, str(cache.cache_dtype), None) != model.dtype:
+    if getattr(parallel, "enable_dbo", False) or getattr(parallel, "ubatch_size", 1) > 1:
+        raise ValueError(
+            "headinfer: micro-batching (--enable-dbo, ubatch_size) is not supported: both micro-batches "
+            "would stream the same staging buffers; drop it, or use the default attention backend"
+        )
+    if cache.cache_dtype not in ("auto", None):
         raise ValueError(
             f"headinfer: kv_cache_dtype={cache.cache_dtype} is not supported (the KV cache is kept in the "
             "model dtype); drop --kv-cache-dtype, or use the default attention backend for fp8 KV"
@@ -103,16 +109,26 @@ def apply_settings(vllm_config: VllmConfig) -> None:
 
 
 class HeadInferRuntime:
-    """The worker's page store and streamed attention, shared by all layers."""
+    """The worker's page store and streamed attention, shared by all layers of one engine."""
 
-    _instances: ClassVar[dict[tuple[str, ...], HeadInferRuntime]] = {}
+    live: ClassVar[weakref.WeakSet[HeadInferRuntime]] = weakref.WeakSet()
+    """Every runtime alive in this process (for inspection)."""
 
     @classmethod
     def get(cls, vllm_config: VllmConfig, layer_names: list[str], device: torch.device) -> HeadInferRuntime:
-        key = tuple(layer_names)
-        if key not in cls._instances:
-            cls._instances[key] = cls(vllm_config, layer_names, device)
-        return cls._instances[key]
+        """The runtime of these layers, made on first use.
+
+        It hangs off the engine's own first attention module, so two engines in
+        one process (same layer names, different models) never share a store.
+        """
+        from headinfer_vllm._vllm_compat import attention_layers
+
+        anchor = attention_layers(vllm_config, layer_names[:1])[layer_names[0]]
+        runtime = getattr(anchor, "headinfer_runtime", None)
+        if runtime is None or runtime.layer_names != frozenset(layer_names):
+            runtime = cls(vllm_config, layer_names, device)
+            anchor.headinfer_runtime = runtime
+        return runtime
 
     def __init__(self, vllm_config: VllmConfig, layer_names: list[str], device: torch.device) -> None:
         from headinfer_vllm._vllm_compat import attention_layers, layer_index
@@ -131,12 +147,14 @@ class HeadInferRuntime:
         heads = {layer.impl.num_heads for layer in layers.values()}
         if len(scales) != 1 or len(heads) != 1:
             raise ValueError("headinfer: all attention layers must share one scale and head count")
+        self.layer_names = frozenset(layer_names)
         self.layer_index = {name: i for i, name in enumerate(sorted(layer_names, key=layer_index))}
         store = HeadPageStore.from_plan(capacity, device)
         self.attention = StreamedAttention(
             store, num_query_heads=heads.pop(), scale=scales.pop(), prefetch_depth=config.prefetch_depth
         )
         self._plan: StepPlan | None = None
+        HeadInferRuntime.live.add(self)
         logger.info(
             "headinfer: worker store ready on %s: host tier %.3f GiB%s, device tier %.3f GiB, kernel %s",
             device, store.host_bytes / 2**30, " (pinned)" if store.host.is_pinned() else "",

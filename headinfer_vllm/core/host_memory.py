@@ -48,11 +48,17 @@ def allocate_host(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torc
         return tensor
     cudart = torch.cuda.cudart()
     pointer, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
-    error = cudart.cudaHostRegister(pointer, size, 0)
+    error = cudart.cudaHostRegister(pointer, size, 1)  # cudaHostRegisterPortable: every context
     if int(error) != 0:
         raise RuntimeError(
             f"headinfer: cudaHostRegister of {size / 2**30:.2f} GiB failed with CUDA error "
             f"{int(error)}; lower cpu_kv_cache_gib or raise the locked-memory limit (ulimit -l)"
         )
-    weakref.finalize(tensor, cudart.cudaHostUnregister, pointer)
+    weakref.finalize(tensor, _unregister, pointer)
     return tensor
+
+
+def _unregister(pointer: int) -> None:
+    # Write-backs into this memory may still be in flight on a side stream.
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaHostUnregister(pointer)

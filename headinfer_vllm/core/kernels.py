@@ -38,13 +38,15 @@ def attend_sdpa(
         # pages: [num_pages, 2, block_size, group, head_dim]
         kv = pages.transpose(0, 1).reshape(2, -1, group, head_dim)[:, : request.seq_len]
         # kv: [2, seq_len, group, head_dim]
-        q = query[rows].transpose(0, 1)  # [query_heads, query_len, head_dim]
-        k, v = kv[0].transpose(0, 1), kv[1].transpose(0, 1)  # [group, seq_len, head_dim]
+        # 4-D [1, heads, tokens, head_dim]: torch's fused kernels (flash, memory
+        # efficient) take only 4-D inputs; 3-D falls back to the math kernel.
+        q = query[rows].transpose(0, 1)[None]  # [1, query_heads, query_len, head_dim]
+        k, v = kv[0].transpose(0, 1)[None], kv[1].transpose(0, 1)[None]  # [1, group, seq_len, head_dim]
         mask = request.causal_mask()
         result = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[0] != group
+            q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != group
         )
-        out[rows] = result.transpose(0, 1)
+        out[rows] = result[0].transpose(0, 1)
 
 
 def attend_flash(
@@ -65,16 +67,20 @@ def attend_flash(
         causal=True,
         block_table=plan.block_table,
         out=out[:num_tokens],
+        fa_version=flash_version(),
     )
 
 
 @functools.cache
-def flash_available() -> bool:
+def flash_version() -> int | None:
+    """The newest FlashAttention of the vLLM wheel that runs on this GPU (3, 2), or None."""
+    if not torch.cuda.is_available():
+        return None
     try:
-        from vllm.vllm_flash_attn import flash_attn_varlen_func  # noqa: F401
+        from vllm.vllm_flash_attn import is_fa_version_supported
     except Exception:  # ImportError, or a wheel built for another CUDA
-        return False
-    return torch.cuda.is_available()
+        return None
+    return next((version for version in (3, 2) if is_fa_version_supported(version)), None)
 
 
 def select_kernel(
@@ -86,7 +92,7 @@ def select_kernel(
         and device.type == "cuda"
         and dtype in (torch.float16, torch.bfloat16)
         and block_size % 16 == 0
-        and flash_available()
+        and flash_version() is not None
     )
     if flash_ok:
         return "flash", attend_flash

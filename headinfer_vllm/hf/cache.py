@@ -283,8 +283,12 @@ class HeadInferCache(Cache):
         return outputs.logits
 
     def reset(self) -> None:
-        """Forget every sequence (pages are overwritten, not cleared); keeps the allocation."""
-        self.check_idle()
+        """Forget every sequence (pages are overwritten, not cleared); keeps the allocation.
+
+        Also recovers a cache whose last forward pass was aborted between layers.
+        """
+        self._staged = None
+        self._next_layer = 0
         super().reset()
         self._batch_size = None
 

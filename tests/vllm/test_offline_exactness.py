@@ -88,6 +88,7 @@ def test_device_tier_is_small_and_kv_is_streamed(runs):
     longest_prompt_kv = 4000 * BYTES_PER_BLOCK // BLOCK_SIZE
     assert longest_prompt_kv >= 10 * tiers["device_bytes"]
     assert "headinfer: 0 of 24 (layer, KV head) pairs resident" in runs["headinfer"]["log"]
+    assert "headinfer" not in runs["stock"]["log"]  # not selected: the stock backend ran untouched
 
 
 # Half precision: the two backends round differently, so logprobs agree only

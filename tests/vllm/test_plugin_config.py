@@ -79,3 +79,19 @@ def test_sliding_window_model_is_refused_at_startup(tmp_path):
     }
     with pytest.raises(RuntimeError, match="sliding window not supported by headinfer"):
         run_in_subprocess(spec, timeout=300)
+
+
+def test_register_is_idempotent():
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from headinfer_vllm.plugin import register
+
+    register()
+    platform = type(current_platform)
+    hooks = (platform.check_and_update_config, platform.get_attn_backend_cls)
+    register()
+    register()
+    assert (platform.check_and_update_config, platform.get_attn_backend_cls) == hooks
+    assert AttentionBackendEnum["HEADINFER"] is AttentionBackendEnum.CUSTOM
+    assert AttentionBackendEnum.CUSTOM.get_path() == "headinfer_vllm.backend.HeadInferBackend"
