@@ -74,6 +74,18 @@ def apply_settings(vllm_config: VllmConfig) -> None:
             "headinfer: micro-batching (--enable-dbo, ubatch_size) is not supported: both micro-batches "
             "would stream the same staging buffers; drop it, or use the default attention backend"
         )
+    unsupported = {
+        "encoder-decoder models": model.is_encoder_decoder,
+        "MLA attention": model.use_mla,
+        "chunked-local attention": getattr(model, "attention_chunk_size", None),
+        "sliding-window attention": model.get_sliding_window(),
+    }
+    refused = [name for name, present in unsupported.items() if present]
+    if refused:
+        raise ValueError(
+            f"headinfer does not support {', '.join(refused)} (model {model.model}); "
+            "use vLLM's default attention backend (omit --attention-backend) for this model"
+        )
     if cache.cache_dtype not in ("auto", None):
         raise ValueError(
             f"headinfer: kv_cache_dtype={cache.cache_dtype} is not supported (the KV cache is kept in the "

@@ -6,12 +6,13 @@ starting an engine.
 """
 
 import pytest
+import torch
 
 pytest.importorskip("vllm")
 
 from vllm.engine.arg_utils import EngineArgs
 
-from headinfer_vllm.offline_check import run_in_subprocess
+from headinfer_vllm._vllm_compat import BACKEND_PATH
 from headinfer_vllm.tiny_models import SHAPE, save_tiny_model
 
 pytestmark = pytest.mark.vllm
@@ -26,7 +27,8 @@ def model(tmp_path_factory):
 
 
 def config_for(model, settings=None, **engine):
-    args = dict(model=model, dtype="float32", max_model_len=1024, block_size=BLOCK, **engine)
+    args = dict(model=model, dtype="float32", max_model_len=1024, block_size=BLOCK)
+    args.update(engine)
     if settings is not None:
         args.update(attention_backend="headinfer", additional_config={"headinfer": settings})
     return EngineArgs(**args).create_engine_config()
@@ -70,15 +72,37 @@ def test_bad_configurations_are_refused_clearly(model, settings, engine, message
         config_for(model, settings, **engine)
 
 
-def test_sliding_window_model_is_refused_at_startup(tmp_path):
-    model = save_tiny_model(tmp_path, "mistral", sliding_window=64)
-    spec = {
-        "model": str(model), "batches": [[[5, 6, 7]]], "max_tokens": 1, "logprobs": 0,
-        "engine": {"attention_backend": "headinfer", "dtype": "float32", "max_model_len": 512,
-                   "enforce_eager": True, "additional_config": {"headinfer": {"cpu_kv_cache_gib": 0.01}}},
-    }
-    with pytest.raises(RuntimeError, match="sliding window not supported by headinfer"):
-        run_in_subprocess(spec, timeout=300)
+def test_sliding_window_model_is_refused_before_the_engine_starts(tmp_path):
+    model = str(save_tiny_model(tmp_path, "mistral", sliding_window=64))
+    with pytest.raises(ValueError, match=r"does not support sliding-window attention.*default attention backend"):
+        config_for(model, {"cpu_kv_cache_gib": 0.01}, max_model_len=512)
+
+
+@pytest.mark.parametrize(
+    "layer, reason",
+    [
+        ({"has_sliding_window": True}, "sliding window"),
+        ({"has_sink": True}, "attention sinks"),
+        ({"use_mla": True}, "MLA"),
+        ({"attn_type": "encoder_decoder"}, "attention type encoder_decoder"),
+        ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype"),
+    ],
+)
+def test_backend_selection_refuses_unsupported_layers(layer, reason):
+    """What each attention layer asks of the backend is checked where vLLM picks it."""
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+    from vllm.v1.attention.selector import AttentionSelectorConfig
+
+    from headinfer_vllm.plugin import register
+
+    register()
+    platform = type(current_platform)
+    selector = AttentionSelectorConfig(head_size=32, dtype=torch.float32, kv_cache_dtype="auto", block_size=32)
+    assert platform.get_attn_backend_cls(AttentionBackendEnum.CUSTOM, selector) == BACKEND_PATH
+    assert platform.get_attn_backend_cls(None, selector) != BACKEND_PATH  # not selected: vLLM's own choice
+    with pytest.raises(ValueError, match=f"{reason} not supported by headinfer.*default attention backend"):
+        platform.get_attn_backend_cls(AttentionBackendEnum.CUSTOM, selector._replace(**layer))
 
 
 def test_register_is_idempotent():
@@ -94,4 +118,4 @@ def test_register_is_idempotent():
     register()
     assert (platform.check_and_update_config, platform.get_attn_backend_cls) == hooks
     assert AttentionBackendEnum["HEADINFER"] is AttentionBackendEnum.CUSTOM
-    assert AttentionBackendEnum.CUSTOM.get_path() == "headinfer_vllm.backend.HeadInferBackend"
+    assert AttentionBackendEnum.CUSTOM.get_path() == BACKEND_PATH
