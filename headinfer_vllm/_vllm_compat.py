@@ -10,8 +10,6 @@ from __future__ import annotations
 import logging
 import os
 
-logger = logging.getLogger("headinfer_vllm")
-
 BACKEND_PATH = "headinfer_vllm.backend.HeadInferBackend"
 ALIAS = "HEADINFER"
 

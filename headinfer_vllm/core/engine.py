@@ -14,16 +14,12 @@ GQA: KV head ``h`` serves query heads ``h * q_per_kv .. (h + 1) * q_per_kv``.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from headinfer_vllm.core.kernels import select_kernel
 from headinfer_vllm.core.page_store import HeadPageStore
 from headinfer_vllm.core.plan import StepPlan
 from headinfer_vllm.core.transfer import TransferScheduler
-
-logger = logging.getLogger("headinfer_vllm")
 
 
 class StreamedAttention:

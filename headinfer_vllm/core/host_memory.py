@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import weakref
 
 import torch
-
-logger = logging.getLogger("headinfer_vllm")
 
 
 def free_host_bytes() -> int | None:
