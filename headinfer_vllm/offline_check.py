@@ -39,14 +39,15 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 
     spec keys: ``model`` (directory), ``engine`` (kwargs for ``LLM``),
     ``batches`` (a list of batches, each a list of token-id prompts, run one
-    after another), ``max_tokens``, ``logprobs``.
+    after another), ``max_tokens``, ``logprobs``, and optionally
+    ``prompt_logprobs`` (for teacher-forced logprobs of the prompt tokens).
     """
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     llm = LLM(model=spec["model"], skip_tokenizer_init=True, disable_log_stats=False, **spec["engine"])
     sampling = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, logprobs=spec["logprobs"],
-                              ignore_eos=True)
+                              prompt_logprobs=spec.get("prompt_logprobs"), ignore_eos=True)
     outputs = []
     for batch in spec["batches"]:
         for output in llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], sampling, use_tqdm=False):
@@ -55,6 +56,11 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                 "tokens": list(completion.token_ids),
                 "logprobs": [{str(t): lp.logprob for t, lp in step.items()} for step in completion.logprobs],
                 "cached_tokens": output.num_cached_tokens or 0,
+                # Logprob of each prompt token after the first, given the tokens before it.
+                "prompt_logprobs": [
+                    step[token].logprob
+                    for token, step in zip(output.prompt_token_ids[1:], output.prompt_logprobs[1:], strict=True)
+                ] if output.prompt_logprobs else [],
             })
     metrics = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
     return {"outputs": outputs, "preemptions": metrics.get("vllm:num_preemptions", 0), "tiers": _tiers()}

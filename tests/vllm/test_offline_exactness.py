@@ -91,23 +91,43 @@ def test_device_tier_is_small_and_kv_is_streamed(runs):
     assert "headinfer" not in runs["stock"]["log"]  # not selected: the stock backend ran untouched
 
 
-# Half precision: the two backends round differently, so logprobs agree only
-# to the dtype's precision; greedy tokens must still be identical.
-HALF_TOLERANCE = {"bfloat16": 0.25, "float16": 0.03}
+# Half precision: the backends round differently, so neither logprobs nor
+# long greedy continuations match exactly (a near-tie can flip a token, and
+# the continuations part there). What must hold is accuracy: teacher-forced
+# prompt logprobs, compared with the stock backend in float32, are as close
+# for headinfer as for the stock backend in the same dtype. (Measured here:
+# mean error 0.19 for both in bfloat16, 0.024 for both in float16; pairing
+# each KV group with the wrong query heads gives 2.8 in float16.)
+HALF_PRECISION = ("bfloat16", "float16")
 
 
-@pytest.mark.parametrize("dtype", sorted(HALF_TOLERANCE))
-def test_half_precision_matches_stock_backend(dtype, tmp_path):
-    model = save_tiny_model(tmp_path, "qwen2")
+def prompt_logprobs_run(model, dtype: str, backend: str) -> list[float]:
     rng = random.Random(1)
     batch = [[rng.randrange(3, SHAPE["vocab_size"]) for _ in range(n)] for n in (1500, 300, 7)]
-    spec = {"model": str(model), "batches": [batch], "max_tokens": 8, "logprobs": 1}
-    common = dict(dtype=dtype, max_model_len=2048, enforce_eager=True, seed=0, max_num_batched_tokens=512)
-    stock = run_in_subprocess({**spec, "engine": {**common, "kv_cache_memory_bytes": 64 << 20}})
-    ours = run_in_subprocess({**spec, "engine": {**common, "attention_backend": "headinfer",
-                                                 "additional_config": {"headinfer": {"cpu_kv_cache_gib": 0.02}}}})
-    for want, got in zip(stock["outputs"], ours["outputs"], strict=True):
-        assert got["tokens"] == want["tokens"]
-        for want_top, got_top in zip(want["logprobs"], got["logprobs"], strict=True):
-            for token, logprob in want_top.items():
-                assert abs(got_top[token] - logprob) <= HALF_TOLERANCE[dtype]
+    spec = {"model": str(model), "batches": [batch], "max_tokens": 1, "logprobs": 1, "prompt_logprobs": 1}
+    engine = dict(dtype=dtype, max_model_len=2048, enforce_eager=True, seed=0, max_num_batched_tokens=512)
+    if backend == "stock":
+        engine["kv_cache_memory_bytes"] = 64 << 20
+    else:
+        engine.update(attention_backend="headinfer", additional_config={"headinfer": {"cpu_kv_cache_gib": 0.02}})
+    result = run_in_subprocess({**spec, "engine": engine})
+    return [logprob for output in result["outputs"] for logprob in output["prompt_logprobs"]]
+
+
+@pytest.fixture(scope="module")
+def half_model(tmp_path_factory):
+    model = save_tiny_model(tmp_path_factory.mktemp("qwen2_half"), "qwen2")
+    return model, prompt_logprobs_run(model, "float32", "stock")
+
+
+@pytest.mark.parametrize("dtype", HALF_PRECISION)
+def test_half_precision_is_as_accurate_as_stock_backend(dtype, half_model):
+    model, reference = half_model
+
+    def mean_error(logprobs):
+        assert len(logprobs) == len(reference) == 1804
+        return sum(abs(a - b) for a, b in zip(logprobs, reference, strict=True)) / len(reference)
+
+    stock = mean_error(prompt_logprobs_run(model, dtype, "stock"))
+    ours = mean_error(prompt_logprobs_run(model, dtype, "headinfer"))
+    assert ours <= 1.1 * stock + 1e-4, (ours, stock)
