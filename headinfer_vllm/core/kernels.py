@@ -34,14 +34,15 @@ def attend_sdpa(
     group, head_dim = unit.shape[3], unit.shape[4]
     for index, request in enumerate(plan.requests):
         rows = slice(request.query_start, request.query_start + request.query_len)
-        pages = unit[plan.pages(index)]
-        # pages: [num_pages, 2, block_size, group, head_dim]
-        kv = pages.transpose(0, 1).reshape(2, -1, group, head_dim)[:, : request.seq_len]
-        # kv: [2, seq_len, group, head_dim]
+        pages = plan.pages(index)
+        # One gather each for K and V ([num_pages, block_size, group, head_dim],
+        # contiguous), so flattening the pages into tokens is a view.
+        k = unit[pages, 0].reshape(-1, group, head_dim)[: request.seq_len]  # [seq_len, group, head_dim]
+        v = unit[pages, 1].reshape(-1, group, head_dim)[: request.seq_len]
         # 4-D [1, heads, tokens, head_dim]: torch's fused kernels (flash, memory
         # efficient) take only 4-D inputs; 3-D falls back to the math kernel.
         q = query[rows].transpose(0, 1)[None]  # [1, query_heads, query_len, head_dim]
-        k, v = kv[0].transpose(0, 1)[None], kv[1].transpose(0, 1)[None]  # [1, group, seq_len, head_dim]
+        k, v = k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # [1, group, seq_len, head_dim]
         mask = request.causal_mask()
         result = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != group
