@@ -140,16 +140,13 @@ class Runner:
         self.setup, self.model, self.args, self.device = setup, model, args, device
         model.set_attn_implementation("headinfer" if setup == "headinfer" else "sdpa")
         self.headinfer: HeadInferCache | None = None
-        if setup == "headinfer":
-            self.headinfer = self._new_headinfer_cache()
-
-    def _new_headinfer_cache(self) -> HeadInferCache:
-        return HeadInferCache(
-            self.model.config,
-            cpu_kv_cache_gib=self.args.cpu_kv_gib,
-            prefill_chunk_size=self.args.prefill_chunk,
-            device=self.device,
-        )
+        if setup == "headinfer":  # allocated (and pinned) once, reset per trial
+            self.headinfer = HeadInferCache(
+                model.config,
+                cpu_kv_cache_gib=args.cpu_kv_gib,
+                prefill_chunk_size=args.prefill_chunk,
+                device=device,
+            )
 
     @property
     def upper_bound(self) -> int:
@@ -194,10 +191,7 @@ class Runner:
                 token.item()
                 decode_s = time.perf_counter() - start
         except (torch.cuda.OutOfMemoryError, CapacityError) as error:
-            if self.headinfer is not None:  # a step cut short leaves the cache unusable
-                self.headinfer = None
-                _release()
-                self.headinfer = self._new_headinfer_cache()
+            # A step cut short is recovered by the next trial's HeadInferCache.reset().
             return Trial(context, ok=False, error=f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
         finally:
             cache = out = None

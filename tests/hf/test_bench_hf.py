@@ -54,3 +54,16 @@ def test_smoke_run(bench, tmp_path):
     assert saved["setups"]["dynamic"]["longest_context"] == 1024
     assert saved["setups"]["headinfer"]["stopped_by"] == "host capacity"
     assert results["setups"]["headinfer"]["longest_context"] == 1024 - 8
+
+
+def test_headinfer_trial_after_a_failed_one_reuses_the_cache(bench):
+    import torch
+
+    args = bench.parse_args(["--smoke"])
+    device = torch.device("cpu")
+    runner = bench.Runner("headinfer", bench.build_model(True, device), args, device)
+    cache = runner.headinfer
+    failed = runner.trial(cache.max_tokens_per_row + 1)  # cut short: a row outgrows its pages
+    assert not failed.ok and "CapacityError" in failed.error
+    assert runner.trial(256).ok
+    assert runner.headinfer is cache  # recovered by reset(), not re-allocated
