@@ -9,7 +9,7 @@ Measures, for each context length:
   bound (streamed KV bytes of a layer / measured H2D bandwidth);
 - device memory of the KV path (store tiers and peak allocation).
 
-Writes ``results.json`` and ``results.png`` to ``--out``.
+Writes ``bench_core.json`` and ``bench_core.png`` to ``--out`` (after every context).
 
     python benchmarks/bench_core.py --out benchmarks/out            # CUDA, Llama-3-8B layer shapes
     python benchmarks/bench_core.py --smoke --out benchmarks/out    # CPU, small shapes (CI)
@@ -159,6 +159,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def main() -> int:
@@ -177,16 +178,6 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     link = bandwidth(device, 64 if args.smoke else 1024, args.repeats)
     print(f"link: {link}", flush=True)
-    results = []
-    for context in contexts:
-        page = 2 * shapes["head_dim"] * torch.empty((), dtype=getattr(torch, shapes["dtype"])).element_size()
-        host_needed = args.layers * shapes["num_kv_heads"] * context * page
-        if host_needed > args.host_fraction * (free_host_bytes() or 0):
-            print(f"context {context}: needs {host_needed / 2**30:.1f} GiB of host memory; stopping")
-            break
-        result = measure_context(args, shapes, device, context, min(chunk, context), link)
-        print(json.dumps(result), flush=True)
-        results.append(result)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     report = {
         "benchmark": "bench_core",
@@ -199,13 +190,23 @@ def main() -> int:
         "block_size": args.block_size,
         "head_group_size": args.head_group_size,
         "link": link,
-        "results": results,
+        "results": [],
     }
-    (args.out / "results.json").write_text(json.dumps(report, indent=2))
-    if results:
+    results = report["results"]
+    for context in contexts:
+        page = 2 * shapes["head_dim"] * torch.empty((), dtype=getattr(torch, shapes["dtype"])).element_size()
+        host_needed = args.layers * shapes["num_kv_heads"] * context * page
+        if host_needed > args.host_fraction * (free_host_bytes() or 0):
+            print(f"context {context}: needs {host_needed / 2**30:.1f} GiB of host memory; stopping")
+            break
+        result = measure_context(args, shapes, device, context, min(chunk, context), link)
+        print(json.dumps(result), flush=True)
+        results.append(result)
+        # After every context, so a run stopped by a time limit keeps what it measured.
+        (args.out / "bench_core.json").write_text(json.dumps(report, indent=2) + "\n")
         title = f"headinfer core on {device_name}, {report['date']}\n{report['command']}"
-        plot(results, args.out / "results.png", title)
-    print(f"wrote {args.out / 'results.json'}")
+        plot(results, args.out / "bench_core.png", title)
+    print(f"wrote {args.out / 'bench_core.json'}")
     return 0 if results else 1
 
 

@@ -8,18 +8,25 @@ GPU capped at ``--gpu-cap-gib`` (24 GiB: a consumer GPU). Three setups:
   offloaded cache (each layer's KV on the host, the next layer prefetched);
 - ``headinfer``: :class:`headinfer_vllm.hf.HeadInferCache`, ``"headinfer"`` attention.
 
-Each setup prefills a random prompt in chunks of ``--prefill-chunk`` tokens
-and decodes ``--decode-tokens`` greedy tokens. Its longest context is
-searched by doubling from ``--start-context`` and then bisecting down to
-``--resolution`` tokens; a trial fails on a CUDA out-of-memory error or a
-full HeadInfer cache. Prefill tokens/s, decode s/token and peak GPU memory
-are recorded for every trial and reported at ``--report-contexts`` and at
-the longest context. Writes ``bench_hf.json`` and ``bench_hf.png`` to ``--out``.
+A trial prefills a random prompt of ``context`` tokens in chunks of
+``--prefill-chunk`` and decodes ``--decode-tokens`` greedy tokens; it fails on
+a CUDA out-of-memory error or a full HeadInfer cache. Each setup's longest
+context is searched within ``--time-budget`` seconds: first the
+``--report-contexts`` in order, then the setup's upper bound (HeadInfer's and
+the offloaded cache's: what ``--cpu-kv-gib`` of host memory holds), then, after
+a failure, bisection down to ``--resolution`` tokens. A trial's time is
+predicted from the trials before it (``a * L + b * L**2``); a context that
+would not finish within the budget is lowered to one that would, and a trial
+still running at the deadline is stopped between prefill chunks. The result
+says what stopped the search: ``host capacity``, ``max context``,
+``searched`` (bracketed by a failure), or ``time budget``.
 
-H100 (one setup per call keeps each call under 10 minutes)::
-
-    python benchmarks/bench_hf.py --setups dynamic --out benchmarks/results
-    python benchmarks/bench_hf.py --setups headinfer --out benchmarks/results --time-budget 540
+Prefill tokens/s, decode s/token and peak GPU memory are recorded for every
+trial and reported at the report contexts and the longest context.
+``bench_hf.json``, ``bench_hf.png`` and ``bench_hf.md`` (the README table) in
+``--out`` are rewritten after every trial; setups already in ``bench_hf.json``
+for the same model and device are kept, so one process per setup builds one
+report. On a GPU machine, ``benchmarks/gpu_session.sh`` runs the three setups.
 
 CPU smoke test (tiny shapes, under a minute)::
 
@@ -33,10 +40,12 @@ import dataclasses
 import datetime
 import gc
 import json
+import math
 import pathlib
 import shlex
 import sys
 import time
+import traceback
 
 import torch
 import transformers
@@ -47,6 +56,8 @@ from headinfer_vllm.hf import CapacityError, HeadInferCache
 
 GIB = 1 << 30
 SETUPS = ("dynamic", "offloaded", "headinfer")
+SAFETY = 1.15
+"""A trial starts only if ``SAFETY`` times its predicted seconds fit in the time left."""
 
 LLAMA3_8B = dict(
     num_hidden_layers=32,
@@ -78,10 +89,19 @@ class Trial:
     context: int
     ok: bool
     error: str | None = None
+    out_of_time: bool = False
+    """Stopped at the deadline: says nothing about whether ``context`` fits."""
+    seconds: float | None = None
+    """Prefill and decode, wall clock."""
     prefill_s: float | None = None
     prefill_tok_per_s: float | None = None
     decode_s_per_token: float | None = None
     peak_gpu_gib: float | None = None
+    """Peak allocated GPU memory, model weights included."""
+
+
+class OutOfTime(Exception):
+    """The deadline passed during a trial."""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -89,23 +109,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny float32 model on CPU, small contexts")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results"))
     parser.add_argument("--setups", default=",".join(SETUPS), help=f"comma-separated subset of {SETUPS}")
-    parser.add_argument("--start-context", type=int, help="first context tried (default 32768; smoke 64)")
     parser.add_argument("--max-context", type=int, help="largest context tried (default 2**21; smoke 1024)")
     parser.add_argument("--resolution", type=int, help="bisection stops at this gap (default 4096; smoke 64)")
     parser.add_argument("--prefill-chunk", type=int, help="tokens per prefill forward pass (default 8192; smoke 128)")
     parser.add_argument("--decode-tokens", type=int, default=8)
-    parser.add_argument("--report-contexts", help="contexts reported besides the longest (default 32768,131072)")
+    parser.add_argument("--report-contexts", help="contexts tried first and reported (default 32768,131072)")
     parser.add_argument("--gpu-cap-gib", type=float, default=24.0, help="per-process GPU memory cap")
     parser.add_argument(
         "--cpu-kv-gib",
         type=float,
         help="host memory for the KV of headinfer and offloaded (default 70%% of free host memory; smoke 1/2048)",
     )
-    parser.add_argument("--time-budget", type=float, default=540.0, help="seconds per setup; no trial starts after")
+    parser.add_argument("--time-budget", type=float, default=540.0, help="seconds of trials per setup")
     args = parser.parse_args(argv)
     smoke = args.smoke
     defaults = dict(
-        start_context=64 if smoke else 32768,
         max_context=1024 if smoke else 1 << 21,
         resolution=64 if smoke else 4096,
         prefill_chunk=128 if smoke else 8192,
@@ -119,7 +137,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     unknown = set(args.setups) - set(SETUPS)
     if unknown:
         parser.error(f"unknown setups {sorted(unknown)}; choose from {SETUPS}")
-    args.report_contexts = [int(n) for n in args.report_contexts.split(",")]
+    args.report_contexts = sorted(int(n) for n in args.report_contexts.split(","))
+    for name in ("max_context", "resolution", "prefill_chunk", "decode_tokens", "time_budget", "cpu_kv_gib"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
     return args
 
 
@@ -171,26 +192,35 @@ class Runner:
         self.headinfer.reset()
         return self.headinfer
 
-    def trial(self, context: int) -> Trial:
+    def trial(self, context: int, deadline: float = math.inf) -> Trial:
+        """Prefill ``context`` tokens and decode; stops between forward passes once ``deadline``
+        (``time.monotonic()``) has passed."""
         ids = torch.randint(self.model.config.vocab_size, (1, context), device=self.device)
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats()
+        done = 0
         try:
             with torch.no_grad():
                 cache = self._cache()
                 start = time.perf_counter()
                 for chunk in ids.split(self.args.prefill_chunk, dim=1):
+                    if time.monotonic() > deadline:
+                        raise OutOfTime
                     out = self.model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    done += chunk.shape[1]
                 token = out.logits[:, -1].argmax(-1, keepdim=True)  # syncs the prefill
                 prefill_s = time.perf_counter() - start
-                start = time.perf_counter()
                 for _ in range(self.args.decode_tokens):
+                    if time.monotonic() > deadline:
+                        raise OutOfTime
                     out = self.model(input_ids=token, past_key_values=cache, use_cache=True)
                     token = out.logits[:, -1].argmax(-1, keepdim=True)
                 token.item()
-                decode_s = time.perf_counter() - start
-        except (torch.cuda.OutOfMemoryError, CapacityError) as error:
+                seconds = time.perf_counter() - start
+        except OutOfTime:
+            return Trial(context, ok=False, out_of_time=True, error=f"time budget: after {done} tokens of prefill")
+        except (torch.OutOfMemoryError, CapacityError) as error:
             # A step cut short is recovered by the next trial's HeadInferCache.reset().
             return Trial(context, ok=False, error=f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
         finally:
@@ -199,9 +229,10 @@ class Runner:
         return Trial(
             context,
             ok=True,
+            seconds=seconds,
             prefill_s=prefill_s,
             prefill_tok_per_s=context / prefill_s,
-            decode_s_per_token=decode_s / self.args.decode_tokens,
+            decode_s_per_token=(seconds - prefill_s) / self.args.decode_tokens,
             peak_gpu_gib=torch.cuda.max_memory_allocated() / GIB if cuda else None,
         )
 
@@ -212,60 +243,118 @@ def _release() -> None:
         torch.cuda.empty_cache()
 
 
-def search(runner: Runner, args: argparse.Namespace) -> dict:
-    """Double from the start context until a trial fails, then bisect; bounded by the time budget."""
-    deadline = time.monotonic() + args.time_budget
-    upper = runner.upper_bound
-    trials: list[Trial] = []
-    best, failed, stopped = 0, None, "searched"
+def time_model(trials: list[Trial]) -> tuple[float, float] | None:
+    """``(a, b)`` with a trial of ``L`` tokens taking ``a * L + b * L**2`` seconds, or None.
 
-    def run(context: int) -> bool:
-        trial = runner.trial(context)
-        trials.append(trial)
-        print(f"  {runner.setup:9s} {context:>9d} tokens: " + _describe(trial), flush=True)
-        return trial.ok
+    Fitted through the two longest successful trials (one trial: all
+    quadratic, which overestimates longer ones), with ``a, b >= 0``.
+    """
+    points = sorted({trial.context: trial.seconds for trial in trials if trial.ok}.items())[-2:]
+    if not points:
+        return None
+    longest, longest_s = points[-1]
+    if len(points) == 2:
+        shorter, shorter_s = points[0]
+        b = (longest_s / longest - shorter_s / shorter) / (longest - shorter)
+        a = longest_s / longest - b * longest
+        if a >= 0 and b >= 0:
+            return a, b
+    return 0.0, longest_s / longest**2
 
-    context = min(args.start_context, upper)
-    while True:
-        if time.monotonic() > deadline:
-            stopped = "time budget"
-            break
-        if not run(context):
-            failed = context
-            break
-        best = context
-        if context >= upper:
-            stopped = "host capacity" if upper < args.max_context else "max context"
-            break
-        context = min(2 * context, upper)
-    while failed is not None and failed - best > args.resolution:
-        if time.monotonic() > deadline:
-            stopped = "time budget"
-            break
-        middle = (best + failed) // 2 // args.resolution * args.resolution
-        if middle <= best:
-            break
-        if run(middle):
-            best = middle
+
+def affordable_context(trials: list[Trial], seconds: float, resolution: int) -> int:
+    """The longest context, a multiple of ``resolution``, predicted to run in ``seconds`` (0 if none)."""
+    model = time_model(trials)
+    if model is None or seconds <= 0:
+        return 0
+    a, b = model
+    if b > 0:  # the positive root of b * L**2 + a * L = seconds
+        return int((-a + math.sqrt(a * a + 4 * b * seconds)) / (2 * b)) // resolution * resolution
+    return int(min(seconds / a if a > 0 else math.inf, 1 << 40)) // resolution * resolution
+
+
+class ContextSearch:
+    """The longest context of one setup within a time budget (see the module docstring)."""
+
+    def __init__(self, runner: Runner, args: argparse.Namespace, on_trial=lambda search: None):
+        self.runner, self.args, self.on_trial = runner, args, on_trial
+        self.deadline = time.monotonic() + args.time_budget
+        self.upper = runner.upper_bound
+        self.trials: list[Trial] = []
+        self.best = 0
+        self.failed: int | None = None
+        self.stopped: str | None = None
+
+    def run(self) -> dict:
+        ladder = [n for n in self.args.report_contexts if n < self.upper] + [self.upper]
+        for target in ladder:
+            while self.best < target and self.failed is None and self.stopped is None:
+                self._attempt(target)
+        resolution = self.args.resolution
+        while self.stopped is None and self.failed is not None and self.failed - self.best > resolution:
+            middle = (self.best + self.failed) // 2 // resolution * resolution
+            if middle <= self.best:
+                break
+            self._attempt(middle)
+        if self.stopped is None:
+            if self.failed is not None:
+                self.stopped = "searched"
+            else:
+                self.stopped = "max context" if self.upper >= self.args.max_context else "host capacity"
+        return self.summary()
+
+    def _attempt(self, target: int) -> None:
+        """One trial at ``target``, or at the longest context predicted to finish in time."""
+        left = self.deadline - time.monotonic()
+        context = target
+        if self.trials and left < SAFETY * _predicted(self.trials, target):
+            context = min(target, affordable_context(self.trials, left / SAFETY, self.args.resolution))
+        if left <= 0 or context <= self.best:
+            self.stopped = "time budget"
+            return
+        trial = self.runner.trial(context, self.deadline)
+        self.trials.append(trial)
+        print(f"  {self.runner.setup:9s} {context:>9d} tokens: " + _describe(trial), flush=True)
+        if trial.out_of_time:
+            self.stopped = "time budget"
+        elif trial.ok:
+            self.best = context
         else:
-            failed = middle
-    by_context = {trial.context: trial for trial in trials if trial.ok}
-    reported = {str(n): dataclasses.asdict(by_context[n]) if n in by_context else None for n in args.report_contexts}
-    reported["longest"] = dataclasses.asdict(by_context[best]) if best else None
-    return {
-        "longest_context": best,
-        "first_failure": failed,
-        "stopped_by": stopped,
-        "reported": reported,
-        "trials": [dataclasses.asdict(trial) for trial in trials],
-    }
+            self.failed = context
+        self.on_trial(self)
+
+    def summary(self) -> dict:
+        by_context = {trial.context: trial for trial in self.trials if trial.ok}
+        reported = {
+            str(n): dataclasses.asdict(by_context[n]) if n in by_context else None for n in self.args.report_contexts
+        }
+        reported["longest"] = dataclasses.asdict(by_context[self.best]) if self.best else None
+        return {
+            "longest_context": self.best,
+            "upper_bound": self.upper,
+            "first_failure": self.failed,
+            "stopped_by": self.stopped,
+            "reported": reported,
+            "trials": [dataclasses.asdict(trial) for trial in self.trials],
+        }
+
+
+def _predicted(trials: list[Trial], context: int) -> float:
+    model = time_model(trials)
+    if model is None:
+        return 0.0
+    a, b = model
+    return a * context + b * context * context
 
 
 def _describe(trial: Trial) -> str:
     if not trial.ok:
         return f"failed ({trial.error})"
     peak = f", peak GPU {trial.peak_gpu_gib:.2f} GiB" if trial.peak_gpu_gib is not None else ""
-    return f"prefill {trial.prefill_tok_per_s:.0f} tok/s, decode {trial.decode_s_per_token:.4f} s/token{peak}"
+    return (
+        f"prefill {trial.prefill_tok_per_s:.0f} tok/s, decode {trial.decode_s_per_token:.4f} s/token{peak}, "
+        f"{trial.seconds:.1f} s"
+    )
 
 
 def plot(results: dict, path: pathlib.Path) -> None:
@@ -289,57 +378,125 @@ def plot(results: dict, path: pathlib.Path) -> None:
         axis.set_xlabel("context (tokens)")
         axis.set_ylabel(label)
         axis.legend()
-    figure.suptitle(f"{results['model']} on {results['device']}, {results['date']}\n{results['command']}", fontsize=9)
+    figure.suptitle(f"{results['model']} on {results['device']}, {results['date']}", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
 
+def table(results: dict) -> str:
+    """The README's Markdown table: one row per setup."""
+    contexts = [str(n) for n in results["report_contexts"]]
+
+    def cell(trial: dict | None, key: str, spec: str) -> str:
+        return format(trial[key], spec) if trial and trial.get(key) is not None else "–"
+
+    lines = [
+        f"{results['model']}, {results['device']} capped at {results['gpu_cap_gib']} GiB, {results['date'][:10]}",
+        "",
+        "| setup | longest context (stopped by) | prefill tok/s at "
+        + " / ".join(_tokens(n) for n in contexts)
+        + " / longest | decode s/token at "
+        + " / ".join(_tokens(n) for n in contexts)
+        + " / longest | peak GPU GiB at longest |",
+        "|---|---|---|---|---|",
+    ]
+    for name, result in results["setups"].items():
+        if "error" in result or "skipped" in result:
+            lines.append(f"| {name} | {result.get('error') or result.get('skipped')} | | | |")
+            continue
+        reported = result["reported"]
+        points = [reported.get(n) for n in contexts] + [reported["longest"]]
+        lines.append(
+            f"| {name} | {_tokens(result['longest_context'])} ({result['stopped_by']}) | "
+            + " / ".join(cell(trial, "prefill_tok_per_s", ".0f") for trial in points)
+            + " | "
+            + " / ".join(cell(trial, "decode_s_per_token", ".3f") for trial in points)
+            + f" | {cell(reported['longest'], 'peak_gpu_gib', '.1f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _tokens(count: int | str) -> str:
+    count = int(count)
+    return f"{count // 1024}K" if count % 1024 == 0 and count else str(count)
+
+
 def write(results: dict, out: pathlib.Path) -> None:
+    """Writes the JSON, plot and table; keeps other setups of an earlier run of the same model and device."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_hf.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, out / "bench_hf.png")
+    path = out / "bench_hf.json"
+    merged = dict(results)
+    if path.exists():
+        earlier = json.loads(path.read_text())
+        same = all(earlier.get(key) == results[key] for key in ("model", "device", "gpu_cap_gib", "settings"))
+        if same:
+            merged["setups"] = {**earlier["setups"], **results["setups"]}
+    path.write_text(json.dumps(merged, indent=2) + "\n")
+    plot(merged, out / "bench_hf.png")
+    (out / "bench_hf.md").write_text(table(merged))
+
+
+def run_setup(setup: str, record: dict, model, args: argparse.Namespace, device: torch.device, save) -> bool:
+    """Searches one setup into ``record``, calling ``save()`` after every trial; False on an error."""
+    try:
+        runner = Runner(setup, model, args, device)
+        if runner.headinfer is not None:
+            record["cache"] = runner.headinfer.plan.describe()
+            record["cpu_kv_gib"] = args.cpu_kv_gib
+            print(f"  {setup:9s} {record['cache']}", flush=True)
+        search = ContextSearch(runner, args, on_trial=lambda search: (record.update(search.summary()), save()))
+        record.update(search.run())
+        return True
+    except Exception:  # a bug in one setup must not lose the others' results
+        record["error"] = traceback.format_exc().strip().splitlines()[-1]
+        traceback.print_exc()
+        return False
+    finally:
+        runner = search = None
+        _release()
 
 
 def main(argv: list[str]) -> dict:
     args = parse_args(argv)
-    cuda = torch.cuda.is_available() and not args.smoke
+    if not args.smoke and not torch.cuda.is_available():
+        raise SystemExit("bench_hf: no CUDA device; use --smoke for the CPU run")
+    cuda = not args.smoke
     device = torch.device("cuda" if cuda else "cpu")
     if cuda:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_cap_gib * GIB / total), device)
     model = build_model(args.smoke, device)
+    command = shlex.join(["python", *sys.argv])
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     results = {
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join(["python", *sys.argv]),
+        "date": date,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "model": "tiny Llama (smoke)" if args.smoke else "Llama-3-8B shape, random bf16 weights",
         "gpu_cap_gib": args.gpu_cap_gib if cuda else None,
+        "report_contexts": args.report_contexts,
         "settings": {
-            key: getattr(args, key)
-            for key in ("prefill_chunk", "decode_tokens", "start_context", "max_context", "resolution", "cpu_kv_gib")
+            key: getattr(args, key) for key in ("prefill_chunk", "decode_tokens", "max_context", "resolution")
         },
         "setups": {},
     }
+    failures = 0
     for setup in args.setups:
+        record = results["setups"][setup] = {"command": command, "date": date, "time_budget_s": args.time_budget}
         if setup == "offloaded" and not cuda:
-            results["setups"][setup] = {"skipped": "transformers' offloaded cache needs CUDA"}
+            record["skipped"] = "transformers' offloaded cache needs CUDA"
             print(f"  {setup:9s} skipped: needs CUDA", flush=True)
-            continue
-        runner = Runner(setup, model, args, device)
-        if runner.headinfer is not None:
-            results["setups"][setup] = {"cache": runner.headinfer.plan.describe()}
-            print(f"  {setup:9s} {runner.headinfer.plan.describe()}", flush=True)
-        results["setups"].setdefault(setup, {}).update(search(runner, args))
-        runner = None
-        _release()
-        write(results, args.out)  # after every setup, so a crash keeps the finished ones
+        else:
+            failures += not run_setup(setup, record, model, args, device, lambda: write(results, args.out))
+        write(results, args.out)
     for setup, result in results["setups"].items():
-        outcome = result.get("stopped_by", result.get("skipped"))
+        outcome = result.get("stopped_by") or result.get("skipped") or result.get("error")
         print(f"{setup}: longest context {result.get('longest_context')} ({outcome})")
-    print(f"wrote {args.out / 'bench_hf.json'} and {args.out / 'bench_hf.png'}")
+    print(f"wrote bench_hf.json, bench_hf.png and bench_hf.md to {args.out}")
+    if failures:
+        raise SystemExit(f"bench_hf: {failures} setup(s) failed; see the errors above")
     return results
 
 

@@ -1,27 +1,80 @@
 #!/usr/bin/env bash
-# What a session with a GPU (the `device` tool's H100/H200) runs, one phase per
-# device call so each stays under the 10-minute limit. Results go to $OUT
-# (the device tool brings them back); commit them to benchmarks/results/.
+# The GPU run for a session lent the `device` tool's H100 (or H200): the CUDA
+# tests, then the benchmarks, about 15-25 minutes in all. A device call may
+# last 10 minutes, so the run goes on in a process session of its own (which
+# outlives the call while the machine is held), and every call waits for it
+# and brings back what it has so far:
 #
-#   bash benchmarks/gpu_session.sh tests        # CUDA tests of the core + transformers tests
-#   bash benchmarks/gpu_session.sh core         # bench_core at Llama-3-8B layer shapes
-#   bash benchmarks/gpu_session.sh hf-dynamic   # bench_hf, one setup per call:
-#   bash benchmarks/gpu_session.sh hf-offloaded
-#   bash benchmarks/gpu_session.sh hf-headinfer
-set -euo pipefail
-cd "$(dirname "$0")/.."
-out=${OUT:-benchmarks/out}
-mkdir -p "$out"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-case "${1:?phase: tests | core | hf-dynamic | hf-offloaded | hf-headinfer}" in
-  tests)
-    python3 -m pytest -q tests/core tests/hf -p no:cacheprovider 2>&1 | tee "$out/tests.log" ;;
-  core)
-    python3 benchmarks/bench_core.py --out "$out/core" 2>&1 | tee "$out/core.log" ;;
-  hf-*)
-    setup=${1#hf-}
-    python3 benchmarks/bench_hf.py --setups "$setup" --time-budget 500 --out "$out/hf_$setup" 2>&1 \
-      | tee "$out/hf_$setup.log" ;;
-  *) echo "unknown phase $1" >&2; exit 2 ;;
+#   bash benchmarks/gpu_session.sh start   # 1st call: copy the tree, start the run, then wait as below
+#   bash benchmarks/gpu_session.sh wait    # later calls: wait up to 9.5 minutes; copy the results to $OUT
+#   bash benchmarks/gpu_session.sh run     # the same steps in the foreground
+#
+# Run each call with timeout_s=600 and without pauses between calls: an idle
+# machine goes back after 30 s, and the run with it. Steps, each under its own
+# time limit, most important first (a later one may be cut by the session's
+# 30 device minutes): CUDA tests, bench_hf dynamic, headinfer and offloaded
+# (one process each, merged into one report), bench_core. The files (the
+# device tool brings back 8): run.log, tests.log, bench_hf.{json,png,md},
+# bench_core.{json,png}. Commit them to benchmarks/results/.
+set -uo pipefail
+work=/tmp/headinfer_gpu
+results=$work/results
+
+run_steps() {
+  cd "$work/src" || exit 1
+  export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+  mkdir -p "$results"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  free -g
+  python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
+  step 180 tests python3 -m pytest -q -m cuda -p no:cacheprovider tests/core tests/hf
+  step 200 hf-dynamic python3 benchmarks/bench_hf.py --setups dynamic --time-budget 120 --out "$results"
+  step 720 hf-headinfer python3 benchmarks/bench_hf.py --setups headinfer --time-budget 560 --out "$results"
+  step 300 hf-offloaded python3 benchmarks/bench_hf.py --setups offloaded --time-budget 220 --out "$results"
+  step 200 core python3 benchmarks/bench_core.py --out "$results"
+  echo "$(date -u +%FT%TZ) all steps done"
+}
+
+step() {  # step SECONDS NAME COMMAND...: runs COMMAND under a time limit; a failure does not stop the run
+  local limit=$1 name=$2
+  shift 2
+  echo "$(date -u +%FT%TZ) step $name (limit ${limit}s): $*"
+  timeout "$limit" "$@" 2>&1 | tee "$work/$name.out"
+  echo "$(date -u +%FT%TZ) step $name exit ${PIPESTATUS[0]}"
+}
+
+collect() {  # collect SECONDS: wait for the run to finish, at most SECONDS; copy what it has to $OUT
+  local out=${OUT:-benchmarks/out} waited=0
+  while [ ! -e "$work/finished" ] && [ "$waited" -lt "$1" ]; do
+    sleep 10
+    waited=$((waited + 10))
+  done
+  mkdir -p "$out"
+  cp "$work/run.log" "$results"/* "$out"/ 2>/dev/null
+  [ -e "$work/tests.out" ] && cp "$work/tests.out" "$out/tests.log"
+  tail -n 60 "$work/run.log"
+  if [ -e "$work/finished" ]; then echo "== the run has finished"; else echo "== still running: call 'wait' again"; fi
+}
+
+case "${1:?usage: gpu_session.sh start | wait | run}" in
+  start)
+    if [ -e "$work/pid" ] && kill -0 "$(cat "$work/pid")" 2>/dev/null; then
+      echo "a run is already going; waiting for it"
+    else
+      rm -rf "$work" && mkdir -p "$work/src"
+      # A copy: later calls re-send the working tree while the run reads it.
+      tar --exclude=.git -cf - -C "$(dirname "$0")/.." . | tar -xf - -C "$work/src"
+      setsid bash -c "'$work/src/benchmarks/gpu_session.sh' run-steps > '$work/run.log' 2>&1; touch '$work/finished'" \
+        < /dev/null > /dev/null 2>&1 &
+      echo $! > "$work/pid"
+    fi
+    collect 560 ;;
+  wait) collect 570 ;;
+  run)
+    rm -rf "$work" && mkdir -p "$work/src"
+    tar --exclude=.git -cf - -C "$(dirname "$0")/.." . | tar -xf - -C "$work/src"
+    run_steps 2>&1 | tee "$work/run.log"
+    OUT=${OUT:-benchmarks/out} collect 0 > /dev/null ;;
+  run-steps) run_steps ;;
+  *) echo "unknown command $1; use start, wait or run" >&2; exit 2 ;;
 esac

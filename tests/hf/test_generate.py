@@ -74,3 +74,16 @@ def test_corrupted_host_page_changes_the_output():
     cache.store.host_unit(layer, group)[3] += 1.0  # block 3: tokens 48..63 of row 0, K and V
     _, scores = greedy(model, ids, past_key_values=cache)
     assert (scores - reference[1]).abs().max().item() > 1e-3
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chunked_generation_on_cuda(family):
+    """The same check on a GPU: pinned host tier, side streams and events."""
+    reference_model, model = (half.to("cuda") for half in build_pair(family, seed=11))
+    ids = prompt(2, 3000, seed=12).to("cuda")
+    cache = make_cache(model, prefill_chunk_size=512)
+    result = greedy(model, ids, generate=lambda **kw: hf.generate(model, past_key_values=cache, **kw))
+    assert_same(greedy(reference_model, ids), result)
+    assert cache.store.device.type == "cuda" and cache.store.host.is_pinned()
+    assert len(cache.store.streamed_units) == cache.plan.layout.num_units
