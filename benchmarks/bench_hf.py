@@ -56,6 +56,8 @@ from headinfer_vllm.hf import CapacityError, HeadInferCache
 
 GIB = 1 << 30
 SETUPS = ("dynamic", "offloaded", "headinfer")
+HOST_RESERVE_BYTES = 4 * GIB
+"""Host memory the offloaded cache must leave free (see ``Runner._check_host_memory``)."""
 SAFETY = 1.15
 """A trial starts only if ``SAFETY`` times its predicted seconds fit in the time left."""
 
@@ -102,6 +104,10 @@ class Trial:
 
 class OutOfTime(Exception):
     """The deadline passed during a trial."""
+
+
+class HostMemoryLow(Exception):
+    """The next prefill chunk could exhaust host memory (an OOM kill would end the whole run)."""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -169,6 +175,11 @@ class Runner:
                 device=device,
             )
 
+        config = model.config
+        self.token_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+        self.token_bytes *= model.dtype.itemsize
+        """KV bytes of one token, all layers."""
+
     @property
     def upper_bound(self) -> int:
         """Largest context worth trying: HeadInfer's capacity; for the offloaded cache, what
@@ -177,11 +188,23 @@ class Runner:
         if self.headinfer is not None:
             return min(self.args.max_context, self.headinfer.max_tokens_per_row - self.args.decode_tokens)
         if self.setup == "offloaded":
-            config = self.model.config
-            token_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
-            token_bytes *= self.model.dtype.itemsize
-            return min(self.args.max_context, int(self.args.cpu_kv_gib * GIB) // token_bytes)
+            return min(self.args.max_context, int(self.args.cpu_kv_gib * GIB) // self.token_bytes)
         return self.args.max_context
+
+    def _check_host_memory(self, tokens: int) -> None:
+        """Before the offloaded cache grows to ``tokens``: it moves each layer's KV to host memory with
+        ``.to("cpu", non_blocking=True)``, which torch pins through its caching host allocator (sizes
+        rounded up to a power of two, freed blocks kept), so the next chunk may pin up to twice the KV
+        anew. Refuse the chunk unless that much and a reserve are free."""
+        if self.setup != "offloaded":
+            return
+        needed = 2 * tokens * self.token_bytes + HOST_RESERVE_BYTES
+        free = free_host_bytes()
+        if free is not None and free < needed:
+            raise HostMemoryLow(
+                f"{free / GIB:.1f} GiB of host memory free; growing the offloaded cache to {tokens} tokens "
+                f"may pin {needed / GIB:.1f} GiB"
+            )
 
     def _cache(self):
         if self.setup == "dynamic":
@@ -207,6 +230,7 @@ class Runner:
                 for chunk in ids.split(self.args.prefill_chunk, dim=1):
                     if time.monotonic() > deadline:
                         raise OutOfTime
+                    self._check_host_memory(done + chunk.shape[1] + self.args.decode_tokens)
                     out = self.model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1)
                     done += chunk.shape[1]
                 token = out.logits[:, -1].argmax(-1, keepdim=True)  # syncs the prefill
@@ -220,7 +244,7 @@ class Runner:
                 seconds = time.perf_counter() - start
         except OutOfTime:
             return Trial(context, ok=False, out_of_time=True, error=f"time budget: after {done} tokens of prefill")
-        except (torch.OutOfMemoryError, CapacityError) as error:
+        except (torch.OutOfMemoryError, CapacityError, HostMemoryLow) as error:
             # A step cut short is recovered by the next trial's HeadInferCache.reset().
             return Trial(context, ok=False, error=f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
         finally:
@@ -241,6 +265,8 @@ def _release() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+        # The offloaded cache's pinned blocks stay cached in torch's host allocator until emptied.
+        getattr(torch._C, "_host_emptyCache", lambda: None)()
 
 
 def time_model(trials: list[Trial]) -> tuple[float, float] | None:

@@ -141,3 +141,22 @@ def test_headinfer_trial_after_a_failed_one_reuses_the_cache(bench):
     assert not failed.ok and "CapacityError" in failed.error
     assert runner.trial(256).ok
     assert runner.headinfer is cache  # recovered by reset(), not re-allocated
+
+
+def test_offloaded_trial_stops_before_it_could_exhaust_host_memory(bench, monkeypatch):
+    """transformers' offloaded cache pins up to 2x its KV anew per chunk; the trial must fail, not be OOM-killed."""
+    import torch
+
+    args = bench.parse_args(["--smoke"])
+    device = torch.device("cpu")
+    runner = bench.Runner("offloaded", bench.build_model(True, device), args, device)
+    tokens = 10_000
+    needed = 2 * tokens * runner.token_bytes + bench.HOST_RESERVE_BYTES
+    monkeypatch.setattr(bench, "free_host_bytes", lambda: needed)
+    runner._check_host_memory(tokens)  # just enough
+    monkeypatch.setattr(bench, "free_host_bytes", lambda: needed - 1)
+    with pytest.raises(bench.HostMemoryLow):
+        runner._check_host_memory(tokens)
+    monkeypatch.setattr(bench, "free_host_bytes", lambda: bench.HOST_RESERVE_BYTES)
+    trial = runner.trial(300)  # refused before its first forward pass (which would need CUDA here)
+    assert not trial.ok and not trial.out_of_time and trial.error.startswith("HostMemoryLow")
