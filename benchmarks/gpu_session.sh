@@ -45,7 +45,14 @@ step() {  # step SECONDS NAME COMMAND...: runs COMMAND under a time limit; a fai
 
 collect() {  # collect SECONDS: wait for the run to finish, at most SECONDS; copy what it has to $OUT
   local out=${OUT:-benchmarks/out} waited=0
+  if [ ! -e "$work/run.log" ]; then
+    echo "no run on this machine (a fresh one: the last was given back); use 'start'" >&2
+    return 1
+  fi
   while [ ! -e "$work/finished" ] && [ "$waited" -lt "$1" ]; do
+    if [ -e "$work/pid" ] && ! kill -0 "$(cat "$work/pid")" 2>/dev/null; then
+      break  # the run ended without marking itself finished (killed)
+    fi
     sleep 10
     waited=$((waited + 10))
   done
@@ -53,7 +60,14 @@ collect() {  # collect SECONDS: wait for the run to finish, at most SECONDS; cop
   cp "$work/run.log" "$results"/* "$out"/ 2>/dev/null
   [ -e "$work/tests.out" ] && cp "$work/tests.out" "$out/tests.log"
   tail -n 60 "$work/run.log"
-  if [ -e "$work/finished" ]; then echo "== the run has finished"; else echo "== still running: call 'wait' again"; fi
+  if [ -e "$work/finished" ]; then
+    echo "== the run has finished"
+  elif [ -e "$work/pid" ] && ! kill -0 "$(cat "$work/pid")" 2>/dev/null; then
+    echo "== the run died before finishing; see run.log"
+    return 1
+  else
+    echo "== still running: call 'wait' again"
+  fi
 }
 
 case "${1:?usage: gpu_session.sh start | wait | run}" in
@@ -64,7 +78,8 @@ case "${1:?usage: gpu_session.sh start | wait | run}" in
       rm -rf "$work" && mkdir -p "$work/src"
       # A copy: later calls re-send the working tree while the run reads it.
       tar --exclude=.git -cf - -C "$(dirname "$0")/.." . | tar -xf - -C "$work/src"
-      setsid bash -c "'$work/src/benchmarks/gpu_session.sh' run-steps > '$work/run.log' 2>&1; touch '$work/finished'" \
+      : > "$work/run.log"
+      setsid bash -c "'$work/src/benchmarks/gpu_session.sh' run-steps >> '$work/run.log' 2>&1; touch '$work/finished'" \
         < /dev/null > /dev/null 2>&1 &
       echo $! > "$work/pid"
     fi
