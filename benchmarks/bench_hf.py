@@ -10,16 +10,18 @@ GPU capped at ``--gpu-cap-gib`` (24 GiB: a consumer GPU). Three setups:
 
 A trial prefills a random prompt of ``context`` tokens in chunks of
 ``--prefill-chunk`` and decodes ``--decode-tokens`` greedy tokens; it fails on
-a CUDA out-of-memory error or a full HeadInfer cache. Each setup's longest
+running out of GPU memory, of host memory (the offloaded cache) or of
+HeadInfer's capacity. After one untimed warm-up trial, each setup's longest
 context is searched within ``--time-budget`` seconds: first the
 ``--report-contexts`` in order, then the setup's upper bound (HeadInfer's and
 the offloaded cache's: what ``--cpu-kv-gib`` of host memory holds), then, after
 a failure, bisection down to ``--resolution`` tokens. A trial's time is
 predicted from the trials before it (``a * L + b * L**2``); a context that
 would not finish within the budget is lowered to one that would, and a trial
-still running at the deadline is stopped between prefill chunks. The result
-says what stopped the search: ``host capacity``, ``max context``,
-``searched`` (bracketed by a failure), or ``time budget``.
+still running ``GRACE`` of the budget past its end is stopped between forward
+passes. The result says what stopped the search: ``host capacity`` (the upper
+bound reached), ``max context``, the resource a failure ran out of (``GPU
+memory``, ``host memory``, ``HeadInfer capacity``), or ``time budget``.
 
 Prefill tokens/s, decode s/token and peak GPU memory are recorded for every
 trial and reported at the report contexts and the longest context.
@@ -60,6 +62,10 @@ HOST_RESERVE_BYTES = 4 * GIB
 """Host memory the offloaded cache must leave free (see ``Runner._check_host_memory``)."""
 SAFETY = 1.15
 """A trial starts only if ``SAFETY`` times its predicted seconds fit in the time left."""
+GRACE = 0.2
+"""A trial started within the budget may overrun it by this share of the budget before it is stopped."""
+WARM_UP_CHUNKS = 2
+"""Prefill chunks of the untimed trial that precedes a search (CUDA start-up costs stay out of the fit)."""
 
 LLAMA3_8B = dict(
     num_hidden_layers=32,
@@ -91,6 +97,8 @@ class Trial:
     context: int
     ok: bool
     error: str | None = None
+    limit: str | None = None
+    """What a failed trial ran out of: ``GPU memory``, ``host memory`` or ``HeadInfer capacity``."""
     out_of_time: bool = False
     """Stopped at the deadline: says nothing about whether ``context`` fits."""
     seconds: float | None = None
@@ -108,6 +116,26 @@ class OutOfTime(Exception):
 
 class HostMemoryLow(Exception):
     """The next prefill chunk could exhaust host memory (an OOM kill would end the whole run)."""
+
+
+def _limit_hit(error: Exception) -> str | None:
+    """The resource whose exhaustion ``error`` reports, or None for any other error."""
+    if isinstance(error, CapacityError):
+        return "HeadInfer capacity"
+    if isinstance(error, HostMemoryLow):
+        return "host memory"
+    # CUDA reports some out-of-memory failures (cuBLAS workspaces, host-pinned allocations)
+    # as plain RuntimeErrors rather than torch.OutOfMemoryError.
+    message = str(error)
+    if isinstance(error, torch.OutOfMemoryError) or "out of memory" in message or "ALLOC_FAILED" in message:
+        return "GPU memory"
+    return None
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for the device, so that a clock read after it counts all queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -215,6 +243,10 @@ class Runner:
         self.headinfer.reset()
         return self.headinfer
 
+    def warm_up(self) -> None:
+        """An untimed short trial: CUDA start-up costs would otherwise skew the first timed one."""
+        self.trial(min(WARM_UP_CHUNKS * self.args.prefill_chunk, self.upper_bound))
+
     def trial(self, context: int, deadline: float = math.inf) -> Trial:
         """Prefill ``context`` tokens and decode; stops between forward passes once ``deadline``
         (``time.monotonic()``) has passed."""
@@ -226,6 +258,7 @@ class Runner:
         try:
             with torch.no_grad():
                 cache = self._cache()
+                _sync(self.device)
                 start = time.perf_counter()
                 for chunk in ids.split(self.args.prefill_chunk, dim=1):
                     if time.monotonic() > deadline:
@@ -233,20 +266,25 @@ class Runner:
                     self._check_host_memory(done + chunk.shape[1] + self.args.decode_tokens)
                     out = self.model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1)
                     done += chunk.shape[1]
-                token = out.logits[:, -1].argmax(-1, keepdim=True)  # syncs the prefill
+                token = out.logits[:, -1].argmax(-1, keepdim=True)
+                _sync(self.device)
                 prefill_s = time.perf_counter() - start
                 for _ in range(self.args.decode_tokens):
                     if time.monotonic() > deadline:
                         raise OutOfTime
                     out = self.model(input_ids=token, past_key_values=cache, use_cache=True)
                     token = out.logits[:, -1].argmax(-1, keepdim=True)
-                token.item()
+                _sync(self.device)
                 seconds = time.perf_counter() - start
         except OutOfTime:
             return Trial(context, ok=False, out_of_time=True, error=f"time budget: after {done} tokens of prefill")
-        except (torch.OutOfMemoryError, CapacityError, HostMemoryLow) as error:
+        except (RuntimeError, CapacityError, HostMemoryLow) as error:  # torch.OutOfMemoryError is a RuntimeError
+            limit = _limit_hit(error)
+            if limit is None:
+                raise
             # A step cut short is recovered by the next trial's HeadInferCache.reset().
-            return Trial(context, ok=False, error=f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
+            message = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            return Trial(context, ok=False, error=message, limit=limit)
         finally:
             cache = out = None
             _release()
@@ -266,7 +304,8 @@ def _release() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         # The offloaded cache's pinned blocks stay cached in torch's host allocator until emptied.
-        getattr(torch._C, "_host_emptyCache", lambda: None)()
+        empty_host_cache = getattr(torch.accelerator, "empty_host_cache", None)
+        (empty_host_cache or getattr(torch._C, "_host_emptyCache", lambda: None))()
 
 
 def time_model(trials: list[Trial]) -> tuple[float, float] | None:
@@ -305,28 +344,32 @@ class ContextSearch:
     def __init__(self, runner: Runner, args: argparse.Namespace, on_trial=lambda search: None):
         self.runner, self.args, self.on_trial = runner, args, on_trial
         self.deadline = time.monotonic() + args.time_budget
+        self.stop_trials_at = self.deadline + GRACE * args.time_budget
         self.upper = runner.upper_bound
         self.trials: list[Trial] = []
         self.best = 0
-        self.failed: int | None = None
+        self.smallest_failure: int | None = None
+        self.limit: str | None = None
+        """What the smallest failed context ran out of."""
         self.stopped: str | None = None
 
     def run(self) -> dict:
         ladder = [n for n in self.args.report_contexts if n < self.upper] + [self.upper]
         for target in ladder:
-            while self.best < target and self.failed is None and self.stopped is None:
+            while self.best < target and self.smallest_failure is None and self.stopped is None:
                 self._attempt(target)
         resolution = self.args.resolution
-        while self.stopped is None and self.failed is not None and self.failed - self.best > resolution:
-            middle = (self.best + self.failed) // 2 // resolution * resolution
-            if middle <= self.best:
+        while self.stopped is None and self.smallest_failure is not None:
+            middle = (self.best + self.smallest_failure) // 2 // resolution * resolution
+            if self.smallest_failure - self.best <= resolution or middle <= self.best:
                 break
             self._attempt(middle)
         if self.stopped is None:
-            if self.failed is not None:
-                self.stopped = "searched"
+            if self.smallest_failure is not None:
+                self.stopped = self.limit
             else:
                 self.stopped = "max context" if self.upper >= self.args.max_context else "host capacity"
+        self.on_trial(self)
         return self.summary()
 
     def _attempt(self, target: int) -> None:
@@ -338,7 +381,7 @@ class ContextSearch:
         if left <= 0 or context <= self.best:
             self.stopped = "time budget"
             return
-        trial = self.runner.trial(context, self.deadline)
+        trial = self.runner.trial(context, self.stop_trials_at)
         self.trials.append(trial)
         print(f"  {self.runner.setup:9s} {context:>9d} tokens: " + _describe(trial), flush=True)
         if trial.out_of_time:
@@ -346,7 +389,7 @@ class ContextSearch:
         elif trial.ok:
             self.best = context
         else:
-            self.failed = context
+            self.smallest_failure, self.limit = context, trial.limit
         self.on_trial(self)
 
     def summary(self) -> dict:
@@ -358,7 +401,7 @@ class ContextSearch:
         return {
             "longest_context": self.best,
             "upper_bound": self.upper,
-            "first_failure": self.failed,
+            "smallest_failure": self.smallest_failure,
             "stopped_by": self.stopped,
             "reported": reported,
             "trials": [dataclasses.asdict(trial) for trial in self.trials],
@@ -428,13 +471,14 @@ def table(results: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for name, result in results["setups"].items():
-        if "error" in result or "skipped" in result:
-            lines.append(f"| {name} | {result.get('error') or result.get('skipped')} | | | |")
+        if "reported" not in result:  # skipped, or failed before its first trial
+            lines.append(f"| {name} | {result.get('skipped') or result.get('error')} | | | |")
             continue
         reported = result["reported"]
         points = [reported.get(n) for n in contexts] + [reported["longest"]]
+        stopped_by = f"error: {result['error']}" if "error" in result else result["stopped_by"]
         lines.append(
-            f"| {name} | {_tokens(result['longest_context'])} ({result['stopped_by']}) | "
+            f"| {name} | {_tokens(result['longest_context'])} ({stopped_by}) | "
             + " / ".join(cell(trial, "prefill_tok_per_s", ".0f") for trial in points)
             + " | "
             + " / ".join(cell(trial, "decode_s_per_token", ".3f") for trial in points)
@@ -471,6 +515,7 @@ def run_setup(setup: str, record: dict, model, args: argparse.Namespace, device:
             record["cache"] = runner.headinfer.plan.describe()
             record["cpu_kv_gib"] = args.cpu_kv_gib
             print(f"  {setup:9s} {record['cache']}", flush=True)
+        runner.warm_up()
         search = ContextSearch(runner, args, on_trial=lambda search: (record.update(search.summary()), save()))
         record.update(search.run())
         return True

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU run for a session lent the `device` tool's H100 (or H200): the CUDA
-# tests, then the benchmarks, about 15-25 minutes in all. A device call may
+# tests, then the benchmarks, about 15-24 minutes in all. A device call may
 # last 10 minutes, so the run goes on in a process session of its own (which
 # outlives the call while the machine is held), and every call waits for it
 # and brings back what it has so far:
@@ -15,7 +15,8 @@
 # 30 device minutes): CUDA tests, bench_hf dynamic, headinfer and offloaded
 # (one process each, merged into one report), bench_core. The files (the
 # device tool brings back 8): run.log, tests.log, bench_hf.{json,png,md},
-# bench_core.{json,png}. Commit them to benchmarks/results/.
+# bench_core.{json,png}. Commit them to benchmarks/results/, and give the
+# machine back (the device tool's give_back) after the last call.
 set -uo pipefail
 work=/tmp/headinfer_gpu
 results=$work/results
@@ -27,11 +28,12 @@ run_steps() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   free -g
   python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
-  step 180 tests python3 -m pytest -q -m cuda -p no:cacheprovider tests/core tests/hf
-  step 200 hf-dynamic python3 benchmarks/bench_hf.py --setups dynamic --time-budget 120 --out "$results"
-  step 720 hf-headinfer python3 benchmarks/bench_hf.py --setups headinfer --time-budget 560 --out "$results"
-  step 300 hf-offloaded python3 benchmarks/bench_hf.py --setups offloaded --time-budget 220 --out "$results"
-  step 200 core python3 benchmarks/bench_core.py --out "$results"
+  # Limits: bench_hf's budget, plus its grace (20%), model build, warm-up and host pinning.
+  step 150 tests python3 -m pytest -q -m cuda -p no:cacheprovider tests/core tests/hf
+  step 150 hf-dynamic python3 benchmarks/bench_hf.py --setups dynamic --time-budget 90 --out "$results"
+  step 720 hf-headinfer python3 benchmarks/bench_hf.py --setups headinfer --time-budget 500 --out "$results"
+  step 240 hf-offloaded python3 benchmarks/bench_hf.py --setups offloaded --time-budget 150 --out "$results"
+  step 180 core python3 benchmarks/bench_core.py --out "$results"
   echo "$(date -u +%FT%TZ) all steps done"
 }
 
@@ -74,12 +76,14 @@ case "${1:?usage: gpu_session.sh start | wait | run}" in
   start)
     if [ -e "$work/pid" ] && kill -0 "$(cat "$work/pid")" 2>/dev/null; then
       echo "a run is already going; waiting for it"
+    elif [ -e "$work/finished" ]; then
+      echo "a run has finished on this machine; its results follow (rm -rf $work to run again)"
     else
       rm -rf "$work" && mkdir -p "$work/src"
       # A copy: later calls re-send the working tree while the run reads it.
       tar --exclude=.git -cf - -C "$(dirname "$0")/.." . | tar -xf - -C "$work/src"
       : > "$work/run.log"
-      setsid bash -c "'$work/src/benchmarks/gpu_session.sh' run-steps >> '$work/run.log' 2>&1; touch '$work/finished'" \
+      setsid bash -c "bash '$work/src/benchmarks/gpu_session.sh' run-steps >> '$work/run.log' 2>&1; touch '$work/finished'" \
         < /dev/null > /dev/null 2>&1 &
       echo $! > "$work/pid"
     fi

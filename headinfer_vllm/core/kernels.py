@@ -44,10 +44,27 @@ def attend_sdpa(
         q = query[rows].transpose(0, 1)[None]  # [1, query_heads, query_len, head_dim]
         k, v = k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # [1, group, seq_len, head_dim]
         mask = request.causal_mask()
-        result = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != group
-        )
+        grouped = q.shape[1] != group
+        if grouped and mask is not None and q.is_cuda and not _flash_eligible(q):
+            # torch runs a lower-right causal mask with GQA only in FlashAttention; otherwise it
+            # materializes the [query_len, seq_len] mask for the math kernel. One K/V head per
+            # query head lets the memory-efficient kernel apply the mask itself.
+            k, v = (t.repeat_interleave(q.shape[1] // group, dim=1) for t in (k, v))
+            grouped = False
+        result = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=grouped)
         out[rows] = result[0].transpose(0, 1)
+
+
+def _flash_eligible(query: torch.Tensor) -> bool:
+    """Whether torch's SDPA can run FlashAttention for ``query`` ``[1, heads, tokens, head_dim]``
+    (CUDA): fp16 or bf16, head_dim a multiple of 8 up to 256, compute capability 8.0 or newer."""
+    head_dim = query.shape[-1]
+    return (
+        query.dtype in (torch.float16, torch.bfloat16)
+        and head_dim % 8 == 0
+        and head_dim <= 256
+        and torch.cuda.get_device_capability(query.device) >= (8, 0)
+    )
 
 
 def attend_flash(

@@ -130,6 +130,8 @@ class HeadPageStore:
         Returns two CPU tensors ``[num_tokens, num_kv_heads, head_dim]``.
         """
         layout = self.layout
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # write-backs to the host tier run on a side stream
         keys, values = [], []
         for group in range(layout.num_groups):
             pages = self.home(layer, group)[block_ids].to("cpu")

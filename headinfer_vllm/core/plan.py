@@ -132,8 +132,12 @@ def build_step_plan(
         )
     )
 
+    pin = torch.device(device).type == "cuda"
+
     def to_device(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return tensor.to(dtype).to(device, non_blocking=True)
+        tensor = tensor.to(dtype)
+        # From pinned memory the copy is truly asynchronous; from pageable memory it may wait.
+        return (tensor.pin_memory() if pin else tensor).to(device, non_blocking=True)
 
     return StepPlan(
         block_size=block_size,

@@ -68,6 +68,10 @@ class TransferScheduler:
         self._plan = plan
         self._issued = 0
         self._next = 0
+        if self._cuda:
+            # A step cut short by an exception (out of memory, say) leaves queued work that reads
+            # or writes staging buffers with no ``released`` event after it: loads wait for it all.
+            self._h2d.wait_stream(torch.cuda.current_stream(self.store.device))
         self._issue_loads_through(self.prefetch_depth - 1)
 
     def acquire(self, unit: Unit) -> torch.Tensor:
