@@ -45,26 +45,32 @@ def attend_sdpa(
         k, v = k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # [1, group, seq_len, head_dim]
         mask = request.causal_mask()
         grouped = q.shape[1] != group
-        if grouped and mask is not None and q.is_cuda and not _flash_eligible(q):
-            # torch runs a lower-right causal mask with GQA only in FlashAttention; otherwise it
-            # materializes the [query_len, seq_len] mask for the math kernel. One K/V head per
-            # query head lets the memory-efficient kernel apply the mask itself.
+        if grouped and mask is not None and _expand_grouped_heads(q):
             k, v = (t.repeat_interleave(q.shape[1] // group, dim=1) for t in (k, v))
             grouped = False
         result = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=grouped)
         out[rows] = result[0].transpose(0, 1)
 
 
-def _flash_eligible(query: torch.Tensor) -> bool:
-    """Whether torch's SDPA can run FlashAttention for ``query`` ``[1, heads, tokens, head_dim]``
-    (CUDA): fp16 or bf16, head_dim a multiple of 8 up to 256, compute capability 8.0 or newer."""
+def _expand_grouped_heads(query: torch.Tensor) -> bool:
+    """Whether to give each query head its own K/V copy for a lower-right causal mask.
+
+    On CUDA, torch runs that mask with GQA only in FlashAttention (fp16 or bf16,
+    head_dim a multiple of 8 up to 256, compute capability 8.0+); otherwise it
+    materializes the ``[query_len, seq_len]`` mask for the math kernel, whose
+    scores outgrow the GPU at long contexts. Without GQA the memory-efficient
+    kernel applies the mask itself. (On CPU the mask is materialized either way.)
+    """
+    if not query.is_cuda:
+        return False
     head_dim = query.shape[-1]
-    return (
+    flash = (
         query.dtype in (torch.float16, torch.bfloat16)
         and head_dim % 8 == 0
         and head_dim <= 256
         and torch.cuda.get_device_capability(query.device) >= (8, 0)
     )
+    return not flash
 
 
 def attend_flash(

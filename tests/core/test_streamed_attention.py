@@ -72,6 +72,17 @@ def test_block_size_and_long_prefill(device):
         assert relative_error(output, reference) <= FP32_TOLERANCE
 
 
+def test_expanded_grouped_heads_match_the_reference(monkeypatch):
+    """The K/V head expansion that CUDA uses where torch has no fused GQA kernel, run on CPU."""
+    from headinfer_vllm.core import kernels
+
+    expanded = []
+    monkeypatch.setattr(kernels, "_expand_grouped_heads", lambda query: expanded.append(query.shape) or True)
+    scenario = Scenario(query_per_kv=4, head_group_size=2)
+    run_and_check(scenario, FP32_TOLERANCE)
+    assert expanded  # the prefill chunks took the expanded path
+
+
 def test_wrong_head_is_caught():
     """The check is sharp enough to see one head's K swapped for another's."""
     scenario = Scenario(query_per_kv=2)
