@@ -29,3 +29,4 @@ test: install lint
 bench-smoke: install
 	$(PYTHON) benchmarks/bench_core.py --smoke --out benchmarks/out
 	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/bench_hf.py --smoke --out benchmarks/out
+	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/bench_vllm.py --smoke --out benchmarks/out

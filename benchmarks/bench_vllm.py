@@ -1,0 +1,162 @@
+"""vLLM-level benchmark: headinfer against vLLM's stock backend, same model, same prompts.
+
+Each backend runs in its own process (one engine each) on the built-in tiny
+Llama (random weights, nothing downloaded), on whatever platform vLLM runs
+on here. For each context length and repeat:
+
+- prefill: seconds from the request's first scheduling to its first token,
+  for a fresh random prompt of that length (chunked by ``--chunk`` tokens per
+  step; fresh, so prefix caching does not help);
+- decode: seconds per token of the next ``--decode-tokens`` tokens.
+
+Both come from vLLM's own per-request timestamps.
+
+Medians over ``--repeats`` and the ratio headinfer / stock go to
+``bench_vllm.json`` and ``bench_vllm.png`` in ``--out``. headinfer streams
+every head group through a ``--cpu-kv-gib`` host tier (staging only).
+
+    python benchmarks/bench_vllm.py --out benchmarks/out
+    python benchmarks/bench_vllm.py --smoke --out benchmarks/out     # CI: short contexts, one repeat
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import random
+import shlex
+import statistics
+import sys
+import tempfile
+
+from headinfer_vllm.offline_check import run_in_subprocess
+from headinfer_vllm.tiny_models import save_tiny_model
+
+BACKENDS = ("stock", "headinfer")
+VOCAB = 256
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="contexts 256 and 1024, one repeat")
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/out"))
+    parser.add_argument("--contexts", help="comma-separated prompt lengths (default 1024,2048,4096,7168)")
+    parser.add_argument("--repeats", type=int, help="prompts per context and measurement (default 3; smoke 1)")
+    parser.add_argument("--decode-tokens", type=int, default=16)
+    parser.add_argument("--chunk", type=int, default=1024, help="max_num_batched_tokens: prefill tokens per step")
+    parser.add_argument("--cpu-kv-gib", type=float, default=0.1, help="headinfer's host tier")
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args(argv)
+    contexts = args.contexts or ("256,1024" if args.smoke else "1024,2048,4096,7168")
+    args.contexts = [int(n) for n in contexts.split(",")]
+    args.repeats = args.repeats or (1 if args.smoke else 3)
+    if min(args.contexts) < 1 or max(args.contexts) + args.decode_tokens + 1 > 8192:
+        parser.error("contexts must lie in 1 .. 8191 - decode tokens (the tiny model's positions)")
+    if args.repeats < 1 or args.decode_tokens < 1 or args.chunk < 1 or args.cpu_kv_gib <= 0:
+        parser.error("--repeats, --decode-tokens, --chunk and --cpu-kv-gib must be positive")
+    return args
+
+
+def workload(args: argparse.Namespace) -> list[list[list[int]]]:
+    """Batches of one fresh random prompt each: a warm-up, then ``--repeats`` per context."""
+    rng = random.Random(0)
+    lengths = [64] + [context for context in args.contexts for _ in range(args.repeats)]
+    return [[[rng.randrange(3, VOCAB) for _ in range(length)]] for length in lengths]
+
+
+def measure(backend: str, model: pathlib.Path, args: argparse.Namespace) -> dict:
+    engine = dict(
+        dtype=args.dtype, max_model_len=max(args.contexts) + args.decode_tokens + 16, enforce_eager=True, seed=0,
+        max_num_batched_tokens=args.chunk, max_num_seqs=4,
+    )
+    if backend == "headinfer":
+        settings = {"headinfer": {"cpu_kv_cache_gib": args.cpu_kv_gib}}
+        engine.update(attention_backend="headinfer", additional_config=settings)
+    else:
+        engine.update(kv_cache_memory_bytes=256 << 20)
+    spec = {"model": str(model), "engine": engine, "batches": workload(args),
+            "max_tokens": 1 + args.decode_tokens, "logprobs": None}
+    outputs = run_in_subprocess(spec)["outputs"][1:]  # without the warm-up
+    measured = []
+    for index, context in enumerate(args.contexts):
+        runs = outputs[args.repeats * index : args.repeats * (index + 1)]
+        prefill = statistics.median(run["prefill_s"] for run in runs)
+        measured.append({
+            "context": context,
+            "prefill_s": prefill,
+            "prefill_tok_per_s": context / prefill,
+            "decode_s_per_token": statistics.median(run["decode_s"] for run in runs) / args.decode_tokens,
+        })
+    return {"results": measured}
+
+
+def plot(report: dict, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (prefill, decode) = plt.subplots(1, 2, figsize=(11, 4))
+    for backend in BACKENDS:
+        rows = report["backends"][backend]["results"]
+        contexts = [row["context"] for row in rows]
+        prefill.plot(contexts, [row["prefill_tok_per_s"] for row in rows], "o-", label=backend)
+        decode.plot(contexts, [row["decode_s_per_token"] * 1e3 for row in rows], "o-", label=backend)
+    prefill.set(xlabel="context (tokens)", ylabel="prefill tokens/s", xscale="log")
+    decode.set(xlabel="context (tokens)", ylabel="decode ms/token", xscale="log")
+    for axis in (prefill, decode):
+        axis.legend()
+        axis.grid(True, which="both", alpha=0.3)
+    figure.suptitle(f"tiny Llama on {report['device']}, {report['date']}\n{report['command']}", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (vLLM's CPU platform)"
+
+
+def main(argv: list[str]) -> dict:
+    args = parse_args(argv)
+    model = save_tiny_model(tempfile.mkdtemp(prefix="headinfer-bench-"), "llama")
+    report = {
+        "benchmark": "bench_vllm",
+        "device": _device(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join(["python", *sys.argv]),
+        "settings": {key: getattr(args, key) for key in ("contexts", "repeats", "decode_tokens", "chunk",
+                                                          "cpu_kv_gib", "dtype")},
+        "backends": {},
+    }
+    for backend in BACKENDS:
+        report["backends"][backend] = measure(backend, model, args)
+    report["ratios"] = [
+        {
+            "context": stock["context"],
+            "prefill_time_ratio": ours["prefill_s"] / stock["prefill_s"],
+            "decode_time_ratio": ours["decode_s_per_token"] / stock["decode_s_per_token"],
+        }
+        for stock, ours in zip(report["backends"]["stock"]["results"], report["backends"]["headinfer"]["results"],
+                               strict=True)
+    ]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_vllm.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, args.out / "bench_vllm.png")
+    for ratio in report["ratios"]:
+        print(f"context {ratio['context']:>6}: headinfer/stock time, prefill {ratio['prefill_time_ratio']:.2f}, "
+              f"decode {ratio['decode_time_ratio']:.2f}")
+    print(f"wrote {args.out / 'bench_vllm.json'} and {args.out / 'bench_vllm.png'}")
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
