@@ -15,7 +15,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import AttentionInterface
 
 from headinfer_vllm.hf.cache import active_cache
-from headinfer_vllm.hf.support import ATTN_IMPLEMENTATION
+from headinfer_vllm.hf.support import ATTN_IMPLEMENTATION, refuse_padding
 
 
 def headinfer_attention(
@@ -56,11 +56,7 @@ def headinfer_mask(attention_mask: torch.Tensor | None = None, **kwargs) -> None
     Args:
         attention_mask: ``[B, past + L]`` bool, or None; False marks padding.
     """
-    if attention_mask is not None and not bool(attention_mask.all()):
-        raise ValueError(
-            "headinfer: padded batches are not supported (the attention_mask has zeros); "
-            "batch only prompts of equal length, or run them one at a time"
-        )
+    refuse_padding(attention_mask)
 
 
 def register() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from headinfer_vllm.hf.cache import HeadInferCache
+from headinfer_vllm.hf.support import refuse_padding
 
 
 def generate(model, input_ids: torch.Tensor, past_key_values: HeadInferCache | None = None, **kwargs):
@@ -25,9 +26,7 @@ def generate(model, input_ids: torch.Tensor, past_key_values: HeadInferCache | N
     Returns what ``model.generate`` returns.
     """
     cache = past_key_values if past_key_values is not None else HeadInferCache(model.config)
-    attention_mask = kwargs.get("attention_mask")
-    if attention_mask is not None and not bool(attention_mask.all()):
-        raise ValueError("headinfer: padded batches are not supported (the attention_mask has zeros)")
+    refuse_padding(kwargs.get("attention_mask"))  # before prefill, which passes no mask
     pending = input_ids[:, cache.get_seq_length() : -1]
     if pending.shape[1]:
         cache.prefill(model, pending)

@@ -10,6 +10,15 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 ATTN_IMPLEMENTATION = "headinfer"
 
 
+def refuse_padding(attention_mask) -> None:
+    """Raise if ``attention_mask`` (``[B, tokens]``, or None) marks any padding: rows must be equal-length."""
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError(
+            "headinfer: padded batches are not supported (the attention_mask has zeros); "
+            "batch only prompts of equal length, or run them one at a time"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class AttentionGeometry:
     """Head counts and sizes of a model's attention layers."""
