@@ -45,7 +45,7 @@ class StreamedAttention:
         self.query_heads_per_group = num_query_heads // layout.num_kv_heads * layout.head_group_size
         self.transfers = TransferScheduler(store, prefetch_depth)
         self.kernel_name, self._attend = select_kernel(
-            store.device, layout.dtype, layout.block_size, allow_flash=allow_flash
+            store.device, layout.dtype, layout.block_size, layout.head_dim, allow_flash=allow_flash
         )
         self._plan: StepPlan | None = None
 

@@ -29,8 +29,15 @@ out: same shape as query; written in place (rows of padding untouched).
 
 
 def attend_sdpa(
-    query: torch.Tensor, unit: torch.Tensor, plan: StepPlan, scale: float, out: torch.Tensor
+    query: torch.Tensor,
+    unit: torch.Tensor,
+    plan: StepPlan,
+    scale: float,
+    out: torch.Tensor,
+    expand_grouped_heads: bool = False,
 ) -> None:
+    """``expand_grouped_heads``: give each query head its own K/V copy for prefill chunks (see
+    :func:`sdpa_needs_expanded_heads`)."""
     group, head_dim = unit.shape[3], unit.shape[4]
     for index, request in enumerate(plan.requests):
         rows = slice(request.query_start, request.query_start + request.query_len)
@@ -45,15 +52,15 @@ def attend_sdpa(
         k, v = k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # [1, group, seq_len, head_dim]
         mask = request.causal_mask()
         grouped = q.shape[1] != group
-        if grouped and mask is not None and _expand_grouped_heads(q):
+        if grouped and mask is not None and expand_grouped_heads:
             k, v = (t.repeat_interleave(q.shape[1] // group, dim=1) for t in (k, v))
             grouped = False
         result = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=grouped)
         out[rows] = result[0].transpose(0, 1)
 
 
-def _expand_grouped_heads(query: torch.Tensor) -> bool:
-    """Whether to give each query head its own K/V copy for a lower-right causal mask.
+def sdpa_needs_expanded_heads(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether SDPA must give each query head its own K/V copy for a lower-right causal mask.
 
     On CUDA, torch runs that mask with GQA only in FlashAttention (fp16 or bf16,
     head_dim a multiple of 8 up to 256, compute capability 8.0+); otherwise it
@@ -61,14 +68,13 @@ def _expand_grouped_heads(query: torch.Tensor) -> bool:
     scores outgrow the GPU at long contexts. Without GQA the memory-efficient
     kernel applies the mask itself. (On CPU the mask is materialized either way.)
     """
-    if not query.is_cuda:
+    if device.type != "cuda":
         return False
-    head_dim = query.shape[-1]
     flash = (
-        query.dtype in (torch.float16, torch.bfloat16)
+        dtype in (torch.float16, torch.bfloat16)
         and head_dim % 8 == 0
         and head_dim <= 256
-        and torch.cuda.get_device_capability(query.device) >= (8, 0)
+        and torch.cuda.get_device_capability(device) >= (8, 0)
     )
     return not flash
 
@@ -108,9 +114,9 @@ def flash_version() -> int | None:
 
 
 def select_kernel(
-    device: torch.device, dtype: torch.dtype, block_size: int, allow_flash: bool = True
+    device: torch.device, dtype: torch.dtype, block_size: int, head_dim: int, allow_flash: bool = True
 ) -> tuple[str, AttendFn]:
-    """The fastest exact kernel for this device, dtype and page size."""
+    """The fastest exact kernel for this device, dtype, page size and head size; chosen once."""
     flash_ok = (
         allow_flash
         and device.type == "cuda"
@@ -120,4 +126,6 @@ def select_kernel(
     )
     if flash_ok:
         return "flash", attend_flash
+    if sdpa_needs_expanded_heads(device, dtype, head_dim):
+        return "sdpa", functools.partial(attend_sdpa, expand_grouped_heads=True)
     return "sdpa", attend_sdpa

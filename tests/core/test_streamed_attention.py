@@ -77,10 +77,10 @@ def test_expanded_grouped_heads_match_the_reference(monkeypatch):
     from headinfer_vllm.core import kernels
 
     expanded = []
-    monkeypatch.setattr(kernels, "_expand_grouped_heads", lambda query: expanded.append(query.shape) or True)
+    monkeypatch.setattr(kernels, "sdpa_needs_expanded_heads", lambda *args: expanded.append(args) or True)
     scenario = Scenario(query_per_kv=4, head_group_size=2)
     run_and_check(scenario, FP32_TOLERANCE)
-    assert expanded  # the prefill chunks took the expanded path
+    assert expanded  # the engine chose the expanded kernel
 
 
 def test_wrong_head_is_caught():
