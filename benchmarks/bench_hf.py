@@ -55,6 +55,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 from headinfer_vllm.core.host_memory import free_host_bytes
 from headinfer_vllm.hf import CapacityError, HeadInferCache
+from headinfer_vllm.tiny_models import model_config
 
 GIB = 1 << 30
 SETUPS = ("dynamic", "offloaded", "headinfer")
@@ -77,16 +78,6 @@ LLAMA3_8B = dict(
     vocab_size=128256,
     rope_theta=500000.0,
     max_position_embeddings=1 << 21,
-)
-TINY = dict(
-    num_hidden_layers=2,
-    hidden_size=64,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    intermediate_size=128,
-    vocab_size=128,
-    max_position_embeddings=1 << 16,
 )
 
 
@@ -152,7 +143,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--cpu-kv-gib",
         type=float,
-        help="host memory for the KV of headinfer and offloaded (default 70%% of free host memory; smoke 1/2048)",
+        help="host memory for the KV of headinfer and offloaded (default 70%% of free host memory; smoke 1/512)",
     )
     parser.add_argument("--time-budget", type=float, default=540.0, help="seconds of trials per setup")
     args = parser.parse_args(argv)
@@ -162,7 +153,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         resolution=64 if smoke else 4096,
         prefill_chunk=128 if smoke else 8192,
         report_contexts="128,512" if smoke else "32768,131072",
-        cpu_kv_gib=1 / 2048 if smoke else 0.7 * (free_host_bytes() or 0) / GIB,
+        cpu_kv_gib=1 / 512 if smoke else 0.7 * (free_host_bytes() or 0) / GIB,  # smoke: 1024 tokens
     )
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -180,7 +171,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def build_model(smoke: bool, device: torch.device) -> torch.nn.Module:
     """Random weights from the config, created directly on ``device`` (bf16 on GPU, float32 in smoke)."""
-    config = LlamaConfig(**(TINY if smoke else LLAMA3_8B))
+    config = model_config("llama", num_hidden_layers=2) if smoke else LlamaConfig(**LLAMA3_8B)
     dtype = torch.float32 if smoke else torch.bfloat16
     torch.manual_seed(0)
     with torch.device(device):
