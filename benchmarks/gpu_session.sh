@@ -72,6 +72,11 @@ collect() {  # collect SECONDS: wait for the run to finish, at most SECONDS; cop
   fi
 }
 
+copy_tree() {  # a fresh $work with a copy of the tree: later calls re-send the working tree while the run reads it
+  rm -rf "$work" && mkdir -p "$work/src"
+  tar --exclude=.git -cf - -C "$(dirname "$0")/.." . | tar -xf - -C "$work/src"
+}
+
 case "${1:?usage: gpu_session.sh start | wait | run}" in
   start)
     if [ -e "$work/pid" ] && kill -0 "$(cat "$work/pid")" 2>/dev/null; then
@@ -79,9 +84,7 @@ case "${1:?usage: gpu_session.sh start | wait | run}" in
     elif [ -e "$work/finished" ]; then
       echo "a run has finished on this machine; its results follow (rm -rf $work to run again)"
     else
-      rm -rf "$work" && mkdir -p "$work/src"
-      # A copy: later calls re-send the working tree while the run reads it.
-      tar --exclude=.git -cf - -C "$(dirname "$0")/.." . | tar -xf - -C "$work/src"
+      copy_tree
       : > "$work/run.log"
       setsid bash -c "bash '$work/src/benchmarks/gpu_session.sh' run-steps >> '$work/run.log' 2>&1; touch '$work/finished'" \
         < /dev/null > /dev/null 2>&1 &
@@ -90,8 +93,7 @@ case "${1:?usage: gpu_session.sh start | wait | run}" in
     collect 560 ;;
   wait) collect 570 ;;
   run)
-    rm -rf "$work" && mkdir -p "$work/src"
-    tar --exclude=.git -cf - -C "$(dirname "$0")/.." . | tar -xf - -C "$work/src"
+    copy_tree
     run_steps 2>&1 | tee "$work/run.log"
     OUT=${OUT:-benchmarks/out} collect 0 > /dev/null ;;
   run-steps) run_steps ;;
