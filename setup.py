@@ -16,5 +16,5 @@ setup(
         "hf": ["transformers>=4.56"],
         "test": ["pytest", "ruff", "matplotlib", "transformers>=4.56"],
     },
-    entry_points={"vllm.general_plugins": ["headinfer = headinfer_vllm.plugin:register"]},
+    entry_points={"vllm.general_plugins": ["headinfer = headinfer_vllm.vllm_plugin:register"]},
 )

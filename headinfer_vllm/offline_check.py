@@ -73,7 +73,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _tiers() -> dict[str, int] | None:
     """headinfer's tier sizes, when its runtime lives in this process."""
-    from headinfer_vllm.runtime import HeadInferRuntime
+    from headinfer_vllm.vllm_plugin.runtime import HeadInferRuntime
 
     for runtime in HeadInferRuntime.live:
         store = runtime.attention.store

@@ -12,8 +12,8 @@ pytest.importorskip("vllm")
 
 from vllm.engine.arg_utils import EngineArgs
 
-from headinfer_vllm._vllm_compat import BACKEND_PATH
 from headinfer_vllm.tiny_models import SHAPE, save_tiny_model
+from headinfer_vllm.vllm_plugin.compat import BACKEND_PATH
 
 pytestmark = pytest.mark.vllm
 
@@ -94,7 +94,7 @@ def test_backend_selection_refuses_unsupported_layers(layer, reason):
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
     from vllm.v1.attention.selector import AttentionSelectorConfig
 
-    from headinfer_vllm.plugin import register
+    from headinfer_vllm.vllm_plugin import register
 
     register()
     platform = type(current_platform)
@@ -109,7 +109,7 @@ def test_register_is_idempotent():
     from vllm.platforms import current_platform
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    from headinfer_vllm.plugin import register
+    from headinfer_vllm.vllm_plugin import register
 
     register()
     platform = type(current_platform)

@@ -25,7 +25,7 @@ from vllm.v1.attention.backend import (
 )
 
 from headinfer_vllm.core import StepPlan, build_step_plan
-from headinfer_vllm.runtime import HeadInferRuntime
+from headinfer_vllm.vllm_plugin.runtime import HeadInferRuntime
 
 ALTERNATIVE = "use vLLM's default attention backend (omit --attention-backend) for this model"
 
@@ -39,7 +39,7 @@ class HeadInferBackend(AttentionBackend):
     @staticmethod
     def get_name() -> str:
         # The CUSTOM slot: a new enum member cannot be unpickled by spawned
-        # processes (see _vllm_compat.register_backend).
+        # processes (see compat.register_backend).
         return "CUSTOM"
 
     @staticmethod

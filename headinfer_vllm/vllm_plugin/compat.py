@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 
-BACKEND_PATH = "headinfer_vllm.backend.HeadInferBackend"
+BACKEND_PATH = "headinfer_vllm.vllm_plugin.backend.HeadInferBackend"
 ALIAS = "HEADINFER"
 
 
@@ -78,7 +78,7 @@ def patch_platform() -> None:
     def check_and_update_config(cls, vllm_config) -> None:
         original_check(cls, vllm_config)
         if is_selected(vllm_config.attention_config.backend):
-            from headinfer_vllm.runtime import apply_settings
+            from headinfer_vllm.vllm_plugin.runtime import apply_settings
 
             apply_settings(vllm_config)
 
@@ -103,7 +103,7 @@ def _patch_cpu_backend_choice(platform_cls) -> None:
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
         if not is_selected(selected_backend):
             return original(cls, selected_backend, attn_selector_config, num_heads)
-        from headinfer_vllm.backend import ALTERNATIVE, HeadInferBackend
+        from headinfer_vllm.vllm_plugin.backend import ALTERNATIVE, HeadInferBackend
 
         reasons = HeadInferBackend.validate_configuration(
             device_capability=None, **attn_selector_config._asdict()

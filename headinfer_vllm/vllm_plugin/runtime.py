@@ -133,7 +133,7 @@ class HeadInferRuntime:
         It hangs off the engine's own first attention module, so two engines in
         one process (same layer names, different models) never share a store.
         """
-        from headinfer_vllm._vllm_compat import attention_layers
+        from headinfer_vllm.vllm_plugin.compat import attention_layers
 
         anchor = attention_layers(vllm_config, layer_names[:1])[layer_names[0]]
         runtime = getattr(anchor, "headinfer_runtime", None)
@@ -143,7 +143,7 @@ class HeadInferRuntime:
         return runtime
 
     def __init__(self, vllm_config: VllmConfig, layer_names: list[str], device: torch.device) -> None:
-        from headinfer_vllm._vllm_compat import attention_layers, layer_index
+        from headinfer_vllm.vllm_plugin.compat import attention_layers, layer_index
 
         config = HeadInferConfig.from_sources((vllm_config.additional_config or {})[SETTINGS_KEY], environ={})
         capacity = capacity_for(vllm_config, config)

@@ -1,4 +1,6 @@
-"""The ``vllm.general_plugins`` entry point.
+"""The vLLM adapter: entry point, backend, worker runtime and version glue.
+
+``register`` is the ``vllm.general_plugins`` entry point.
 
 vLLM calls :func:`register` once in every process it starts (API server,
 engine core, workers). It must be idempotent, and an exception here stops
@@ -12,9 +14,9 @@ logger = logging.getLogger("headinfer_vllm")
 
 
 def register() -> None:
-    from headinfer_vllm import _vllm_compat
+    from headinfer_vllm.vllm_plugin import compat
 
-    _vllm_compat.share_vllm_logging()
-    _vllm_compat.register_backend()
-    _vllm_compat.patch_platform()
+    compat.share_vllm_logging()
+    compat.register_backend()
+    compat.patch_platform()
     logger.debug("headinfer: backend registered (select it with --attention-backend headinfer)")
