@@ -12,7 +12,9 @@ A trial prefills a random prompt of ``context`` tokens in chunks of
 ``--prefill-chunk`` and decodes ``--decode-tokens`` greedy tokens; it fails on
 running out of GPU memory, of host memory (the offloaded cache) or of
 HeadInfer's capacity. After one untimed warm-up trial, each setup's longest
-context is searched within ``--time-budget`` seconds: first the
+context is searched within its time budget (``--time-budget``: seconds for
+every setup, or per setup as ``dynamic=40,headinfer=300``; with
+``--total-time``, at most what is left of the whole run's seconds): first the
 ``--report-contexts`` in order, then the setup's upper bound (HeadInfer's and
 the offloaded cache's: what ``--cpu-kv-gib`` of host memory holds), then, after
 a failure, bisection down to ``--resolution`` tokens. A trial's time is
@@ -28,7 +30,8 @@ trial and reported at the report contexts and the longest context.
 ``bench_hf.json``, ``bench_hf.png`` and ``bench_hf.md`` (the README table) in
 ``--out`` are rewritten after every trial; setups already in ``bench_hf.json``
 for the same model and device are kept, so one process per setup builds one
-report. On a GPU machine, ``benchmarks/gpu_session.sh`` runs the three setups.
+report. On a GPU machine, ``benchmarks/gpu_session.sh`` runs the standard cache
+and headinfer in one process under ``--total-time``.
 
 CPU smoke test (tiny shapes, under a minute)::
 
@@ -65,6 +68,8 @@ SAFETY = 1.15
 """A trial starts only if ``SAFETY`` times its predicted seconds fit in the time left."""
 GRACE = 0.2
 """A trial started within the budget may overrun it by this share of the budget before it is stopped."""
+FINISH_RESERVE = 10.0
+"""Seconds of ``--total-time`` kept for the last report written after a setup's search."""
 WARM_UP_CHUNKS = 2
 """Prefill chunks of the untimed trial that precedes a search (CUDA start-up costs stay out of the fit)."""
 
@@ -145,8 +150,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=float,
         help="host memory for the KV of headinfer and offloaded (default 70%% of free host memory; smoke 1/512)",
     )
-    parser.add_argument("--time-budget", type=float, default=540.0, help="seconds of trials per setup")
+    parser.add_argument(
+        "--time-budget",
+        default="540",
+        help="seconds of trials per setup: one number for every setup, and/or SETUP=SECONDS items (comma-separated)",
+    )
+    parser.add_argument(
+        "--total-time",
+        type=float,
+        help="seconds for the whole run (model build, warm-ups and searches); caps each setup's time budget",
+    )
     args = parser.parse_args(argv)
+    try:
+        args.time_budget, args.time_budgets = parse_time_budget(args.time_budget)
+    except ValueError as error:
+        parser.error(f"--time-budget: {error}")
     smoke = args.smoke
     defaults = dict(
         max_context=1024 if smoke else 1 << 21,
@@ -166,7 +184,35 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for name in ("max_context", "resolution", "prefill_chunk", "decode_tokens", "time_budget", "cpu_kv_gib"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.total_time is not None and args.total_time <= 0:
+        parser.error("--total-time must be positive")
     return args
+
+
+def parse_time_budget(text: str) -> tuple[float, dict[str, float]]:
+    """``"540"`` or ``"300,dynamic=40"``: the default budget (540 s unless given) and per-setup ones."""
+    default, per_setup = 540.0, {}
+    for item in filter(None, (item.strip() for item in text.split(","))):
+        name, _, seconds = item.rpartition("=")
+        if name and name not in SETUPS:
+            raise ValueError(f"unknown setup {name!r}; choose from {SETUPS}")
+        value = float(seconds)
+        if value <= 0:
+            raise ValueError(f"{item}: seconds must be positive")
+        if name:
+            per_setup[name] = value
+        else:
+            default = value
+    return default, per_setup
+
+
+def setup_budget(args: argparse.Namespace, setup: str, run_end: float | None, now: float) -> float:
+    """Seconds of trials for ``setup``'s search starting at ``now``: its ``--time-budget``, capped by the
+    run's end (``run_end``, from ``--total-time``) less ``FINISH_RESERVE`` and the grace a trial may overrun."""
+    budget = args.time_budgets.get(setup, args.time_budget)
+    if run_end is not None:
+        budget = min(budget, (run_end - now - FINISH_RESERVE) / (1 + GRACE))
+    return budget
 
 
 def build_model(smoke: bool, device: torch.device) -> torch.nn.Module:
@@ -332,10 +378,14 @@ def affordable_context(trials: list[Trial], seconds: float, resolution: int) -> 
 class ContextSearch:
     """The longest context of one setup within a time budget (see the module docstring)."""
 
-    def __init__(self, runner: Runner, args: argparse.Namespace, on_trial=lambda search: None):
+    def __init__(
+        self, runner: Runner, args: argparse.Namespace, on_trial=lambda search: None, budget: float | None = None
+    ):
+        """``budget``: seconds of trials (default ``args.time_budget``)."""
         self.runner, self.args, self.on_trial = runner, args, on_trial
-        self.deadline = time.monotonic() + args.time_budget
-        self.stop_trials_at = self.deadline + GRACE * args.time_budget
+        budget = args.time_budget if budget is None else budget
+        self.deadline = time.monotonic() + budget
+        self.stop_trials_at = self.deadline + GRACE * max(budget, 0.0)
         self.upper = runner.upper_bound
         self.trials: list[Trial] = []
         self.best = 0
@@ -498,8 +548,13 @@ def write(results: dict, out: pathlib.Path) -> None:
     (out / "bench_hf.md").write_text(table(merged))
 
 
-def run_setup(setup: str, record: dict, model, args: argparse.Namespace, device: torch.device, save) -> bool:
-    """Searches one setup into ``record``, calling ``save()`` after every trial; False on an error."""
+def run_setup(
+    setup: str, record: dict, model, args: argparse.Namespace, device: torch.device, save, run_end: float | None
+) -> bool:
+    """Searches one setup into ``record``, calling ``save()`` after every trial; False on an error.
+
+    The search's budget is set after the warm-up, from the time left before ``run_end`` (``time.monotonic()``).
+    """
     try:
         runner = Runner(setup, model, args, device)
         if runner.headinfer is not None:
@@ -507,7 +562,10 @@ def run_setup(setup: str, record: dict, model, args: argparse.Namespace, device:
             record["cpu_kv_gib"] = args.cpu_kv_gib
             print(f"  {setup:9s} {record['cache']}", flush=True)
         runner.warm_up()
-        search = ContextSearch(runner, args, on_trial=lambda search: (record.update(search.summary()), save()))
+        budget = record["time_budget_s"] = setup_budget(args, setup, run_end, time.monotonic())
+        search = ContextSearch(
+            runner, args, on_trial=lambda search: (record.update(search.summary()), save()), budget=budget
+        )
         record.update(search.run())
         return True
     except Exception:  # a bug in one setup must not lose the others' results
@@ -521,6 +579,7 @@ def run_setup(setup: str, record: dict, model, args: argparse.Namespace, device:
 
 def main(argv: list[str]) -> dict:
     args = parse_args(argv)
+    run_end = None if args.total_time is None else time.monotonic() + args.total_time
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("bench_hf: no CUDA device; use --smoke for the CPU run")
     cuda = not args.smoke
@@ -544,15 +603,22 @@ def main(argv: list[str]) -> dict:
         },
         "setups": {},
     }
+
+    def save() -> None:
+        write(results, args.out)
+
     failures = 0
     for setup in args.setups:
-        record = results["setups"][setup] = {"command": command, "date": date, "time_budget_s": args.time_budget}
+        record = results["setups"][setup] = {"command": command, "date": date}
         if setup == "offloaded" and not cuda:
             record["skipped"] = "transformers' offloaded cache needs CUDA"
-            print(f"  {setup:9s} skipped: needs CUDA", flush=True)
+        elif setup_budget(args, setup, run_end, time.monotonic()) <= 0:
+            record["skipped"] = "no time left of --total-time"
         else:
-            failures += not run_setup(setup, record, model, args, device, lambda: write(results, args.out))
-        write(results, args.out)
+            failures += not run_setup(setup, record, model, args, device, save, run_end)
+        if "skipped" in record:
+            print(f"  {setup:9s} skipped: {record['skipped']}", flush=True)
+        save()
     for setup, result in results["setups"].items():
         outcome = result.get("stopped_by") or result.get("skipped") or result.get("error")
         print(f"{setup}: longest context {result.get('longest_context')} ({outcome})")

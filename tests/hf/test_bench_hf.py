@@ -140,6 +140,34 @@ def test_search_invariants_over_random_cases(bench, clock):
         assert clock.now <= budget * (1 + bench.GRACE) + 1e-9
 
 
+def test_time_budget_per_setup_and_default(bench):
+    assert bench.parse_time_budget("300") == (300.0, {})
+    assert bench.parse_time_budget("dynamic=40, headinfer=250") == (540.0, {"dynamic": 40.0, "headinfer": 250.0})
+    assert bench.parse_time_budget("100,dynamic=40") == (100.0, {"dynamic": 40.0})
+    for wrong in ("fast=40", "dynamic=0", "-5", "dynamic=soon"):
+        with pytest.raises(ValueError):
+            bench.parse_time_budget(wrong)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--smoke", "--time-budget", "nosuch=4"])
+
+
+def test_total_time_caps_each_setup_budget_with_room_for_the_grace(bench):
+    args = bench.parse_args(["--smoke", "--time-budget", "100,dynamic=40"])
+    assert bench.setup_budget(args, "dynamic", None, now=0.0) == 40.0
+    assert bench.setup_budget(args, "headinfer", None, now=0.0) == 100.0
+    assert bench.setup_budget(args, "dynamic", run_end=1000.0, now=0.0) == 40.0  # plenty left
+    budget = bench.setup_budget(args, "headinfer", run_end=100.0, now=40.0)
+    assert 0 < budget < 60 - bench.FINISH_RESERVE
+    assert 40.0 + budget * (1 + bench.GRACE) + bench.FINISH_RESERVE == pytest.approx(100.0)
+    assert bench.setup_budget(args, "headinfer", run_end=100.0, now=95.0) < 0
+
+
+def test_a_setup_with_no_time_left_is_skipped_and_reported(bench, tmp_path):
+    results = bench.main(["--smoke", "--setups", "dynamic", "--total-time", "1", "--out", str(tmp_path)])
+    assert results["setups"]["dynamic"]["skipped"] == "no time left of --total-time"
+    assert "| dynamic | no time left of --total-time |" in (tmp_path / "bench_hf.md").read_text()
+
+
 def test_time_model_recovers_linear_and_quadratic_terms(bench):
     a, b = 2e-3, 3e-9
     trials = [bench.Trial(n, ok=True, seconds=a * n + b * n * n) for n in (32 * K, 128 * K)]
@@ -177,7 +205,7 @@ def test_a_setup_that_raises_is_recorded_and_the_others_still_run(bench, tmp_pat
 
 
 def test_smoke_runs_merge_into_one_report(bench, tmp_path):
-    """Two processes' worth of setups (as gpu_session.sh runs them) end in one JSON and table."""
+    """Two processes' worth of setups end in one JSON and table."""
     bench.main(["--smoke", "--setups", "dynamic", "--out", str(tmp_path)])
     results = bench.main(["--smoke", "--setups", "headinfer,offloaded", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "bench_hf.json").read_text())
