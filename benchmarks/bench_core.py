@@ -6,12 +6,22 @@ Measures, for each context length:
   head resident on the device, and their ratio (resident / streamed; 1.0
   means the transfers are completely hidden);
 - per-layer decode time with every head streamed, against the bandwidth
-  bound (streamed KV bytes of a layer / measured H2D bandwidth);
+  bound (streamed KV bytes of a layer / measured H2D bandwidth), and the host
+  time of a decode step beside it: the time the calls take to return, before
+  waiting for the device (on CPU, the whole time). Host time above the bound
+  means the step is bound by Python and op dispatch, not by the link;
+- operations per decode step: aten ops (every ``aten::`` event, nested ones
+  included) that ``torch.profiler`` records over one step, for the step plan
+  (``build_step_plan``) and per layer (``begin_step`` and ``forward``);
 - device memory of the KV path (store tiers and peak allocation).
+
+A step simulates ``--layers`` layers (default 4; Llama-3-8B has 32): per-step
+figures are the plan's plus ``--layers`` times the per-layer ones.
 
 Writes ``bench_core.json`` and ``bench_core.png`` to ``--out`` (after every context).
 
     python benchmarks/bench_core.py --out benchmarks/out            # CUDA, Llama-3-8B layer shapes
+    python benchmarks/bench_core.py --contexts 32768 131072 524288   # the GPU session's contexts
     python benchmarks/bench_core.py --smoke --out benchmarks/out    # CPU, small shapes (CI)
 """
 
@@ -28,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from headinfer_vllm.core import HeadPageStore, KVLayout, StreamedAttention, build_step_plan
+from headinfer_vllm.core import HeadPageStore, KVLayout, StepPlan, StreamedAttention, build_step_plan
 from headinfer_vllm.core.host_memory import free_host_bytes
 
 LLAMA3_8B = dict(num_query_heads=32, num_kv_heads=8, head_dim=128, dtype="bfloat16")
@@ -49,27 +59,50 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def timed(device: torch.device, function, repeats: int) -> float:
-    """Median seconds of ``function()`` after one warm-up call."""
+def timed(device: torch.device, function, repeats: int) -> tuple[float, float]:
+    """Median seconds of ``function()`` after one warm-up call: ``(total, host)``.
+
+    ``host``: until ``function()`` returns, before waiting for the device; on CPU the same as ``total``.
+    """
     function()
-    samples = []
+    totals, hosts = [], []
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _sync(device)
         start = time.perf_counter()
         function()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+        hosts.append(time.perf_counter() - start)
+        _sync(device)
+        totals.append(time.perf_counter() - start)
+    return statistics.median(totals), statistics.median(hosts)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def aten_ops(device: torch.device, function) -> int | None:
+    """``aten::`` events (nested ones included) that ``torch.profiler`` records over one ``function()``;
+    None if the profiler fails."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync(device)
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            function()
+            _sync(device)
+        return sum(1 for event in profiler.events() if event.name.startswith("aten::"))
+    except RuntimeError as error:  # the benchmark's timings are worth keeping without the count
+        print(f"torch.profiler failed: {error}", file=sys.stderr)
+        return None
 
 
 def bandwidth(device: torch.device, megabytes: int, repeats: int) -> dict[str, float]:
     """Pinned host <-> device copy bandwidth in GB/s (10^9 bytes per second)."""
     host = torch.empty(megabytes << 20, dtype=torch.uint8, pin_memory=device.type == "cuda")
     on_device = torch.empty_like(host, device=device)
-    h2d = timed(device, lambda: on_device.copy_(host, non_blocking=True), repeats)
-    d2h = timed(device, lambda: host.copy_(on_device, non_blocking=True), repeats)
+    h2d = timed(device, lambda: on_device.copy_(host, non_blocking=True), repeats)[0]
+    d2h = timed(device, lambda: host.copy_(on_device, non_blocking=True), repeats)[0]
     return {"h2d_gbps": host.numel() / h2d / 1e9, "d2h_gbps": host.numel() / d2h / 1e9}
 
 
@@ -86,27 +119,41 @@ def make_engine(layout: KVLayout, streamed: bool, device: torch.device, num_quer
     return StreamedAttention(store, num_query_heads=num_query_heads, scale=layout.head_dim**-0.5)
 
 
-def one_step(engine: StreamedAttention, context: int, query_len: int, shapes: dict, device: torch.device):
-    """A closure running one step of one request: ``query_len`` new tokens ending at ``context``."""
-    layout = engine.store.layout
-    pages = -(-context // layout.block_size)
-    block_table = torch.arange(pages)[None]
-    slots = torch.arange(context - query_len, context)
-    plan = build_step_plan(
-        query_start_loc=torch.tensor([0, query_len]), seq_lens=torch.tensor([context]),
-        block_table=block_table, slot_mapping=slots, block_size=layout.block_size, device=device,
-    )
-    dtype = layout.dtype
-    query = torch.randn(query_len, shapes["num_query_heads"], layout.head_dim, device=device, dtype=dtype)
-    key = torch.randn(query_len, layout.num_kv_heads, layout.head_dim, device=device, dtype=dtype)
-    out = torch.empty_like(query)
+class Step:
+    """One step of one request: ``query_len`` new tokens ending at ``context``.
 
-    def run() -> None:
-        engine.begin_step(plan)
-        for layer in range(layout.num_layers):
-            engine.forward(layer, query, key, key, out)
+    ``plan()`` builds the step plan from host tensors (once per step in a model);
+    ``layers(plan)`` runs every simulated layer over it.
+    """
 
-    return run
+    def __init__(self, engine: StreamedAttention, context: int, query_len: int, shapes: dict, device: torch.device):
+        self.engine, self.device = engine, device
+        layout = engine.store.layout
+        self.block_size = layout.block_size
+        self.block_table = torch.arange(-(-context // layout.block_size))[None]
+        self.seq_lens = torch.tensor([context])
+        self.query_start_loc = torch.tensor([0, query_len])
+        self.slots = torch.arange(context - query_len, context)
+        dtype = layout.dtype
+        self.query = torch.randn(query_len, shapes["num_query_heads"], layout.head_dim, device=device, dtype=dtype)
+        self.key = torch.randn(query_len, layout.num_kv_heads, layout.head_dim, device=device, dtype=dtype)
+        self.out = torch.empty_like(self.query)
+
+    def plan(self) -> StepPlan:
+        return build_step_plan(
+            query_start_loc=self.query_start_loc, seq_lens=self.seq_lens, block_table=self.block_table,
+            slot_mapping=self.slots, block_size=self.block_size, device=self.device,
+        )
+
+    def layers(self, plan: StepPlan) -> None:
+        self.engine.begin_step(plan)
+        for layer in range(self.engine.store.layout.num_layers):
+            self.engine.forward(layer, self.query, self.key, self.key, self.out)
+
+    def seconds(self, repeats: int) -> tuple[float, float]:
+        """``timed`` of ``layers`` over one plan: median ``(total, host)`` seconds."""
+        plan = self.plan()
+        return timed(self.device, lambda: self.layers(plan), repeats)
 
 
 def measure_context(args, shapes, device, context, chunk, link) -> dict:
@@ -122,20 +169,37 @@ def measure_context(args, shapes, device, context, chunk, link) -> dict:
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
         engine = make_engine(layout, mode == "streamed", device, shapes["num_query_heads"])
-        prefill = timed(device, one_step(engine, context, chunk, shapes, device), args.repeats)
-        result[f"prefill_{mode}_ms_per_layer"] = 1e3 * prefill / args.layers
+        prefill = Step(engine, context, chunk, shapes, device)
+        result[f"prefill_{mode}_ms_per_layer"] = 1e3 * prefill.seconds(args.repeats)[0] / args.layers
         if mode == "streamed":
-            decode = timed(device, one_step(engine, context, 1, shapes, device), args.repeats)
-            result["decode_streamed_ms_per_layer"] = 1e3 * decode / args.layers
+            result.update(measure_decode(Step(engine, context, 1, shapes, device), args, device))
             result["decode_bound_ms_per_layer"] = 1e3 * streamed_bytes_per_layer / (link["h2d_gbps"] * 1e9)
             result["device_tier_bytes"] = engine.store.device_bytes
             result["kernel"] = engine.kernel_name
             if device.type == "cuda":
                 result["device_peak_bytes"] = torch.cuda.max_memory_allocated(device) - base
-        del engine
+        del engine, prefill
     result["prefill_ratio"] = result["prefill_resident_ms_per_layer"] / result["prefill_streamed_ms_per_layer"]
     result["decode_over_bound"] = result["decode_streamed_ms_per_layer"] / result["decode_bound_ms_per_layer"]
+    result["decode_host_over_bound"] = result["decode_host_ms_per_layer"] / result["decode_bound_ms_per_layer"]
     return result
+
+
+def measure_decode(step: Step, args, device: torch.device) -> dict:
+    """One decode token, every head streamed: time, host time and aten ops, of the plan and per layer."""
+    total, host = step.seconds(args.repeats)
+    plan_host = timed(device, step.plan, args.repeats)[1]
+    plan = step.plan()
+    plan_ops, layer_ops = aten_ops(device, step.plan), aten_ops(device, lambda: step.layers(plan))
+    return {
+        "decode_streamed_ms_per_layer": 1e3 * total / args.layers,
+        "decode_host_ms_per_layer": 1e3 * host / args.layers,
+        "decode_plan_host_ms": 1e3 * plan_host,
+        "decode_host_ms_per_step": 1e3 * (plan_host + host),
+        "decode_plan_aten_ops": plan_ops,
+        "decode_aten_ops_per_layer": None if layer_ops is None else layer_ops / args.layers,
+        "decode_aten_ops_per_step": None if None in (plan_ops, layer_ops) else plan_ops + layer_ops,
+    }
 
 
 def plot(results: list[dict], path: Path, title: str) -> None:
@@ -151,6 +215,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     left.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="ms per layer",
              title=f"prefill chunk of {results[0]['chunk']} tokens")
     right.plot(contexts, [r["decode_streamed_ms_per_layer"] for r in results], "s-", label="all streamed")
+    right.plot(contexts, [r["decode_host_ms_per_layer"] for r in results], "^:", label="host time (calls)")
     right.plot(contexts, [r["decode_bound_ms_per_layer"] for r in results], "k--", label="H2D bound")
     right.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="ms per layer", title="decode")
     for axis in (left, right):
@@ -201,6 +266,13 @@ def main() -> int:
             break
         result = measure_context(args, shapes, device, context, min(chunk, context), link)
         print(json.dumps(result), flush=True)
+        print(
+            f"context {context}: decode {result['decode_streamed_ms_per_layer']:.3f} ms/layer, "
+            f"H2D bound {result['decode_bound_ms_per_layer']:.3f}, host {result['decode_host_ms_per_layer']:.3f}; "
+            f"{result['decode_aten_ops_per_step']} aten ops per step ({args.layers} layers); "
+            f"prefill resident/streamed {result['prefill_ratio']:.2f}",
+            flush=True,
+        )
         results.append(result)
         # After every context, so a run stopped by a time limit keeps what it measured.
         (args.out / "bench_core.json").write_text(json.dumps(report, indent=2) + "\n")
