@@ -27,6 +27,7 @@ test: install lint
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q tests
 
 bench-smoke: install
+	$(PYTHON) benchmarks/machine_facts.py --smoke --out benchmarks/out
 	$(PYTHON) benchmarks/bench_core.py --smoke --out benchmarks/out
 	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/bench_hf.py --smoke --out benchmarks/out
 	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/bench_vllm.py --smoke --out benchmarks/out
