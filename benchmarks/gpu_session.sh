@@ -1,101 +1,156 @@
 #!/usr/bin/env bash
-# The GPU run for a session lent the `device` tool's H100 (or H200): the CUDA
-# tests, then the benchmarks, about 15-24 minutes in all. A device call may
-# last 10 minutes, so the run goes on in a process session of its own (which
-# outlives the call while the machine is held), and every call waits for it
-# and brings back what it has so far:
+# The GPU proof, in ONE call of the device tool (timeout_s=600), in the
+# foreground: four steps, most important first, each under its own time limit
+# (the limits and their kill grace sum to at most 540 s; the machine's start
+# is outside the call). A failing or timed-out step does not stop the next.
+# Each step's files are copied to $OUT (default benchmarks/out) as soon as it
+# ends, so a run cut off still brings back what it measured; 8 files at most,
+# all at the top of $OUT: run.log, facts.json, tests.log, bench_core.json,
+# bench_core.png, bench_hf.json, bench_hf.png, bench_hf.md.
 #
-#   bash benchmarks/gpu_session.sh start   # 1st call: copy the tree, start the run, then wait as below
-#   bash benchmarks/gpu_session.sh wait    # later calls: wait up to 9.5 minutes; copy the results to $OUT
-#   bash benchmarks/gpu_session.sh run     # the same steps in the foreground
+#   bash benchmarks/gpu_session.sh                        # the run (on the GPU machine)
+#   bash benchmarks/gpu_session.sh --plan                 # the steps, their limits and the sum
+#   bash benchmarks/gpu_session.sh --dry-run              # CPU stand-ins for the GPU steps (file layout)
+#   bash benchmarks/gpu_session.sh --steps bench_core,bench_hf   # a subset, in plan order
 #
-# Run each call with timeout_s=600 and without pauses between calls: an idle
-# machine goes back after 30 s, and the run with it. Steps, each under its own
-# time limit, most important first (a later one may be cut by the session's
-# 30 device minutes): CUDA tests, bench_hf dynamic, headinfer and offloaded
-# (one process each, merged into one report), bench_core. The files (the
-# device tool brings back 8): run.log, tests.log, bench_hf.{json,png,md},
-# bench_core.{json,png}. Commit them to benchmarks/results/, and give the
-# machine back (the device tool's give_back) after the last call.
+# In --dry-run only, for tests: GPU_SESSION_FAIL=STEP[,STEP] makes those steps
+# fail at once; GPU_SESSION_HANG=STEP[,STEP] makes them hang, deaf to
+# SIGTERM, until their limit (lowered to 1 s) and kill grace (1 s) run out.
+#
+# Exit status: 0 if every step run succeeded, 1 otherwise, 2 on bad usage.
 set -uo pipefail
-work=/tmp/headinfer_gpu
-results=$work/results
+cd "$(dirname "$0")/.." || exit 2
 
-run_steps() {
-  cd "$work/src" || exit 1
-  export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-  mkdir -p "$results"
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  free -g
-  python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
-  # Limits: bench_hf's budget, plus its grace (20%), model build, warm-up and host pinning.
-  step 150 tests python3 -m pytest -q -m cuda -p no:cacheprovider tests/core tests/hf
-  step 150 hf-dynamic python3 benchmarks/bench_hf.py --setups dynamic --time-budget 90 --out "$results"
-  step 720 hf-headinfer python3 benchmarks/bench_hf.py --setups headinfer --time-budget 500 --out "$results"
-  step 240 hf-offloaded python3 benchmarks/bench_hf.py --setups offloaded --time-budget 150 --out "$results"
-  step 180 core python3 benchmarks/bench_core.py --out "$results"
-  echo "$(date -u +%FT%TZ) all steps done"
+PYTHON=${PYTHON:-python3}
+STEPS=(facts tests bench_core bench_hf)
+KILL_AFTER=5   # seconds between a step's SIGTERM at its limit and its SIGKILL
+MAX_TOTAL=540  # seconds: what the steps may take of the call's 600
+declare -A LIMIT=([facts]=25 [tests]=90 [bench_core]=115 [bench_hf]=290)
+declare -A FILES=(
+  [facts]="facts.json" [tests]="tests.log"
+  [bench_core]="bench_core.json bench_core.png" [bench_hf]="bench_hf.json bench_hf.png bench_hf.md"
+)
+declare -A WHAT=(
+  [facts]="machine facts: GPU, driver, torch, cores, host RAM; pinned H2D, D2H and both-ways bandwidth; host memory bandwidth (all cores); CPU attention KV read rate"
+  [tests]="CUDA tests: pytest -m cuda, tests/core and tests/hf"
+  [bench_core]="bench_core, Llama-3-8B layer shapes, 32K/128K/512K: prefill streamed vs resident, decode vs the H2D bound, host time and aten ops per step, device memory"
+  [bench_hf]="bench_hf, Llama-3-8B random bf16 on 24 GiB: standard cache's longest context (45 s search), headinfer at 32K and 128K, then its longest in the time left"
+)
+HF_TOTAL=$((LIMIT[bench_hf] - 30))  # bench_hf's own --total-time: imports and exit fit in the rest
+
+command_for() {  # command_for STEP WORK: the step's command line (WORK: the folder its files go to)
+  local work
+  work=$(printf %q "$2")
+  case $1 in
+    facts) echo "$PYTHON benchmarks/machine_facts.py --out $work" ;;
+    tests) echo "$PYTHON -m pytest -q -rfE -m cuda -p no:cacheprovider tests/core tests/hf" ;;
+    bench_core) echo "$PYTHON benchmarks/bench_core.py --contexts 32768 131072 524288 --out $work" ;;
+    bench_hf) echo "$PYTHON benchmarks/bench_hf.py --setups dynamic,headinfer --time-budget dynamic=45" \
+      "--total-time $HF_TOTAL --out $work" ;;
+  esac
 }
 
-step() {  # step SECONDS NAME COMMAND...: runs COMMAND under a time limit; a failure does not stop the run
-  local limit=$1 name=$2
-  shift 2
-  echo "$(date -u +%FT%TZ) step $name (limit ${limit}s): $*"
-  timeout "$limit" "$@" 2>&1 | tee "$work/$name.out"
-  echo "$(date -u +%FT%TZ) step $name exit ${PIPESTATUS[0]}"
+dry_run_command_for() {  # the CPU stand-in of each step: small, but writing the same files
+  local work
+  work=$(printf %q "$2")
+  case $1 in
+    facts) echo "$PYTHON benchmarks/machine_facts.py --smoke --out $work" ;;
+    tests) echo "echo dry-run: the CUDA tests would run here" ;;
+    bench_core) echo "$PYTHON benchmarks/bench_core.py --smoke --contexts 512 --layers 2 --repeats 1 --out $work" ;;
+    bench_hf) echo "$PYTHON benchmarks/bench_hf.py --smoke --setups dynamic,headinfer --max-context 128" \
+      "--report-contexts 64 --decode-tokens 2 --time-budget dynamic=20 --total-time 240 --out $work" ;;
+  esac
 }
 
-collect() {  # collect SECONDS: wait for the run to finish, at most SECONDS; copy what it has to $OUT
-  local out=${OUT:-benchmarks/out} waited=0
-  if [ ! -e "$work/run.log" ]; then
-    echo "no run on this machine (a fresh one: the last was given back); use 'start'" >&2
-    return 1
-  fi
-  while [ ! -e "$work/finished" ] && [ "$waited" -lt "$1" ]; do
-    if [ -e "$work/pid" ] && ! kill -0 "$(cat "$work/pid")" 2>/dev/null; then
-      break  # the run ended without marking itself finished (killed)
-    fi
-    sleep 10
-    waited=$((waited + 10))
+print_plan() {
+  local total=0 index=1 step
+  echo "gpu_session.sh: ${#STEPS[@]} steps in one device call (timeout_s=600), most important first"
+  for step in "${STEPS[@]}"; do
+    printf '  %d. %-10s limit %3d s + %d s kill  %s\n' "$index" "$step" "${LIMIT[$step]}" "$KILL_AFTER" "${WHAT[$step]}"
+    printf '     %-10s files: %s\n' "" "${FILES[$step]}"
+    total=$((total + LIMIT[$step] + KILL_AFTER))
+    index=$((index + 1))
   done
-  mkdir -p "$out"
-  cp "$work/run.log" "$results"/* "$out"/ 2>/dev/null
-  [ -e "$work/tests.out" ] && cp "$work/tests.out" "$out/tests.log"
-  tail -n 60 "$work/run.log"
-  if [ -e "$work/finished" ]; then
-    echo "== the run has finished"
-  elif [ -e "$work/pid" ] && ! kill -0 "$(cat "$work/pid")" 2>/dev/null; then
-    echo "== the run died before finishing; see run.log"
-    return 1
-  else
-    echo "== still running: call 'wait' again"
-  fi
+  echo "total: $total s of at most $MAX_TOTAL s (limits plus kill grace); files under \$OUT: run.log and the above"
 }
 
-copy_tree() {  # a fresh $work with a copy of the tree: later calls re-send the working tree while the run reads it
-  rm -rf "$work" && mkdir -p "$work/src"
-  tar --exclude=.git -cf - -C "$(dirname "$0")/.." . | tar -xf - -C "$work/src"
+listed() {  # listed WORD "A,B,C": whether WORD is in the comma-separated list
+  [[ ",$2," == *",$1,"* ]]
 }
 
-case "${1:?usage: gpu_session.sh start | wait | run}" in
-  start)
-    if [ -e "$work/pid" ] && kill -0 "$(cat "$work/pid")" 2>/dev/null; then
-      echo "a run is already going; waiting for it"
-    elif [ -e "$work/finished" ]; then
-      echo "a run has finished on this machine; its results follow (rm -rf $work to run again)"
-    else
-      copy_tree
-      : > "$work/run.log"
-      setsid bash -c "bash '$work/src/benchmarks/gpu_session.sh' run-steps >> '$work/run.log' 2>&1; touch '$work/finished'" \
-        < /dev/null > /dev/null 2>&1 &
-      echo $! > "$work/pid"
+run_step() {  # run_step STEP WORK OUT DRY: runs one step under its limit, then copies its files to OUT
+  local step=$1 work=$2 out=$3 dry=$4 limit=${LIMIT[$1]} kill=$KILL_AFTER command status start file
+  if [ "$dry" = 1 ]; then
+    command=$(dry_run_command_for "$step" "$work")
+    if listed "$step" "${GPU_SESSION_FAIL:-}"; then
+      command="bash -c 'echo dry-run: injected failure >&2; exit 3'"
+    elif listed "$step" "${GPU_SESSION_HANG:-}"; then
+      command="bash -c 'trap \"\" TERM; sleep 600'" limit=1 kill=1  # deaf to SIGTERM: needs the SIGKILL
     fi
-    collect 560 ;;
-  wait) collect 570 ;;
-  run)
-    copy_tree
-    run_steps 2>&1 | tee "$work/run.log"
-    OUT=${OUT:-benchmarks/out} collect 0 > /dev/null ;;
-  run-steps) run_steps ;;
-  *) echo "unknown command $1; use start, wait or run" >&2; exit 2 ;;
-esac
+  else
+    command=$(command_for "$step" "$work")
+  fi
+  start=$SECONDS
+  echo "== $(date -u +%FT%TZ) step $step (limit ${limit} s): $command"
+  if [ "$step" = tests ]; then  # its log is a file of its own, written as it goes
+    eval "timeout -k $kill $limit $command" 2>&1 | tee "$out/tests.log"
+  else
+    eval "timeout -k $kill $limit $command" 2>&1
+  fi
+  status=${PIPESTATUS[0]}
+  for file in ${FILES[$step]}; do
+    [ -e "$work/$file" ] && cp -f "$work/$file" "$out/"
+  done
+  case $status in
+    0) RESULT[$step]="ok" ;;
+    124 | 137) RESULT[$step]="timed out (exit $status)" ;;
+    *) RESULT[$step]="failed (exit $status)" ;;
+  esac
+  echo "== $(date -u +%FT%TZ) step $step: ${RESULT[$step]} after $((SECONDS - start)) s"
+}
+
+main() {
+  local dry=$1 selected=$2 out=$3 work step failed=0
+  work=$(mktemp -d "${TMPDIR:-/tmp}/gpu_session.XXXXXX") || return 1
+  trap "rm -rf '$work'" EXIT
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+  echo "== gpu_session.sh$([ "$dry" = 1 ] && echo " --dry-run") $(date -u +%FT%TZ), commit" \
+    "$(git rev-parse --short HEAD 2>/dev/null || echo unknown), files to $out"
+  print_plan
+  declare -gA RESULT=()
+  for step in "${STEPS[@]}"; do
+    listed "$step" "$selected" && run_step "$step" "$work" "$out" "$dry"
+  done
+  echo "== summary"
+  for step in "${STEPS[@]}"; do
+    listed "$step" "$selected" || continue
+    echo "  $step: ${RESULT[$step]}"
+    [ "${RESULT[$step]}" = ok ] || failed=$((failed + 1))
+  done
+  [ "$failed" = 0 ]
+}
+
+dry=0
+selected=$(IFS=,; echo "${STEPS[*]}")
+while [ $# -gt 0 ]; do
+  case $1 in
+    --plan) print_plan; exit 0 ;;
+    --dry-run) dry=1 ;;
+    --steps)
+      selected=${2:?--steps needs a comma-separated list}
+      shift
+      for step in ${selected//,/ }; do
+        [ -n "${LIMIT[$step]:-}" ] || { echo "unknown step $step; steps: ${STEPS[*]}" >&2; exit 2; }
+      done ;;
+    *) echo "usage: gpu_session.sh [--plan | --dry-run] [--steps STEP,...]" >&2; exit 2 ;;
+  esac
+  shift
+done
+out=${OUT:-benchmarks/out}
+mkdir -p "$out" || exit 2
+out=$(cd "$out" && pwd)
+for step in "${STEPS[@]}"; do  # no file of an earlier run may pass for this one's
+  for file in ${FILES[$step]}; do rm -f "$out/$file"; done
+done
+main "$dry" "$selected" "$out" 2>&1 | tee "$out/run.log"
+exit "${PIPESTATUS[0]}"
