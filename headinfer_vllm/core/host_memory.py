@@ -23,12 +23,12 @@ def free_host_bytes() -> int | None:
         return None
 
 
-def check_host_budget(requested_bytes: int) -> None:
+def check_host_budget(requested_bytes: int, what: str = "cpu_kv_cache_gib") -> None:
     """Refuse a host budget larger than the free host memory, before allocating."""
     free = free_host_bytes()
     if free is not None and requested_bytes > free:
         raise ValueError(
-            f"headinfer: cpu_kv_cache_gib asks for {requested_bytes / 2**30:.2f} GiB of host "
+            f"headinfer: {what} asks for {requested_bytes / 2**30:.2f} GiB of host "
             f"memory but only {free / 2**30:.2f} GiB is available; lower cpu_kv_cache_gib"
         )
 

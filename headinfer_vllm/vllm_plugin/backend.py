@@ -26,8 +26,7 @@ from vllm.v1.attention.backend import (
 
 from headinfer_vllm.core import StepPlan, build_step_plan
 from headinfer_vllm.vllm_plugin.runtime import HeadInferRuntime
-
-ALTERNATIVE = "use vLLM's default attention backend (omit --attention-backend) for this model"
+from headinfer_vllm.vllm_plugin.settings import ALTERNATIVE
 
 
 class HeadInferBackend(AttentionBackend):
@@ -69,6 +68,16 @@ class HeadInferBackend(AttentionBackend):
 
     @classmethod
     def supports_sliding_window(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_kv_connector(cls) -> bool:
+        """No: a connector would move vLLM's placeholder KV tensor, not the page store."""
+        return False
+
+    @classmethod
+    def supports_device_cpu_query_lens_mismatch(cls) -> bool:
+        """No: the step plan is built from the host query lengths."""
         return False
 
     @classmethod
@@ -158,7 +167,7 @@ class HeadInferImpl(AttentionImpl[HeadInferMetadata]):
         """query ``[T, Hq, D]``, key/value ``[T, Hkv, D]``, output ``[T, Hq, D]`` (in place)."""
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("headinfer does not support fused output quantization")
-        if attn_metadata is None:  # profiling and warm-up runs
-            return output
+        if attn_metadata is None:  # profiling and warm-up runs: defined values, as vLLM's own backends give
+            return output.fill_(0)
         attn_metadata.runtime.forward(layer.layer_name, attn_metadata.plan, query, key, value, output)
         return output

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 
+logger = logging.getLogger("headinfer_vllm")
+
 BACKEND_PATH = "headinfer_vllm.vllm_plugin.backend.HeadInferBackend"
 ALIAS = "HEADINFER"
 
@@ -78,7 +80,7 @@ def patch_platform() -> None:
     def check_and_update_config(cls, vllm_config) -> None:
         original_check(cls, vllm_config)
         if is_selected(vllm_config.attention_config.backend):
-            from headinfer_vllm.vllm_plugin.runtime import apply_settings
+            from headinfer_vllm.vllm_plugin.settings import apply_settings
 
             apply_settings(vllm_config)
 
@@ -87,6 +89,71 @@ def patch_platform() -> None:
 
     if current_platform.is_cpu():
         _patch_cpu_backend_choice(platform_cls)
+    _patch_prefill_chunk_default()
+
+
+def _patch_prefill_chunk_default() -> None:
+    """Chunked-prefill steps of at least LONG_CONTEXT_PREFILL_TOKENS on CUDA, unless the user chose.
+
+    Why here: ``EngineArgs`` fills ``max_num_batched_tokens`` with its default
+    before the ``VllmConfig`` exists, so the platform hook can no longer tell
+    a default from the user's choice. Can go when vLLM records that choice
+    (as ``CacheConfig.user_specified_block_size`` does for the block size).
+    """
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs._set_default_max_num_seqs_and_batched_tokens_args
+    if getattr(original, "_headinfer", False):
+        return
+
+    def set_defaults(self, *args, **kwargs):
+        user_chose = self.max_num_batched_tokens is not None
+        original(self, *args, **kwargs)
+        from headinfer_vllm.vllm_plugin import settings
+
+        if user_chose or not is_selected(_selected_backend(self)) or not settings.long_context_defaults_apply():
+            return
+
+        if self.max_num_batched_tokens < settings.LONG_CONTEXT_PREFILL_TOKENS:
+            logger.info(
+                "headinfer: max_num_batched_tokens %d -> %d (long-context default: each prefill chunk "
+                "re-streams the whole past KV; set --max-num-batched-tokens to choose)",
+                self.max_num_batched_tokens, settings.LONG_CONTEXT_PREFILL_TOKENS,
+            )
+            self.max_num_batched_tokens = settings.LONG_CONTEXT_PREFILL_TOKENS
+
+    set_defaults._headinfer = True
+    EngineArgs._set_default_max_num_seqs_and_batched_tokens_args = set_defaults
+
+
+def _selected_backend(engine_args):
+    """The attention backend an ``EngineArgs`` selects, as an AttentionBackendEnum or None."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    backend = engine_args.attention_backend
+    if backend is None:
+        config = engine_args.attention_config
+        backend = config.get("backend") if isinstance(config, dict) else getattr(config, "backend", None)
+    if isinstance(backend, str):
+        backend = AttentionBackendEnum.__members__.get(backend.upper())
+    return backend
+
+
+def flash_attn_version(vllm_config, head_size: int) -> int | None:
+    """vLLM's own FlashAttention version choice for this head size (None off CUDA).
+
+    It honours ``--attention-config '{"flash_attn_version": N}'`` and prefers
+    FA3 on Hopper and FA4 on Blackwell.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cuda():
+        return None
+    from vllm.config import set_current_vllm_config
+    from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+
+    with set_current_vllm_config(vllm_config):
+        return get_flash_attn_version(head_size=head_size, head_size_v=head_size)
 
 
 def _patch_cpu_backend_choice(platform_cls) -> None:
@@ -103,7 +170,8 @@ def _patch_cpu_backend_choice(platform_cls) -> None:
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
         if not is_selected(selected_backend):
             return original(cls, selected_backend, attn_selector_config, num_heads)
-        from headinfer_vllm.vllm_plugin.backend import ALTERNATIVE, HeadInferBackend
+        from headinfer_vllm.vllm_plugin.backend import HeadInferBackend
+        from headinfer_vllm.vllm_plugin.settings import ALTERNATIVE
 
         reasons = HeadInferBackend.validate_configuration(
             device_capability=None, **attn_selector_config._asdict()

@@ -39,9 +39,9 @@ def prompts(seed: int) -> list[list[list[int]]]:
     return [first, second]
 
 
-def engine(backend: str) -> dict:
+def engine(backend: str, compiled: bool = False) -> dict:
     common = dict(
-        dtype="float32", max_model_len=4096, block_size=BLOCK_SIZE, enforce_eager=True, seed=0,
+        dtype="float32", max_model_len=4096, block_size=BLOCK_SIZE, enforce_eager=not compiled, seed=0,
         enable_chunked_prefill=True, max_num_batched_tokens=512, long_prefill_token_threshold=128,
         enable_prefix_caching=True,
     )
@@ -52,11 +52,16 @@ def engine(backend: str) -> dict:
     return {**common, "attention_backend": "headinfer", "additional_config": settings}
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "llama-compiled"])
 def runs(request, tmp_path_factory):
-    model = save_tiny_model(tmp_path_factory.mktemp(request.param), request.param)
-    spec = {"model": str(model), "batches": prompts(seed=len(request.param)), "max_tokens": 12, "logprobs": 3}
-    return {backend: run_in_subprocess({**spec, "engine": engine(backend)}) for backend in ("stock", "headinfer")}
+    """``-compiled``: vLLM's torch.compile path (``enforce_eager=False``) for both backends."""
+    family, compiled = request.param.removesuffix("-compiled"), request.param.endswith("-compiled")
+    model = save_tiny_model(tmp_path_factory.mktemp(request.param), family)
+    spec = {"model": str(model), "batches": prompts(seed=len(family)), "max_tokens": 12, "logprobs": 3}
+    return {
+        backend: run_in_subprocess({**spec, "engine": engine(backend, compiled)})
+        for backend in ("stock", "headinfer")
+    }
 
 
 def test_tokens_and_logprobs_match_stock_backend(runs):

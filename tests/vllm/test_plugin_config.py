@@ -74,7 +74,8 @@ def test_bad_configurations_are_refused_clearly(model, settings, engine, message
 
 def test_sliding_window_model_is_refused_before_the_engine_starts(tmp_path):
     model = str(save_tiny_model(tmp_path, "mistral", sliding_window=64))
-    with pytest.raises(ValueError, match=r"does not support sliding-window attention.*default attention backend"):
+    refusal = r"headinfer: it does not support sliding-window attention.*default attention backend"
+    with pytest.raises(ValueError, match=refusal):
         config_for(model, {"cpu_kv_cache_gib": 0.01}, max_model_len=512)
 
 
@@ -86,6 +87,7 @@ def test_sliding_window_model_is_refused_before_the_engine_starts(tmp_path):
         ({"use_mla": True}, "MLA"),
         ({"attn_type": "encoder_decoder"}, "attention type encoder_decoder"),
         ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype"),
+        ({"use_kv_connector": True}, "KV connector"),
     ],
 )
 def test_backend_selection_refuses_unsupported_layers(layer, reason):
@@ -119,3 +121,73 @@ def test_register_is_idempotent():
     assert (platform.check_and_update_config, platform.get_attn_backend_cls) == hooks
     assert AttentionBackendEnum["HEADINFER"] is AttentionBackendEnum.CUSTOM
     assert AttentionBackendEnum.CUSTOM.get_path() == BACKEND_PATH
+
+
+@pytest.mark.parametrize(
+    "engine, message",
+    [
+        ({"kv_transfer_config": {"kv_connector": "ExampleConnector", "kv_role": "kv_both"}},
+         r"KV connectors are not supported \(--kv-transfer-config uses ExampleConnector\).*drop --kv-transfer-config"),
+        ({"kv_offloading_size": 1.0}, r"KV offloading \(--kv-offloading-size\) is not supported"),
+        ({"tensor_parallel_size": 2}, "tensor and pipeline parallelism are not supported"),
+    ],
+)
+def test_engine_features_are_refused_by_name(model, engine, message):
+    with pytest.raises(ValueError, match=message):
+        config_for(model, {"cpu_kv_cache_gib": 0.01}, **engine)
+
+
+def test_draft_model_speculation_is_refused_by_name(model):
+    speculative = {"method": "draft_model", "model": model, "num_speculative_tokens": 2}
+    with pytest.raises(ValueError, match=r"speculative decoding with method 'draft_model' is not supported.*ngram"):
+        config_for(model, {"cpu_kv_cache_gib": 0.01}, speculative_config=speculative)
+
+
+def test_draft_free_speculation_is_accepted(model):
+    speculative = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}
+    config = config_for(model, {"cpu_kv_cache_gib": 0.01}, speculative_config=speculative)
+    assert config.cache_config.num_gpu_blocks_override
+
+
+def test_host_check_counts_every_data_parallel_engine(model, monkeypatch):
+    from headinfer_vllm.core import host_memory
+
+    budget = 300 * BYTES_PER_BLOCK
+    monkeypatch.setattr(host_memory, "free_host_bytes", lambda: int(1.5 * budget) + (4 << 20))
+    config_for(model, {"cpu_kv_cache_gib": budget / 2**30})  # one engine fits
+    with pytest.raises(ValueError, match=r"× 2 data-parallel engines asks for .* GiB"):
+        config_for(model, {"cpu_kv_cache_gib": budget / 2**30}, data_parallel_size=2)
+
+
+def test_host_check_counts_vllm_buffers_that_grow_with_context(model, monkeypatch):
+    from headinfer_vllm.core import host_memory
+
+    budget = 300 * BYTES_PER_BLOCK
+    monkeypatch.setattr(host_memory, "free_host_bytes", lambda: budget + (1 << 20))
+    config_for(model, {"cpu_kv_cache_gib": budget / 2**30}, max_num_seqs=4)
+    # 256 requests × 1024 tokens × 5 bytes of token buffers no longer fit in the 1 MiB left.
+    with pytest.raises(ValueError, match=r"only .* GiB is available"):
+        config_for(model, {"cpu_kv_cache_gib": budget / 2**30}, max_num_seqs=256)
+
+
+def test_long_context_defaults_on_cuda(model, monkeypatch):
+    from headinfer_vllm.vllm_plugin import settings
+
+    monkeypatch.setattr(settings, "long_context_defaults_apply", lambda: True)
+    budget = {"cpu_kv_cache_gib": 40 * BYTES_PER_BLOCK * 8 / 2**30}
+    chosen = config_for(model, budget, block_size=None, max_num_batched_tokens=None)
+    assert chosen.cache_config.block_size == settings.LONG_CONTEXT_BLOCK_SIZE
+    assert chosen.cache_config.user_specified_block_size  # the worker keeps it
+    assert chosen.scheduler_config.max_num_batched_tokens >= settings.LONG_CONTEXT_PREFILL_TOKENS
+    kept = config_for(model, budget, block_size=BLOCK, max_num_batched_tokens=2048)
+    assert kept.cache_config.block_size == BLOCK
+    assert kept.scheduler_config.max_num_batched_tokens == 2048
+    stock = EngineArgs(model=model, dtype="float32", max_model_len=1024, kv_cache_memory_bytes=1 << 26)
+    assert stock.create_engine_config().cache_config.block_size != settings.LONG_CONTEXT_BLOCK_SIZE
+
+
+def test_full_cuda_graphs_fall_back_to_piecewise(model):
+    from vllm.config.compilation import CUDAGraphMode
+
+    config = config_for(model, {"cpu_kv_cache_gib": 0.01}, compilation_config={"cudagraph_mode": "FULL"})
+    assert config.compilation_config.cudagraph_mode in (CUDAGraphMode.PIECEWISE, CUDAGraphMode.NONE)
