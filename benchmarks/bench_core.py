@@ -114,8 +114,7 @@ def make_engine(layout: KVLayout, streamed: bool, device: torch.device, num_quer
     store = HeadPageStore(layout, resident_units=resident, num_staging_buffers=2 if streamed else 0,
                           device=device, device_budget_bytes=(2 if streamed else units) * layout.unit_bytes)
     if device.type == "cpu":
-        store.host.normal_()  # uninitialized memory may hold denormals, which are slow on CPU
-        store.resident.normal_()
+        store.host.normal_()  # uninitialized host memory may hold denormals, which are slow on CPU
     return StreamedAttention(store, num_query_heads=num_query_heads, scale=layout.head_dim**-0.5)
 
 
