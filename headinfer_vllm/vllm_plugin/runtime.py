@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 import weakref
 from typing import TYPE_CHECKING, ClassVar
@@ -17,9 +18,16 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from headinfer_vllm.config import GIB, HeadInferConfig
-from headinfer_vllm.core import HeadPageStore, StepPlan, StreamedAttention
+from headinfer_vllm.core import HeadPageStore, StepPlan, StreamedAttention, host_memory
 from headinfer_vllm.core.device_memory import check_device_budget
-from headinfer_vllm.vllm_plugin.settings import SETTINGS_KEY, capacity_for, vllm_buffer_bytes
+from headinfer_vllm.vllm_plugin.settings import (
+    SETTINGS_KEY,
+    capacity_for,
+    numa_node_count,
+    parallel_ranks,
+    pipeline_stage,
+    vllm_buffer_bytes,
+)
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -60,13 +68,13 @@ class HeadInferRuntime:
         from headinfer_vllm.vllm_plugin.compat import attention_layers, layer_index
 
         config = HeadInferConfig.from_sources((vllm_config.additional_config or {})[SETTINGS_KEY], environ={})
-        capacity = capacity_for(vllm_config, config)
+        capacity = capacity_for(vllm_config, config)  # this rank's: its stage's layers, its KV heads
         if capacity.layout.num_blocks != vllm_config.cache_config.num_gpu_blocks_override:
             raise RuntimeError("headinfer: the worker's capacity plan differs from the engine's")
         if len(layer_names) != capacity.layout.num_layers:
             raise ValueError(
-                f"headinfer: {len(layer_names)} attention layers share the KV cache but the model has "
-                f"{capacity.layout.num_layers} layers; hybrid models, KV sharing across layers and "
+                f"headinfer: {len(layer_names)} attention layers share the KV cache but this pipeline stage "
+                f"has {capacity.layout.num_layers} layers; hybrid models, KV sharing across layers and "
                 "draft layers are not supported"
             )
         layers = attention_layers(vllm_config, layer_names)
@@ -74,6 +82,13 @@ class HeadInferRuntime:
         heads = {layer.impl.num_heads for layer in layers.values()}
         if len(scales) != 1 or len(heads) != 1:
             raise ValueError("headinfer: all attention layers must share one scale and head count")
+        kv_heads = {layer.impl.num_kv_heads for layer in layers.values()}
+        if kv_heads != {capacity.layout.num_kv_heads}:
+            raise RuntimeError(
+                f"headinfer: this rank's attention layers have {sorted(kv_heads)} KV heads but its plan has "
+                f"{capacity.layout.num_kv_heads}"
+            )
+        host_memory.check_host_budget(capacity.host_bytes)  # this rank's tier, on the host it runs on
         self.layer_names = frozenset(layer_names)
         self.layer_index = {name: i for i, name in enumerate(sorted(layer_names, key=layer_index))}
         _, vllm_device_bytes = vllm_buffer_bytes(vllm_config)
@@ -86,10 +101,12 @@ class HeadInferRuntime:
         self._plan: StepPlan | None = None
         HeadInferRuntime.live.add(self)
         logger.info(
-            "headinfer: worker store ready on %s: host tier %.3f GiB%s, device tier %.3f GiB, kernel %s",
-            device, store.host_bytes / GIB, " (pinned)" if store.host.is_pinned() else "",
-            store.device_bytes / GIB, self.attention.kernel_name,
+            "headinfer: worker store ready on %s%s: host tier %.3f GiB%s, device tier %.3f GiB, kernel %s",
+            device, rank_description(vllm_config, capacity), store.host_bytes / GIB,
+            " (pinned)" if store.host.is_pinned() else "", store.device_bytes / GIB, self.attention.kernel_name,
         )
+        if torch.device(device).type == "cuda":
+            report_numa_placement(store.host, torch.device(device))
 
     @staticmethod
     def _allocate_store(capacity, device: torch.device) -> HeadPageStore:
@@ -126,3 +143,74 @@ class HeadInferRuntime:
             self.attention.begin_step(plan)
             self._plan = plan
         self.attention.forward(index, query, key, value, output)
+
+
+def rank_description(vllm_config: VllmConfig, capacity) -> str:
+    """`` (rank R: tensor-parallel rank T of TP, pipeline stage S of PP; L layers, H of N KV heads)``, or ""."""
+    parallel = vllm_config.parallel_config
+    if parallel_ranks(parallel) == 1:
+        return ""
+    tp, layout = parallel.tensor_parallel_size, capacity.layout
+    total_heads = vllm_config.model_config.get_total_num_kv_heads()
+    replicated = f", replicated on {tp // total_heads} ranks" if total_heads < tp else ""
+    return (
+        f" (rank {parallel.rank}: tensor-parallel rank {parallel.rank % tp} of {tp}, pipeline stage "
+        f"{pipeline_stage(parallel)} of {parallel.pipeline_parallel_size}; {layout.num_layers} layers, "
+        f"{layout.num_kv_heads} of {total_heads} KV heads{replicated})"
+    )
+
+
+def gpu_numa_node(device: torch.device) -> int | None:
+    """The NUMA node of ``device``'s PCI slot, from sysfs (None when unknown or a single node)."""
+    try:
+        props = torch.cuda.get_device_properties(device)
+        address = f"{props.pci_domain_id:04x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+        with open(f"/sys/bus/pci/devices/{address}/numa_node") as numa_node:
+            node = int(numa_node.read().strip())
+    except (AttributeError, OSError, ValueError, RuntimeError):
+        return None
+    return node if node >= 0 else None
+
+
+def numa_pages(tensor: torch.Tensor) -> dict[int, int]:
+    """Pages per NUMA node of the mappings that hold ``tensor``'s memory (``/proc/self/numa_maps``).
+
+    Only pages already touched (pinning touches them all) are counted; a
+    mapping shared with other allocations counts their pages too.
+    """
+    start, end = tensor.data_ptr(), tensor.data_ptr() + tensor.numel() * tensor.element_size()
+    pages: dict[int, int] = {}
+    try:
+        with open("/proc/self/numa_maps") as numa_maps, open("/proc/self/maps") as maps:
+            ends = {int(low, 16): int(high, 16) for low, high in (line.split()[0].split("-") for line in maps)}
+            for line in numa_maps:
+                fields = line.split()
+                low = int(fields[0], 16)
+                if low >= end or ends.get(low, low) <= start:
+                    continue
+                for field in fields[1:]:
+                    match = re.fullmatch(r"N(\d+)=(\d+)", field)
+                    if match:
+                        node = int(match[1])
+                        pages[node] = pages.get(node, 0) + int(match[2])
+    except (OSError, ValueError):
+        return {}
+    return pages
+
+
+def report_numa_placement(host: torch.Tensor, device: torch.device) -> None:
+    """Log where this rank's host tier lies against its GPU's NUMA node; warn when mostly elsewhere."""
+    if numa_node_count() < 2 or host.numel() == 0:
+        return
+    node, pages = gpu_numa_node(device), numa_pages(host)
+    if node is None or not pages:
+        return
+    local = pages.get(node, 0) / sum(pages.values())
+    placement = ", ".join(f"node {n}: {count * 100 / sum(pages.values()):.0f}%" for n, count in sorted(pages.items()))
+    if local < 0.5:
+        logger.warning(
+            "headinfer: the host tier of %s is on NUMA %s, but the GPU is on node %d: every page crosses "
+            "sockets; pass --numa-bind", device, placement, node,
+        )
+    else:
+        logger.info("headinfer: host tier of %s on NUMA %s (GPU on node %d)", device, placement, node)

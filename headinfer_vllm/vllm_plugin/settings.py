@@ -6,19 +6,30 @@ starts. It refuses what HeadInfer cannot run, sets long-context defaults the
 user did not choose, plans the capacity from the host budget, checks the
 host has the memory, and tells vLLM's scheduler the block count through
 ``num_gpu_blocks_override``.
+
+Parallelism: ``cpu_kv_cache_gib`` is one engine's total across its
+tensor-parallel × pipeline-parallel ranks (as vLLM's ``kv_offloading_size``
+is), split evenly: each rank plans with ``cpu_kv_cache_gib / (TP × PP)``, its
+own KV heads (vLLM's per-rank count, replicated when there are fewer KV heads
+than ranks) and its own stage's layers. vLLM's scheduler hands one set of
+block ids to every rank, so all ranks hold the same number of blocks: the
+stage with the most layers sets it (:func:`engine_capacity`), and each worker
+builds its store for its own layers with that count (:func:`capacity_for`).
+``gpu_kv_cache_gib`` is per rank (per GPU), as vLLM's ``kv_cache_memory_bytes``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import re
 from typing import TYPE_CHECKING
 
 import torch
 
 from headinfer_vllm.config import GIB, HeadInferConfig
-from headinfer_vllm.core import CapacityPlan, plan_capacity
-from headinfer_vllm.core.host_memory import check_host_budget
+from headinfer_vllm.core import CapacityPlan, host_memory, plan_capacity
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -61,30 +72,126 @@ def settings_of(vllm_config: VllmConfig) -> HeadInferConfig:
     return HeadInferConfig.from_sources(settings)
 
 
-def capacity_for(vllm_config: VllmConfig, config: HeadInferConfig) -> CapacityPlan:
-    """The capacity plan of this model under ``config``'s budgets."""
+def parallel_ranks(parallel) -> int:
+    """Ranks of one engine that hold KV pages: tensor-parallel × pipeline-parallel."""
+    return parallel.tensor_parallel_size * parallel.pipeline_parallel_size
+
+
+def pipeline_stage(parallel, rank: int | None = None) -> int:
+    """The pipeline stage of ``rank`` (default: this process's), as vLLM orders ranks (PP × TP)."""
+    rank = parallel.rank if rank is None else rank
+    return (rank // parallel.tensor_parallel_size) % parallel.pipeline_parallel_size
+
+
+def stage_layer_counts(vllm_config: VllmConfig) -> list[int]:
+    """Layers of each pipeline stage, as vLLM splits them (``VLLM_PP_LAYER_PARTITION`` honoured).
+
+    Stages can differ: vLLM gives the remainder to the stages before the last.
+    """
+    from vllm.distributed.utils import get_pp_indices
+
+    total = vllm_config.model_config.get_total_num_hidden_layers()
+    stages = vllm_config.parallel_config.pipeline_parallel_size
+    return [end - start for start, end in (get_pp_indices(total, stage, stages) for stage in range(stages))]
+
+
+def rank_host_budget(vllm_config: VllmConfig, config: HeadInferConfig) -> int:
+    """One rank's share of ``cpu_kv_cache_gib`` (the engine's total across its TP × PP ranks), bytes."""
+    return config.cpu_kv_cache_bytes // parallel_ranks(vllm_config.parallel_config)
+
+
+def engine_capacity(vllm_config: VllmConfig, config: HeadInferConfig) -> CapacityPlan:
+    """The plan of a rank of the stage with the most layers: it sets every rank's block count.
+
+    vLLM's scheduler hands out one set of block ids (``num_gpu_blocks_override``)
+    to all ranks, so every rank holds that many blocks of its own layers and
+    KV heads; with an even share of the host budget, the largest stage binds.
+    """
+    ranks = parallel_ranks(vllm_config.parallel_config)
+    try:
+        return _plan_largest_stage(vllm_config, config)
+    except ValueError as error:
+        if ranks == 1:
+            raise
+        share = rank_host_budget(vllm_config, config) / GIB
+        raise ValueError(
+            f"{error} (the budgets above are one rank's: cpu_kv_cache_gib={config.cpu_kv_cache_gib} is the "
+            f"total of {ranks} ranks, {share:.4f} GiB each; gpu_kv_cache_gib is per rank)"
+        ) from None
+
+
+def _plan_largest_stage(vllm_config: VllmConfig, config: HeadInferConfig) -> CapacityPlan:
     model, parallel = vllm_config.model_config, vllm_config.parallel_config
     return plan_capacity(
-        num_layers=model.get_num_layers(parallel),
-        num_kv_heads=model.get_num_kv_heads(parallel),
+        num_layers=max(stage_layer_counts(vllm_config)),
+        num_kv_heads=model.get_num_kv_heads(parallel),  # per rank: total // TP, at least 1 (replicated)
         head_dim=model.get_head_size(),
         block_size=vllm_config.cache_config.block_size,
         dtype=model.dtype,
-        host_bytes=config.cpu_kv_cache_bytes,
+        host_bytes=rank_host_budget(vllm_config, config),
         device_bytes=config.gpu_kv_cache_bytes,
         head_group_size=config.head_group_size,
         prefetch_depth=config.prefetch_depth,
     )
 
 
+def stage_capacity(engine: CapacityPlan, num_layers: int, device_budget: bool) -> CapacityPlan:
+    """A rank's plan for a stage of ``num_layers`` layers, with the engine plan's block count and groups.
+
+    Its tiers are no larger than the engine plan's: it keeps the same staging
+    ring and at most as many resident units; with a device budget, a stage
+    whose every unit fits in the engine plan's device tier keeps them all
+    resident instead.
+    """
+    if num_layers == engine.layout.num_layers:
+        return engine
+    layout = dataclasses.replace(engine.layout, num_layers=num_layers)
+    if device_budget and layout.num_units <= engine.num_resident_units + engine.num_staging_buffers:
+        return CapacityPlan(layout, layout.num_units, 0)
+    return CapacityPlan(layout, min(engine.num_resident_units, layout.num_units), engine.num_staging_buffers)
+
+
+def capacity_for(vllm_config: VllmConfig, config: HeadInferConfig, stage: int | None = None) -> CapacityPlan:
+    """The capacity plan of a rank of pipeline stage ``stage`` (default: this process's stage)."""
+    if stage is None:
+        stage = pipeline_stage(vllm_config.parallel_config)
+    return stage_capacity(
+        engine_capacity(vllm_config, config), stage_layer_counts(vllm_config)[stage],
+        device_budget=config.gpu_kv_cache_bytes is not None,
+    )
+
+
+def host_ranks(vllm_config: VllmConfig) -> list[int]:
+    """Ranks of one engine whose workers run on this host (the API process's).
+
+    With multiprocessing, vLLM puts ``local_world_size`` consecutive ranks on
+    each node. Ray places workers itself, which this process cannot see: one
+    rank of the largest stage is counted, and each worker checks its own tier
+    against its host's free memory when it starts.
+    """
+    parallel = vllm_config.parallel_config
+    ranks = parallel_ranks(parallel)
+    if parallel.distributed_executor_backend == "ray" or getattr(parallel, "data_parallel_backend", "mp") == "ray":
+        layers = stage_layer_counts(vllm_config)
+        return [layers.index(max(layers)) * parallel.tensor_parallel_size]
+    local = max(1, min(ranks, getattr(parallel, "local_world_size", ranks)))
+    node = getattr(parallel, "node_rank_within_dp", 0) if local < ranks else 0
+    return list(range(node * local, min(ranks, (node + 1) * local)))
+
+
 def refusals(vllm_config: VllmConfig) -> list[str]:
     """Every reason headinfer cannot run this configuration, each saying what to change."""
     parallel, cache, model = vllm_config.parallel_config, vllm_config.cache_config, vllm_config.model_config
     reasons = []
-    if parallel.tensor_parallel_size != 1 or parallel.pipeline_parallel_size != 1:
+    context_parallel = {
+        "decode": getattr(parallel, "decode_context_parallel_size", 1),
+        "prefill": getattr(parallel, "prefill_context_parallel_size", 1),
+    }
+    if any(size > 1 for size in context_parallel.values()):
         reasons.append(
-            "tensor and pipeline parallelism are not supported; run with "
-            "--tensor-parallel-size 1 --pipeline-parallel-size 1"
+            "context parallelism (--decode-context-parallel-size, --prefill-context-parallel-size) is not "
+            "supported: it splits each request's tokens across ranks, while every headinfer rank keeps all "
+            "tokens of its own KV heads; use tensor or pipeline parallelism instead"
         )
     if getattr(parallel, "enable_dbo", False) or getattr(parallel, "ubatch_size", 1) > 1:
         reasons.append(
@@ -195,19 +302,101 @@ def vllm_buffer_bytes(vllm_config: VllmConfig) -> tuple[int, int]:
     return max_seqs * max_len * 5 + 2 * block_tables, 2 * block_tables
 
 
+def host_tier_bytes(vllm_config: VllmConfig, config: HeadInferConfig) -> tuple[int, int]:
+    """Host bytes of one engine's ranks on this host: (host tiers, vLLM's own buffers).
+
+    Each rank's tier is its stage's plan (ranks of smaller stages hold less);
+    vLLM's per-request buffers are counted once per rank (each worker keeps
+    its own token ids and block tables).
+    """
+    parallel = vllm_config.parallel_config
+    ranks = host_ranks(vllm_config)
+    engine, layers = engine_capacity(vllm_config, config), stage_layer_counts(vllm_config)
+    budget = config.gpu_kv_cache_bytes is not None
+    tiers = sum(stage_capacity(engine, layers[pipeline_stage(parallel, rank)], budget).host_bytes for rank in ranks)
+    host_buffers, _ = vllm_buffer_bytes(vllm_config)
+    return tiers, len(ranks) * host_buffers
+
+
 def check_budgets(vllm_config: VllmConfig, config: HeadInferConfig) -> None:
-    """The host must hold every engine's tier on this host plus vLLM's own buffers."""
-    engines = max(1, getattr(vllm_config.parallel_config, "data_parallel_size_local", 1))
+    """The host must hold the tiers of every rank of every engine on it, plus vLLM's own buffers.
+
+    All ranks on one host share its RAM: an engine's ranks on this host
+    (:func:`host_ranks`), times the data-parallel engines on it
+    (``data_parallel_size_local``), each engine with its own ``cpu_kv_cache_gib``.
+    """
+    parallel = vllm_config.parallel_config
+    engines = max(1, getattr(parallel, "data_parallel_size_local", 1))
     host_buffers, _ = vllm_buffer_bytes(vllm_config)
     if host_buffers > GIB:
         logger.warning(
-            "headinfer: vLLM's own buffers for %d requests of up to %d tokens take %.2f GiB of host memory; "
-            "lower --max-num-seqs for long contexts",
+            "headinfer: vLLM's own buffers for %d requests of up to %d tokens take %.2f GiB of host memory "
+            "per rank; lower --max-num-seqs for long contexts",
             vllm_config.scheduler_config.max_num_seqs, vllm_config.model_config.max_model_len,
             host_buffers / GIB,
         )
+    tiers, buffers = host_tier_bytes(vllm_config, config)
+    ranks = len(host_ranks(vllm_config))
     what = "cpu_kv_cache_gib" if engines == 1 else f"cpu_kv_cache_gib × {engines} data-parallel engines"
-    check_host_budget(engines * (config.cpu_kv_cache_bytes + host_buffers), what=what)
+    if ranks > 1:
+        what += f" ({engines * ranks} ranks on this host)"
+    requested, free = engines * (tiers + buffers), host_memory.free_host_bytes()
+    if free is not None and requested > free:
+        raise ValueError(
+            f"headinfer: {what} asks for {requested / GIB:.2f} GiB of host memory but only {free / GIB:.2f} GiB "
+            "is available; lower cpu_kv_cache_gib"
+        )
+
+
+def recommend_numa_binding(vllm_config: VllmConfig) -> None:
+    """On CUDA hosts with several NUMA nodes, say how to keep each rank's host tier near its GPU.
+
+    Pages cross the link from the host tier to the GPU every step; a tier on
+    another socket's memory adds the inter-socket hop. vLLM's ``--numa-bind``
+    starts each worker under ``numactl --membind=<its GPU's node>``, and the
+    tier, allocated and pinned in the worker, lands there. headinfer does not
+    turn it on itself: it needs ``numactl`` and the right to set memory policy.
+    """
+    nodes = numa_node_count()
+    if nodes < 2 or not long_context_defaults_apply() or getattr(vllm_config.parallel_config, "numa_bind", False):
+        return
+    logger.warning(
+        "headinfer: this host has %d NUMA nodes and --numa-bind is off, so each rank's host tier goes "
+        "wherever the kernel puts its worker's memory, possibly a socket away from its GPU; pass --numa-bind "
+        "(multiprocessing executor) to allocate each rank's tier on its GPU's NUMA node", nodes,
+    )
+
+
+def numa_node_count(root: str = "/sys/devices/system/node") -> int:
+    """NUMA nodes of this host (1 when unknown)."""
+    try:
+        return max(1, sum(1 for name in os.listdir(root) if re.fullmatch(r"node\d+", name)))
+    except OSError:
+        return 1
+
+
+def describe_parallel(vllm_config: VllmConfig, config: HeadInferConfig, capacity: CapacityPlan) -> str:
+    """The start-up line: the plan of one rank (of the largest stage) and, with several ranks, the whole host."""
+    parallel, model = vllm_config.parallel_config, vllm_config.model_config
+    ranks = parallel_ranks(parallel)
+    if ranks == 1:
+        return capacity.describe()
+    tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
+    total_heads = model.get_total_num_kv_heads()
+    heads = f"{capacity.layout.num_kv_heads} of {total_heads} KV heads"
+    if total_heads < tp:
+        heads += f" (replicated: each KV head on {tp // total_heads} ranks)"
+    stages = stage_layer_counts(vllm_config)
+    layers = f"{capacity.layout.num_layers} of {sum(stages)} layers"
+    if len(set(stages)) > 1:
+        layers += f" (layers per stage: {', '.join(map(str, stages))})"
+    tiers, _ = host_tier_bytes(vllm_config, config)
+    on_host = len(host_ranks(vllm_config))
+    return (
+        f"per rank (tensor-parallel {tp} × pipeline-parallel {pp} = {ranks} ranks; {heads}, {layers}; "
+        f"host budget {rank_host_budget(vllm_config, config) / GIB:.3f} GiB = cpu_kv_cache_gib / {ranks}): "
+        f"{capacity.describe()}; host tiers of the {on_host} ranks on this host: {tiers / GIB:.3f} GiB"
+    )
 
 
 def apply_settings(vllm_config: VllmConfig) -> None:
@@ -221,9 +410,10 @@ def apply_settings(vllm_config: VllmConfig) -> None:
     config = settings_of(vllm_config)
     set_long_context_defaults(vllm_config)
     choose_piecewise_graphs(vllm_config)
-    check_budgets(vllm_config, config)
     model, cache = vllm_config.model_config, vllm_config.cache_config
-    capacity = capacity_for(vllm_config, config)
+    capacity = engine_capacity(vllm_config, config)  # the largest stage's: it binds every rank's block count
+    check_budgets(vllm_config, config)
+    recommend_numa_binding(vllm_config)
     layout = capacity.layout
     usable_tokens = (layout.num_blocks - 1) * layout.block_size  # vLLM keeps one null block
     if usable_tokens < model.max_model_len:
@@ -247,4 +437,4 @@ def apply_settings(vllm_config: VllmConfig) -> None:
     # Workers rebuild the same plan from the resolved settings, not from their environment.
     additional[SETTINGS_KEY] = dataclasses.asdict(config)
     additional[APPLIED_KEY] = layout.num_blocks
-    logger.info("headinfer: %s", capacity.describe())
+    logger.info("headinfer: %s", describe_parallel(vllm_config, config, capacity))
