@@ -10,8 +10,11 @@ fails in vLLM 0.32's CPU runner even with the stock backend, so its end-to-end
 test needs two CUDA GPUs.
 """
 
+import json
 import os
 import random
+import subprocess
+import sys
 import types
 
 import pytest
@@ -290,7 +293,29 @@ def test_tensor_parallel_ranks_each_keep_their_own_heads(tp_runs):
 
 # Pipeline parallelism end to end: vLLM 0.32's CPU runner fails with it even
 # with the stock backend (an assertion in sync_and_gather_intermediate_tensors
-# on the second stage), so this runs only on a machine with two CUDA GPUs.
+# on the second stage), so the comparison runs only on two CUDA GPUs. On CPU,
+# what headinfer owns runs before that failure: each stage's store.
+
+def test_pipeline_stages_build_their_own_stores_on_cpu(model):
+    """Each stage's worker builds the store of its own layers, with the engine's one block count."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("pipeline parallelism on vLLM's CPU platform needs a core per rank")
+    budget = (TP_NUM_BLOCKS + 0.5) * BYTES_PER_BLOCK
+    engine = dict(dtype="float32", max_model_len=1024, block_size=BLOCK, enforce_eager=True, seed=0,
+                  pipeline_parallel_size=2, distributed_executor_backend="mp", attention_backend="headinfer",
+                  additional_config={"headinfer": {"cpu_kv_cache_gib": budget / 2**30}})
+    spec = {"model": model, "batches": [[[5, 6, 7] * 10]], "max_tokens": 2, "logprobs": 1, "engine": engine}
+    env = {**TP_ENV, **os.environ, "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    completed = subprocess.run(  # not run_in_subprocess: the run itself fails in vLLM's CPU runner
+        [sys.executable, "-m", "headinfer_vllm.offline_check"], input=json.dumps(spec),
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    log = completed.stdout + completed.stderr
+    assert f"3 of 6 layers; host budget {budget / 2 / 2**30:.3f} GiB = cpu_kv_cache_gib / 2" in log
+    assert f"{TP_NUM_BLOCKS} blocks of {BLOCK} tokens" in log  # half the budget for half the layers
+    for stage in (0, 1):
+        assert f"pipeline stage {stage} of 2; 3 layers, 4 of 4 KV heads" in log, log[-3000:]
+
 
 @pytest.mark.cuda
 def test_pipeline_parallel_matches_stock_backend_on_cuda(model):
