@@ -1,13 +1,16 @@
 """Streamed attention: one model's head-wise offloaded attention, layer by layer.
 
-Per step the caller builds a :class:`StepPlan` and calls :meth:`begin_step`;
-per layer it calls :meth:`forward`, which for each head group:
+Per step the caller builds a :class:`StepPlan` and calls :meth:`begin_step`
+(which maps the step's pages to staging positions and starts the first
+loads); per layer it calls :meth:`forward`, which:
 
-1. takes the group's pages (a resident unit, or a staging buffer that the
-   transfer scheduler loaded ahead of time),
-2. stores the new tokens' K/V into those pages,
-3. computes exact causal attention of the group's query heads,
-4. hands the buffer back, which writes the new pages to the host tier.
+1. stacks the new tokens' K/V once, and writes them to their pages' homes:
+   each resident run of head groups, and the host pages of every streamed
+   unit of the layer (one launch each),
+2. attends each resident run (one kernel call for all its head groups),
+3. for each streamed head group, takes the staging buffer that the transfer
+   scheduler loaded ahead of time, adds the new tokens if it was loaded
+   before step 1, attends, and hands the buffer back.
 
 GQA: KV head ``h`` serves query heads ``h * q_per_kv .. (h + 1) * q_per_kv``.
 """
@@ -19,6 +22,7 @@ import torch
 from headinfer_vllm.core.kernels import select_kernel
 from headinfer_vllm.core.page_store import HeadPageStore
 from headinfer_vllm.core.plan import StepPlan
+from headinfer_vllm.core.staging import StagingMap, stage_pages
 from headinfer_vllm.core.transfer import TransferScheduler
 
 
@@ -33,7 +37,9 @@ class StreamedAttention:
         scale: float,
         prefetch_depth: int = 1,
         allow_flash: bool = True,
+        flash_version: int | None = None,
     ) -> None:
+        """``flash_version``: the FlashAttention version to call on CUDA (vLLM's own choice); None probes."""
         layout = store.layout
         if num_query_heads % layout.num_kv_heads:
             raise ValueError(
@@ -42,20 +48,28 @@ class StreamedAttention:
             )
         self.store = store
         self.scale = scale
-        self.query_heads_per_group = num_query_heads // layout.num_kv_heads * layout.head_group_size
         self.transfers = TransferScheduler(store, prefetch_depth)
-        self.kernel_name, self._attend = select_kernel(
-            store.device, layout.dtype, layout.block_size, layout.head_dim, allow_flash=allow_flash
+        self._kernel = select_kernel(
+            store.device, layout.dtype, layout.block_size, layout.head_dim, scale=scale,
+            query_per_kv=num_query_heads // layout.num_kv_heads, allow_flash=allow_flash,
+            flash_version=flash_version,
         )
         self._plan: StepPlan | None = None
+        self._staging: StagingMap | None = None
+
+    @property
+    def kernel_name(self) -> str:
+        return self._kernel.name
 
     def begin_step(self, plan: StepPlan) -> None:
         """Adopt this step's plan; the first units start loading now."""
         if plan.block_size != self.store.layout.block_size:
             raise ValueError("headinfer: the plan's block_size differs from the store's")
         self._plan = plan
+        self._kernel.begin_step(plan)
         if self.store.streamed_units:
-            self.transfers.begin_step(plan)
+            self._staging = stage_pages(plan, self.store.layout.num_blocks)
+            self.transfers.begin_step(self._staging, self._current_stream())
 
     def forward(
         self,
@@ -78,20 +92,32 @@ class StreamedAttention:
         plan = self._plan
         if plan is None:
             raise RuntimeError("headinfer: forward() before begin_step()")
-        store = self.store
-        heads, query_heads = store.layout.head_group_size, self.query_heads_per_group
-        new_keys = key.index_select(0, plan.new_token_index)
-        new_values = value.index_select(0, plan.new_token_index)
-        # new_keys, new_values: [num_new, num_kv_heads, head_dim]
-        for group in range(store.layout.num_groups):
-            resident = store.is_resident(layer, group)
-            unit = store.resident_unit(layer, group) if resident else self.transfers.acquire((layer, group))
-            # unit: [num_blocks, 2, block_size, heads, head_dim]
-            kv_heads = slice(group * heads, (group + 1) * heads)
-            unit[plan.new_block, 0, plan.new_offset] = new_keys[:, kv_heads]
-            unit[plan.new_block, 1, plan.new_offset] = new_values[:, kv_heads]
-            q_heads = slice(group * query_heads, (group + 1) * query_heads)
-            self._attend(query[:, q_heads], unit, plan, self.scale, out[:, q_heads])
-            if not resident:
-                self.transfers.release((layer, group))
+        store, stream = self.store, self._current_stream()
+        group_size = store.layout.head_group_size
+        if key.shape[0] != plan.num_tokens:
+            key, value = key[: plan.num_tokens], value[: plan.num_tokens]
+        new_kv = torch.stack((key, value), dim=1).view(-1, *key.shape[1:])
+        # new_kv: [num_tokens * 2, num_kv_heads, head_dim], rows K, V of each new token
+        runs = store.resident_runs(layer)
+        for run in runs:
+            heads = slice(run.first_group * group_size, run.first_group * group_size + run.views.token_rows.shape[1])
+            run.views.token_rows.index_copy_(0, plan.home.new_rows, new_kv[:, heads])
+        self.transfers.write_home(layer, new_kv, plan.home.new_rows, stream)
+        self._kernel.begin_layer(query, out)
+        for run in runs:
+            self._kernel.attend(run.first_group * group_size, run.views, plan.home)
+        staging = self._staging
+        for group in store.streamed_groups(layer):
+            assert staging is not None
+            buffer, fresh = self.transfers.acquire((layer, group), stream)
+            staged = store.staging_views[buffer]
+            if not fresh:
+                heads = slice(group * group_size, (group + 1) * group_size)
+                staged.token_rows.index_copy_(0, staging.table.new_rows, new_kv[:, heads])
+            self._kernel.attend(group * group_size, staged, staging.table)
+            self.transfers.release((layer, group), stream)
+        self._kernel.end_layer()
         return out
+
+    def _current_stream(self) -> torch.cuda.Stream | None:
+        return torch.cuda.current_stream(self.store.device) if self.store.device.type == "cuda" else None

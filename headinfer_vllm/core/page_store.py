@@ -2,28 +2,63 @@
 
 ::
 
-    host tier (pinned)            device tier
-    +-------------------------+   +---------------------------------------+
-    | streamed units          |   | resident units  | staging ring         |
-    | [S, N, 2, B, G, D]      |   | [R, N, 2, B, G, D] | [P+1, N, 2, B, G, D] |
-    +-------------------------+   +---------------------------------------+
+    host tier (pinned, mapped)    device tier
+    +-------------------------+   +-------------------------------------------+
+    | streamed units          |   | resident runs      | staging ring         |
+    | [S, N, 2, B, G, D]      |   | [N, 2, B, k*G, D]  | [P+1, N, 2, B, G, D] |
+    +-------------------------+   +-------------------------------------------+
       home of streamed pages        home of resident     loaded per step,
                                     pages                reused every unit
 
     N blocks, B tokens per block, G KV heads per unit, D head dim,
-    S streamed units, R resident units, P prefetch depth.
+    S streamed units, P prefetch depth. A resident run is k consecutive
+    resident head groups of one layer, stored with their heads side by side
+    so that one kernel call attends them all.
 
-All tensors are allocated once, here. The device tier is checked against its
-budget at construction and never grows.
+All tensors are allocated once, here. The device tier is zero-filled (a
+kernel that reads whole pages must never meet NaN past a sequence's end),
+checked against its budget at construction, and never grows.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+
 import torch
 
-from headinfer_vllm.core.host_memory import allocate_host
+from headinfer_vllm.core.host_memory import allocate_host, device_view
 from headinfer_vllm.core.layout import CapacityPlan, KVLayout
 from headinfer_vllm.core.residency import ResidencyPolicy, SpreadAcrossLayers, Unit
+
+
+@dataclasses.dataclass(frozen=True, slots=True, eq=False)
+class PageViews:
+    """The pages of ``H`` consecutive KV heads (a staging buffer, a resident run) in three views.
+
+    Made once, so that per-unit code creates no views.
+    """
+
+    pages: torch.Tensor
+    """shape: [N, 2, B, H, D], contiguous."""
+    token_rows: torch.Tensor
+    """shape: [N * 2 * B, H, D]: one row per (page, K|V, offset); see ``plan``."""
+    head_rows: torch.Tensor
+    """shape: [N * 2 * B * H, D]: one row per token row and head."""
+
+    @classmethod
+    def of(cls, pages: torch.Tensor) -> PageViews:
+        heads, head_dim = pages.shape[3:]
+        return cls(pages, pages.view(-1, heads, head_dim), pages.view(-1, head_dim))
+
+
+@dataclasses.dataclass(frozen=True, slots=True, eq=False)
+class ResidentRun:
+    """Consecutive resident head groups of one layer, with their heads side by side."""
+
+    first_group: int
+    views: PageViews
+    """Pages ``[N, 2, B, num_groups * G, D]`` on the device."""
 
 
 class HeadPageStore:
@@ -53,7 +88,10 @@ class HeadPageStore:
         self.streamed_units: tuple[Unit, ...] = tuple(streamed)
         """Streamed units in execution order (layer-major)."""
         self._host_index = {unit: i for i, unit in enumerate(streamed)}
-        self._resident_index = {unit: i for i, unit in enumerate(resident)}
+        self._streamed_groups = {
+            layer: tuple(group for group in range(layout.num_groups) if (layer, group) in self._host_index)
+            for layer in range(layout.num_layers)
+        }
 
         device_bytes = (len(resident) + num_staging_buffers) * layout.unit_bytes
         if device_budget_bytes is not None and device_bytes > device_budget_bytes:
@@ -62,18 +100,32 @@ class HeadPageStore:
                 f"({len(resident)} resident + {num_staging_buffers} staging units of "
                 f"{layout.unit_bytes} bytes) but the budget is {device_budget_bytes} bytes"
             )
-        self.host = allocate_host(
-            (len(streamed), *layout.unit_shape), layout.dtype, pin=self.device.type == "cuda"
-        )
-        # host: [S, N, 2, B, G, D]
-        self.resident = torch.empty(
-            (len(resident), *layout.unit_shape), dtype=layout.dtype, device=self.device
-        )
-        # resident: [R, N, 2, B, G, D]
-        self.staging = torch.empty(
+        cuda = self.device.type == "cuda"
+        with torch.cuda.device(self.device) if cuda else contextlib.nullcontext():
+            # Registered (pinned and mapped) for this device, the current one.
+            self.host = allocate_host((len(streamed), *layout.unit_shape), layout.dtype, pin=cuda)
+            # host: [S, N, 2, B, G, D]
+            self.host_on_device = device_view(self.host, self.device)
+        """``host`` as the device addresses it: the same memory, mapped (CUDA) or as is (CPU)."""
+        self.staging = torch.zeros(
             (num_staging_buffers, *layout.unit_shape), dtype=layout.dtype, device=self.device
         )
         # staging: [P + 1, N, 2, B, G, D]
+        # Views by indexing, not iteration: iterating makes views that no_grad callers cannot write.
+        self.staging_views = tuple(PageViews.of(self.staging[buffer]) for buffer in range(num_staging_buffers))
+        self._resident_runs = {layer: self._allocate_runs(layer, resident_units) for layer in range(layout.num_layers)}
+        """Per layer, its resident runs in group order."""
+
+    def _allocate_runs(self, layer: int, resident_units: frozenset[Unit]) -> tuple[ResidentRun, ...]:
+        """Zeroed pages for each run of consecutive resident head groups of ``layer``."""
+        num_blocks, _, block_size, heads, head_dim = self.layout.unit_shape
+        groups = [group for group in range(self.layout.num_groups) if (layer, group) in resident_units]
+        runs = []
+        for first, count in consecutive_runs(groups):
+            shape = (num_blocks, 2, block_size, count * heads, head_dim)
+            pages = torch.zeros(shape, dtype=self.layout.dtype, device=self.device)
+            runs.append(ResidentRun(first, PageViews.of(pages)))
+        return tuple(runs)
 
     @classmethod
     def from_plan(
@@ -103,19 +155,36 @@ class HeadPageStore:
 
     @property
     def device_bytes(self) -> int:
-        """Bytes of every device-tier tensor (resident units and staging)."""
-        return sum(t.numel() * t.element_size() for t in (self.resident, self.staging))
+        """Bytes of every device-tier tensor (resident runs and staging)."""
+        tensors = [run.views.pages for runs in self._resident_runs.values() for run in runs] + [self.staging]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def resident_runs(self, layer: int) -> tuple[ResidentRun, ...]:
+        return self._resident_runs[layer]
+
+    def streamed_groups(self, layer: int) -> tuple[int, ...]:
+        """Head groups of ``layer`` that are streamed, in order."""
+        return self._streamed_groups[layer]
 
     def is_resident(self, layer: int, group: int) -> bool:
-        return (layer, group) in self._resident_index
+        return (layer, group) not in self._host_index
 
     def resident_unit(self, layer: int, group: int) -> torch.Tensor:
-        """Device tensor ``[N, 2, B, G, D]`` of a resident unit."""
-        return self.resident[self._resident_index[(layer, group)]]
+        """Device tensor ``[N, 2, B, G, D]`` of a resident unit (a view into its run)."""
+        heads = self.layout.head_group_size
+        for run in self._resident_runs[layer]:
+            offset = (group - run.first_group) * heads
+            if 0 <= offset < run.views.pages.shape[3]:
+                return run.views.pages[:, :, :, offset : offset + heads]
+        raise KeyError(f"headinfer: unit {(layer, group)} is not resident")
+
+    def host_index(self, layer: int, group: int) -> int:
+        """Index of a streamed unit in ``host``."""
+        return self._host_index[(layer, group)]
 
     def host_unit(self, layer: int, group: int) -> torch.Tensor:
         """Host tensor ``[N, 2, B, G, D]`` of a streamed unit."""
-        return self.host[self._host_index[(layer, group)]]
+        return self.host[self.host_index(layer, group)]
 
     def home(self, layer: int, group: int) -> torch.Tensor:
         if self.is_resident(layer, group):
@@ -131,7 +200,7 @@ class HeadPageStore:
         """
         layout = self.layout
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # write-backs to the host tier run on a side stream
+            torch.cuda.synchronize(self.device)  # writes to the host tier run on a side stream
         keys, values = [], []
         for group in range(layout.num_groups):
             pages = self.home(layer, group)[block_ids].to("cpu")
@@ -140,3 +209,14 @@ class HeadPageStore:
             keys.append(tokens[0, :num_tokens])
             values.append(tokens[1, :num_tokens])
         return torch.cat(keys, dim=1), torch.cat(values, dim=1)
+
+
+def consecutive_runs(values: list[int]) -> list[tuple[int, int]]:
+    """``(first, count)`` of each run of consecutive integers in sorted ``values``."""
+    runs: list[tuple[int, int]] = []
+    for value in values:
+        if runs and sum(runs[-1]) == value:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((value, 1))
+    return runs

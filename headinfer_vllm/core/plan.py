@@ -7,20 +7,25 @@ its sequence (a prefill chunk or one decode token)::
                                        [ -- query_len(r) tokens -- ]
     queries:    query_start_loc[r] .. query_start_loc[r + 1]  (in the batch)
 
-Every layer then reads the plan: which pages to load (coalesced runs of
-consecutive block ids), where to write the new tokens, and which pages to
-write back to the host.
+Every layer then reads the plan: where each request's pages are, where the
+new tokens' K and V go, and the attention metadata. Lengths come from the
+host; the block table and the slot mapping may stay on the device. Nothing
+here waits for the device.
+
+A unit tensor ``[num_pages, 2, block_size, heads, head_dim]`` seen as token
+rows ``[num_pages * 2 * block_size, heads, head_dim]`` (a view) holds::
+
+    row (page * 2 + 0) * block_size + offset: K of the token at (page, offset)
+    row (page * 2 + 1) * block_size + offset: its V
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import torch
 from torch.nn.attention.bias import CausalBias, causal_lower_right
-
-PageRuns = tuple[tuple[int, int], ...]
-"""Runs of consecutive block ids: ``((first_block, num_blocks), ...)``."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -38,12 +43,25 @@ class RequestSpan:
         return causal_lower_right(self.query_len, self.seq_len)
 
 
+@dataclasses.dataclass(frozen=True, slots=True, eq=False)
+class PageTable:
+    """Where a step's pages lie in one kind of unit tensor: their homes, or a staging buffer."""
+
+    block_table: torch.Tensor
+    """shape: [num_reqs, max_pages], dtype: int32, device. Page index, in the unit
+    tensor, of each request's pages in sequence order; entries past a sequence are
+    never read."""
+    new_rows: torch.Tensor
+    """shape: [num_tokens * 2], dtype: int64, device. Token rows (see the module
+    docstring) receiving each new token's K, then its V."""
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class StepPlan:
     """Per-step metadata shared by every layer.
 
-    Device tensors live on the attention device; spans and runs are host data
-    so that no layer needs a device-to-host synchronization.
+    Spans and sizes are host data, so that no layer needs a device-to-host
+    synchronization; tensors live on the attention device.
     """
 
     block_size: int
@@ -52,38 +70,26 @@ class StepPlan:
     """Query tokens with an output (padding excluded)."""
     max_query_len: int
     max_seq_len: int
-    load_runs: PageRuns
-    """Pages any request attends to."""
-    store_runs: PageRuns
-    """Pages that receive new tokens this step."""
+    num_page_refs: int
+    """Pages summed over the requests (a page that two requests share counts twice)."""
     query_start_loc: torch.Tensor
     """shape: [num_reqs + 1], dtype: int32, device."""
     seq_lens: torch.Tensor
     """shape: [num_reqs], dtype: int32, device."""
-    block_table: torch.Tensor
-    """shape: [num_reqs, max_pages], dtype: int32, device."""
-    new_token_index: torch.Tensor
-    """shape: [num_new], dtype: int64, device. Batch rows whose K/V are stored."""
-    new_block: torch.Tensor
-    """shape: [num_new], dtype: int64, device. Block id of each stored row."""
-    new_offset: torch.Tensor
-    """shape: [num_new], dtype: int64, device. Slot within its block."""
-
-    def pages(self, request: int) -> torch.Tensor:
-        """Block ids ``[num_pages]`` (device, int32) of a request's sequence."""
-        num_pages = -(-self.requests[request].seq_len // self.block_size)
-        return self.block_table[request, :num_pages]
+    page_in_use: torch.Tensor
+    """shape: [num_reqs, max_pages], dtype: bool, device. Whether a column of the
+    block table holds one of the request's pages."""
+    new_slots: torch.Tensor
+    """shape: [num_tokens], dtype: int64, device. ``block * block_size + offset``
+    of each query token's K/V."""
+    home: PageTable
+    """Pages as block ids: the page table of resident units and of the host tier."""
 
 
-def coalesce(block_ids: torch.Tensor) -> PageRuns:
-    """Sorted, duplicate-free runs of consecutive ids from any 1-D int tensor."""
-    ids = torch.unique(block_ids.to(torch.int64))  # sorted
-    if ids.numel() == 0:
-        return ()
-    breaks = torch.nonzero(ids[1:] - ids[:-1] != 1).flatten() + 1
-    starts = torch.cat([torch.zeros(1, dtype=torch.int64), breaks])
-    ends = torch.cat([breaks, torch.tensor([ids.numel()])])
-    return tuple(zip(ids[starts].tolist(), (ends - starts).tolist(), strict=True))
+def new_token_rows(pages: torch.Tensor, offsets: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Token rows ``[2 * n]`` (K, V, K, V, ...) of ``n`` tokens at ``(pages, offsets)``, both ``[n]`` int64."""
+    key_rows = pages * (2 * block_size) + offsets
+    return torch.stack((key_rows, key_rows + block_size), dim=1).flatten()
 
 
 def build_step_plan(
@@ -95,62 +101,60 @@ def build_step_plan(
     block_size: int,
     device: torch.device | str,
 ) -> StepPlan:
-    """Build a plan from host tensors.
+    """Build a plan without waiting for the device.
 
     Args:
         query_start_loc: ``[num_reqs + 1]`` int, host. Batch offset of each
             request's first query token.
         seq_lens: ``[num_reqs]`` int, host. Tokens in each sequence, the
-            query tokens included.
-        block_table: ``[num_reqs, max_pages]`` int, host. Block ids of each
-            sequence's pages, in order; entries past a sequence are ignored.
-        slot_mapping: ``[num_tokens]`` int, host. ``block * block_size +
-            offset`` where each query token's K/V goes; ``-1`` marks padding.
+            query tokens included (vLLM: ``seq_lens_cpu_upper_bound``, exact
+            outside asynchronous speculative decoding).
+        block_table: ``[num_reqs, >= max_pages]`` int, host or device. Block
+            ids of each sequence's pages, in order; entries past a sequence
+            are ignored, and only the first ``ceil(max_seq_len / block_size)``
+            columns are used. A device tensor is used in place.
+        slot_mapping: ``[>= num_tokens]`` int, host or device. ``block *
+            block_size + offset`` where each query token's K/V goes. A ``-1``
+            (vLLM's padding slot, seen in its dummy runs only) writes slot 0
+            of block 0, which vLLM reserves as its null block.
         block_size: tokens per page.
         device: the attention device.
     """
-    query_start_loc = query_start_loc.to("cpu", torch.int64)
-    seq_lens = seq_lens.to("cpu", torch.int64)
-    block_table = block_table.to("cpu")
-    slot_mapping = slot_mapping.to("cpu", torch.int64)
-    num_reqs = seq_lens.numel()
-    query_lens = query_start_loc[1:] - query_start_loc[:-1]
-    if num_reqs and (query_lens.min() < 1 or (query_lens > seq_lens).any()):
+    device = torch.device(device)
+    starts, lengths = query_start_loc.tolist(), seq_lens.tolist()
+    query_lens = [end - start for start, end in itertools.pairwise(starts)]
+    if not all(1 <= query_len <= seq_len for query_len, seq_len in zip(query_lens, lengths, strict=True)):
         raise ValueError("headinfer: every request needs 1 <= query_len <= seq_len")
-    num_pages = (seq_lens + block_size - 1) // block_size
-    if num_reqs and num_pages.max() > block_table.shape[1]:
+    num_pages = [-(-seq_len // block_size) for seq_len in lengths]
+    max_pages = max(num_pages, default=0)
+    if max_pages > block_table.shape[1]:
         raise ValueError("headinfer: block_table has fewer pages than seq_lens needs")
-    needed = torch.arange(block_table.shape[1]) < num_pages[:, None]
-    num_tokens = int(query_start_loc[-1]) if num_reqs else 0
-
-    stored = torch.nonzero(slot_mapping[:num_tokens] >= 0).flatten()
-    slots = slot_mapping[stored]
-    requests = tuple(
-        RequestSpan(start, length, seq)
-        for start, length, seq in zip(
-            query_start_loc[:-1].tolist(), query_lens.tolist(), seq_lens.tolist(), strict=True
-        )
-    )
-
-    pin = torch.device(device).type == "cuda"
-
-    def to_device(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        tensor = tensor.to(dtype)
-        # From pinned memory the copy is truly asynchronous; from pageable memory it may wait.
-        return (tensor.pin_memory() if pin else tensor).to(device, non_blocking=True)
-
+    num_tokens = starts[-1] if lengths else 0
+    device_seq_lens = to_device(seq_lens, torch.int32, device)
+    slots = to_device(slot_mapping[:num_tokens], torch.int64, device).clamp(min=0)
+    page_starts = torch.arange(max_pages, device=device) * block_size
     return StepPlan(
         block_size=block_size,
-        requests=requests,
+        requests=tuple(map(RequestSpan, starts, query_lens, lengths)),
         num_tokens=num_tokens,
-        max_query_len=int(query_lens.max()) if num_reqs else 0,
-        max_seq_len=int(seq_lens.max()) if num_reqs else 0,
-        load_runs=coalesce(block_table[needed]),
-        store_runs=coalesce(slots // block_size),
-        query_start_loc=to_device(query_start_loc, torch.int32),
-        seq_lens=to_device(seq_lens, torch.int32),
-        block_table=to_device(block_table, torch.int32),
-        new_token_index=to_device(stored, torch.int64),
-        new_block=to_device(slots // block_size, torch.int64),
-        new_offset=to_device(slots % block_size, torch.int64),
+        max_query_len=max(query_lens, default=0),
+        max_seq_len=max(lengths, default=0),
+        num_page_refs=sum(num_pages),
+        query_start_loc=to_device(query_start_loc, torch.int32, device),
+        seq_lens=device_seq_lens,
+        page_in_use=page_starts < device_seq_lens[:, None],
+        new_slots=slots,
+        home=PageTable(
+            block_table=to_device(block_table[:, :max_pages], torch.int32, device),
+            new_rows=new_token_rows(slots // block_size, slots % block_size, block_size),
+        ),
     )
+
+
+def to_device(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``tensor`` as ``dtype`` on ``device``: in place if it is there already, else an asynchronous copy."""
+    if tensor.device.type == device.type:
+        return tensor.to(device, dtype)
+    tensor = tensor.to(dtype)
+    # From pinned memory the copy is truly asynchronous; from pageable memory it may wait.
+    return (tensor.pin_memory() if device.type == "cuda" else tensor).to(device, non_blocking=True)

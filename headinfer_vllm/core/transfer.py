@@ -1,44 +1,73 @@
-"""The transfer scheduler: streams units through the staging ring.
+"""The transfer scheduler: streams units through the staging ring and writes new tokens home.
 
 Streamed units run in a fixed order each step (layer-major). Unit ``i`` of
-that order uses staging buffer ``i % num_buffers``. On CUDA::
+that order uses staging buffer ``i % num_buffers``. On CUDA every transfer is
+a kernel on one copy stream that addresses the mapped host tier directly::
 
-    h2d stream:  load i+1 ------> load i+2 ------> ...      (waits released[b])
-                        \\ loaded[b]        \\
-    compute:     attend i -------> attend i+1 ------> ...   (waits loaded[b])
-                        \\ computed[b]      \\
-    d2h stream:          write back i ----> write back i+1  (waits computed[b])
-                                     \\ released[b]
+    copy stream: load i+1 ---> write layer's new tokens home ---> load i+2 ---> ...
+                        \\ loaded[b]                                 (waits released[b])
+    compute:     attend i ------------> attend i+1 ------------> ...  (waits loaded[b])
+                        \\ released[b]
 
-While unit ``i`` is computed, units up to ``i + prefetch_depth`` are being
-loaded, the next layer's first units included. A buffer is reloaded only
-after the write-back reading it has finished (``released``), and is read by
-attention only after its load has finished (``loaded``). The host never
-waits: every ordering is an event waited on by a stream. Only the pages in
-``plan.load_runs`` are loaded and only those in ``plan.store_runs`` are
-written back. Without CUDA the same schedule runs with synchronous copies.
+- A load is one gather, whatever the fragmentation of the step's pages: the
+  distinct pages (:mod:`headinfer_vllm.core.staging`) go from the host tier to
+  the front of the staging buffer.
+- A layer's new K/V go to the host pages of all its streamed units in one
+  launch. Loads issued after it read them; a unit loaded before it (the first
+  units of a layer, prefetched during the previous layer) is *stale*, and the
+  engine writes the new tokens into its staging buffer as well.
+- While unit ``i`` is computed, units up to ``i + prefetch_depth`` are being
+  loaded, the next layer's first units included. A buffer is reloaded only
+  after the attention reading it (``released``), and read only after its load
+  (``loaded``). The host never waits.
+
+Without CUDA the same schedule runs synchronously on the host tensors.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+
 import torch
 
 from headinfer_vllm.core.page_store import HeadPageStore
-from headinfer_vllm.core.plan import PageRuns, StepPlan
 from headinfer_vllm.core.residency import Unit
+from headinfer_vllm.core.staging import StagingMap
 
 
-def copy_runs(destination: torch.Tensor, source: torch.Tensor, runs: PageRuns) -> None:
-    """Copy pages ``runs`` of ``source`` into the same pages of ``destination``.
+def as_words(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor [..., n]`` (last dimension contiguous) reinterpreted as the widest integers that tile a row.
 
-    Both are ``[N, ...]`` unit tensors; each run is one contiguous copy.
+    Copy kernels then move 8 bytes per element where the row allows it.
     """
-    for first, count in runs:
-        destination[first : first + count].copy_(source[first : first + count], non_blocking=True)
+    row_bytes = tensor.shape[-1] * tensor.element_size()
+    word = next(word for word in (torch.int64, torch.int32, torch.int16, torch.uint8) if row_bytes % word.itemsize == 0)
+    return tensor.view(word)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HostLayer:
+    """The host pages of one layer's streamed units, as words: the target of its new tokens."""
+
+    rows: torch.Tensor
+    """shape: [units, N * 2 * B, row words]: token rows of each unit (see ``plan``)."""
+    groups: slice | torch.Tensor
+    """The layer's streamed head groups, as an index of dimension 1 of ``[T * 2, groups, row words]``."""
+    unit_index: torch.Tensor
+    """shape: [units, 1], dtype: int64: ``0 .. units - 1``."""
+    head_group_size: int
+
+    def write(self, new_kv: torch.Tensor, new_rows: torch.Tensor) -> None:
+        """Store ``new_kv [T * 2, num_kv_heads, D]`` (K, V rows of each new token) at ``new_rows [T * 2]``."""
+        num_rows, num_kv_heads, _ = new_kv.shape
+        tokens = as_words(new_kv.view(num_rows, num_kv_heads // self.head_group_size, -1))
+        # tokens: [T * 2, all groups, row words]
+        self.rows.index_put_((self.unit_index, new_rows), tokens[:, self.groups].transpose(0, 1))
 
 
 class TransferScheduler:
-    """Loads streamed units into staging buffers ahead of use; writes pages back."""
+    """Loads streamed units into staging buffers ahead of use; writes new tokens to the host tier."""
 
     def __init__(self, store: HeadPageStore, prefetch_depth: int) -> None:
         self.store = store
@@ -50,32 +79,84 @@ class TransferScheduler:
             )
         self.prefetch_depth = prefetch_depth
         self._position = {unit: i for i, unit in enumerate(store.streamed_units)}
+        host, staging, num_pages = store.host_on_device, store.staging, store.layout.num_blocks
+        self._host_pages = [as_words(host[unit].view(num_pages, -1)) for unit in range(host.shape[0])]
+        self._staging_pages = [as_words(staging[buffer].view(num_pages, -1)) for buffer in range(num_buffers)]
+        # _host_pages: per streamed unit [N, page words]; _staging_pages: per buffer [N, page words]
+        self._host_layers = {layer: self._host_layer(layer) for layer in range(store.layout.num_layers)}
         self._cuda = store.device.type == "cuda"
         if self._cuda:
-            self._h2d = torch.cuda.Stream(store.device)
-            self._d2h = torch.cuda.Stream(store.device)
+            self._copy = torch.cuda.Stream(store.device)
+            self._new_tokens_ready = torch.cuda.Event()
             self._loaded = [torch.cuda.Event() for _ in range(num_buffers)]
-            self._computed = [torch.cuda.Event() for _ in range(num_buffers)]
             self._released = [torch.cuda.Event() for _ in range(num_buffers)]
-        self._plan: StepPlan | None = None
+        self._page_index: torch.Tensor | None = None
+        """shape: [num_loads, page words], int64: the step's pages to load (an expanded view)."""
+        self._targets: list[torch.Tensor] = []
+        """Per buffer, its first ``num_loads`` pages as words."""
+        self._fresh = [False] * num_buffers
+        """Per buffer, whether its load came after its layer's new tokens were written home."""
         self._issued = 0
         """Units of this step whose load has been issued."""
         self._next = 0
         """Position of the next unit to acquire."""
+        self._written_layer = -1
+        """Last layer of this step whose new tokens went home."""
 
-    def begin_step(self, plan: StepPlan) -> None:
-        """Start a step; issues the first loads at once so they overlap the model's start."""
-        self._plan = plan
+    def _host_layer(self, layer: int) -> HostLayer | None:
+        store = self.store
+        groups = store.streamed_groups(layer)
+        if not groups:
+            return None
+        first = store.host_index(layer, groups[0])
+        layout = store.layout
+        units = store.host_on_device[first : first + len(groups)]
+        rows = as_words(units.reshape(len(groups), -1, layout.head_group_size * layout.head_dim))
+        consecutive = groups == tuple(range(groups[0], groups[0] + len(groups)))
+        index = slice(groups[0], groups[0] + len(groups)) if consecutive else torch.tensor(groups, device=store.device)
+        unit_index = torch.arange(len(groups), device=store.device)[:, None]
+        return HostLayer(rows, index, unit_index, layout.head_group_size)
+
+    def begin_step(self, staging: StagingMap, stream: torch.cuda.Stream | None) -> None:
+        """Start a step (``stream``: the compute stream); issues the first loads at once."""
         self._issued = 0
         self._next = 0
+        self._written_layer = -1
+        num_loads = staging.load_pages.numel()
+        self._page_index = staging.load_pages[:, None].expand(num_loads, self._host_pages[0].shape[1])
+        self._targets = [pages[:num_loads] for pages in self._staging_pages]
         if self._cuda:
-            # A step cut short by an exception (out of memory, say) leaves queued work that reads
-            # or writes staging buffers with no ``released`` event after it: loads wait for it all.
-            self._h2d.wait_stream(torch.cuda.current_stream(self.store.device))
-        self._issue_loads_through(self.prefetch_depth - 1)
+            # Loads read the step's indices, made on the compute stream. (This also orders them after
+            # work that a step cut short by an exception left behind without ``released`` events.)
+            self._copy.wait_stream(stream)
+            staging.load_pages.record_stream(self._copy)
+        self._issue_loads_through(self.prefetch_depth - 1, stream)
 
-    def acquire(self, unit: Unit) -> torch.Tensor:
-        """The staging buffer holding ``unit``, ready for the current stream."""
+    def write_home(
+        self, layer: int, new_kv: torch.Tensor, new_rows: torch.Tensor, stream: torch.cuda.Stream | None
+    ) -> None:
+        """Write ``new_kv [T * 2, num_kv_heads, D]`` to the host pages of ``layer``'s streamed units at ``new_rows``."""
+        host_layer = self._host_layers[layer]
+        if host_layer is None:
+            return
+        self._written_layer = layer
+        if not self._cuda:
+            with torch.profiler.record_function("headinfer::write_home"):
+                host_layer.write(new_kv, new_rows)
+            return
+        self._new_tokens_ready.record(stream)
+        self._copy.wait_event(self._new_tokens_ready)
+        with _running_on(self._copy, then=stream), torch.profiler.record_function("headinfer::write_home"):
+            host_layer.write(new_kv, new_rows)
+        for tensor in (new_kv, new_rows):
+            tensor.record_stream(self._copy)
+
+    def acquire(self, unit: Unit, stream: torch.cuda.Stream | None) -> tuple[int, bool]:
+        """The staging buffer (an index of ``store.staging``) holding ``unit``, ready for ``stream``.
+
+        Also says whether it is fresh: a stale buffer lacks this step's new
+        tokens (see the module docstring).
+        """
         position = self._position[unit]
         if position != self._next:
             expected = self.store.streamed_units[self._next] if self._next < len(self._position) else None
@@ -83,41 +164,43 @@ class TransferScheduler:
                 f"headinfer: unit {unit} (layer, group) was requested out of order; expected "
                 f"{expected}. Every layer must run once per step, in order"
             )
-        self._issue_loads_through(position + self.prefetch_depth)
+        self._issue_loads_through(position + self.prefetch_depth, stream)
         buffer = position % self.store.num_staging_buffers
         if self._cuda:
-            torch.cuda.current_stream(self.store.device).wait_event(self._loaded[buffer])
-        return self.store.staging[buffer]
+            stream.wait_event(self._loaded[buffer])
+        return buffer, self._fresh[buffer]
 
-    def release(self, unit: Unit) -> None:
-        """After ``unit``'s work is queued: write its new pages back, free its buffer."""
+    def release(self, unit: Unit, stream: torch.cuda.Stream | None) -> None:
+        """After ``unit``'s attention is queued on ``stream``: its buffer may be reloaded."""
         position = self._position[unit]
-        buffer = position % self.store.num_staging_buffers
-        staging, home = self.store.staging[buffer], self.store.host_unit(*unit)
-        assert self._plan is not None
         self._next = position + 1
-        if not self._cuda:
-            copy_runs(home, staging, self._plan.store_runs)
-            return
-        self._computed[buffer].record(torch.cuda.current_stream(self.store.device))
-        with torch.cuda.stream(self._d2h):
-            self._d2h.wait_event(self._computed[buffer])
-            copy_runs(home, staging, self._plan.store_runs)
-            self._released[buffer].record(self._d2h)
+        if self._cuda:
+            self._released[position % self.store.num_staging_buffers].record(stream)
 
-    def _issue_loads_through(self, last_position: int) -> None:
-        assert self._plan is not None
+    def _issue_loads_through(self, last_position: int, stream: torch.cuda.Stream | None) -> None:
         units = self.store.streamed_units
-        while self._issued <= min(last_position, len(units) - 1):
-            position = self._issued
-            buffer = position % self.store.num_staging_buffers
-            staging, home = self.store.staging[buffer], self.store.host_unit(*units[position])
-            if self._cuda:
-                with torch.cuda.stream(self._h2d):
-                    # The previous user of this buffer must be written back.
-                    self._h2d.wait_event(self._released[buffer])
-                    copy_runs(staging, home, self._plan.load_runs)
-                    self._loaded[buffer].record(self._h2d)
-            else:
-                copy_runs(staging, home, self._plan.load_runs)
-            self._issued += 1
+        last_position = min(last_position, len(units) - 1)
+        if self._issued > last_position:
+            return
+        with _running_on(self._copy, then=stream) if self._cuda else contextlib.nullcontext():
+            while self._issued <= last_position:
+                position = self._issued
+                buffer = position % self.store.num_staging_buffers
+                if self._cuda:
+                    self._copy.wait_event(self._released[buffer])
+                with torch.profiler.record_function("headinfer::load"):
+                    torch.gather(self._host_pages[position], 0, self._page_index, out=self._targets[buffer])
+                if self._cuda:
+                    self._loaded[buffer].record(self._copy)
+                self._fresh[buffer] = units[position][0] <= self._written_layer
+                self._issued += 1
+
+
+@contextlib.contextmanager
+def _running_on(stream: torch.cuda.Stream, then: torch.cuda.Stream):
+    """Make ``stream`` current, and ``then`` afterwards (no query of the current stream)."""
+    torch.cuda.set_stream(stream)
+    try:
+        yield
+    finally:
+        torch.cuda.set_stream(then)

@@ -1,32 +1,52 @@
 import pytest
 import torch
 
-from headinfer_vllm.core.plan import build_step_plan, coalesce
+from headinfer_vllm.core.plan import build_step_plan
+from headinfer_vllm.core.staging import stage_pages
 
 
-def test_coalesce_merges_consecutive_ids_and_drops_duplicates():
-    ids = torch.tensor([9, 3, 4, 5, 5, 11, 10, 0])
-    assert coalesce(ids) == ((0, 1), (3, 3), (9, 3))
-    assert coalesce(torch.tensor([], dtype=torch.int64)) == ()
-
-
-def test_plan_loads_needed_pages_and_stores_touched_pages():
-    plan = build_step_plan(
+def example_plan():
+    return build_step_plan(
         query_start_loc=torch.tensor([0, 3, 4]),
         seq_lens=torch.tensor([6, 9]),  # 2 and 3 pages of 4 tokens
-        block_table=torch.tensor([[7, 8, 99], [2, 3, 4]]),
+        block_table=torch.tensor([[7, 8, 99, 50], [2, 3, 4, 51]]),  # column 3 is past every sequence
         slot_mapping=torch.tensor([8 * 4 + 1, 8 * 4 + 2, 8 * 4 + 3, 4 * 4 + 0, -1]),
         block_size=4,
         device="cpu",
     )
-    assert plan.load_runs == ((2, 3), (7, 2))  # 99 is past request 0's pages
-    assert plan.store_runs == ((4, 1), (8, 1))
+
+
+def test_plan_keeps_the_columns_in_use_and_places_new_tokens():
+    plan = example_plan()
     assert plan.num_tokens == 4
-    assert plan.new_token_index.tolist() == [0, 1, 2, 3]
-    assert plan.new_block.tolist() == [8, 8, 8, 4]
-    assert plan.new_offset.tolist() == [1, 2, 3, 0]
-    assert plan.pages(1).tolist() == [2, 3, 4]
-    assert (plan.max_query_len, plan.max_seq_len) == (3, 9)
+    assert (plan.max_query_len, plan.max_seq_len, plan.num_page_refs) == (3, 9, 5)
+    assert plan.home.block_table.tolist() == [[7, 8, 99], [2, 3, 4]]
+    assert plan.page_in_use.tolist() == [[True, True, False], [True, True, True]]
+    assert plan.new_slots.tolist() == [33, 34, 35, 16]
+    # Token rows of block b, offset o: K at b * 8 + o, V 4 rows later.
+    assert plan.home.new_rows.tolist() == [65, 69, 66, 70, 67, 71, 32, 36]
+
+
+def test_staging_packs_the_pages_in_use_in_id_order():
+    plan = example_plan()
+    staging = stage_pages(plan, num_blocks=100)
+    assert staging.load_pages.tolist() == [2, 3, 4, 7, 8]  # 99 is past request 0's pages
+    in_use = plan.page_in_use
+    assert staging.table.block_table[in_use].tolist() == [3, 4, 0, 1, 2]
+    # Block 8 sits at position 4, block 4 at position 2.
+    assert staging.table.new_rows.tolist() == [33, 37, 34, 38, 35, 39, 16, 20]
+
+
+def test_shared_pages_load_once():
+    plan = build_step_plan(
+        query_start_loc=torch.tensor([0, 1, 2]), seq_lens=torch.tensor([8, 8]),
+        block_table=torch.tensor([[5, 6], [5, 9]]), slot_mapping=torch.tensor([27, 39]),
+        block_size=4, device="cpu",
+    )
+    staging = stage_pages(plan, num_blocks=12)
+    # Four page references, three distinct pages: the spare position reloads block 0, unread.
+    assert staging.load_pages.tolist() == [5, 6, 9, 0]
+    assert staging.table.block_table.tolist() == [[0, 1], [0, 2]]
 
 
 def test_plan_refuses_inconsistent_lengths():
@@ -34,5 +54,11 @@ def test_plan_refuses_inconsistent_lengths():
         build_step_plan(
             query_start_loc=torch.tensor([0, 5]), seq_lens=torch.tensor([4]),
             block_table=torch.tensor([[0]]), slot_mapping=torch.zeros(5, dtype=torch.int64),
+            block_size=4, device="cpu",
+        )
+    with pytest.raises(ValueError, match="fewer pages"):
+        build_step_plan(
+            query_start_loc=torch.tensor([0, 1]), seq_lens=torch.tensor([5]),
+            block_table=torch.tensor([[0]]), slot_mapping=torch.zeros(1, dtype=torch.int64),
             block_size=4, device="cpu",
         )

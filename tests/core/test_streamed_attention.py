@@ -104,3 +104,13 @@ def test_out_of_order_layers_are_refused():
     query = torch.zeros(1, 4, 64)
     with pytest.raises(RuntimeError, match="out of order"):
         scenario.attention.forward(1, query, query, query, query.clone())
+
+
+def test_decode_batches_bound_the_padding():
+    from headinfer_vllm.core.kernels import decode_batches
+    from headinfer_vllm.core.plan import RequestSpan
+
+    spans = [RequestSpan(0, 1, 512), RequestSpan(1, 1, 500), RequestSpan(2, 30, 600),
+             RequestSpan(32, 1, 11), RequestSpan(33, 1, 13), RequestSpan(34, 1, 5000)]
+    # The prefill (index 2) is no decode; each request is padded to at most twice its length.
+    assert decode_batches(tuple(spans)) == [[5], [0, 1], [3, 4]]

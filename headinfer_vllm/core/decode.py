@@ -1,0 +1,163 @@
+"""A step's decode tokens (query length 1), attended together: one batched product per unit.
+
+For ``R`` decode requests of at most ``L`` tokens and a unit of ``H`` KV heads::
+
+    queries [H * R, q_per_kv, D] @ keys^T [H * R, D, L]  ->  scores [H * R, q_per_kv, L]
+    softmax(scores, padding -> -inf) @ values [H * R, L, D]  ->  outputs [H * R, q_per_kv, D]
+
+Batch entry ``h * R + r`` is KV head ``h`` of request ``r``. Keys and values
+come from the unit's token rows (see :mod:`headinfer_vllm.core.plan`) with one
+gather whose index is built once per step and page table. Queries are
+gathered and scaled once per layer, outputs scattered once per layer. Half
+precision is computed in float32, as torch's own math attention does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from headinfer_vllm.core.plan import PageTable, StepPlan, to_device
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DecodeGather:
+    """Per step, page table and head count: where the decode K/V come from, and buffers."""
+
+    index: torch.Tensor
+    """shape: [2 * H * R * L, D], int64 (an expanded view): head row of each K, then V, element."""
+    gathered: torch.Tensor
+    """shape: [2 * H * R * L, D], the cache dtype: the gather's output."""
+    widened: torch.Tensor | None
+    """shape: [2, H * R, L, D], float32: ``gathered`` widened, for half-precision caches."""
+    keys_t: torch.Tensor
+    """shape: [H * R, D, L]."""
+    values: torch.Tensor
+    """shape: [H * R, L, D]."""
+    scores: torch.Tensor
+    """shape: [H * R, q_per_kv, L]."""
+    padding: torch.Tensor | None
+    """shape: [H * R, 1, L], bool: key positions past a request's sequence; None when none are."""
+
+
+class DecodeBatch:
+    """The decode requests of one step."""
+
+    def __init__(self, plan: StepPlan, requests: list[int], *, query_per_kv: int, compute_dtype: torch.dtype) -> None:
+        device = plan.seq_lens.device
+        spans = [plan.requests[index] for index in requests]
+        self.block_size = plan.block_size
+        self.query_per_kv = query_per_kv
+        self.compute_dtype = compute_dtype
+        self.max_len = max(span.seq_len for span in spans)
+        self.requests = to_device(torch.tensor(requests), torch.int64, device)
+        self.batch_rows = to_device(torch.tensor([span.query_start for span in spans]), torch.int64, device)
+        # batch_rows: [R], the batch row of each request's token
+        seq_lens = plan.seq_lens[self.requests].long()[:, None]
+        positions = torch.arange(self.max_len, device=device)
+        # Past a sequence, positions repeat its last token: finite keys and values, masked out.
+        self.positions = torch.minimum(positions, seq_lens - 1)  # [R, L]
+        short = any(span.seq_len < self.max_len for span in spans)
+        self.padding = positions >= seq_lens if short else None  # [R, L]
+        first = spans[0].query_start
+        consecutive = all(span.query_start == first + index for index, span in enumerate(spans))
+        self._batch_slice = slice(first, first + len(spans)) if consecutive else None
+        """``batch_rows`` as a slice when they are consecutive (as when decodes come first)."""
+        self._scale: torch.Tensor | None = None
+        self._queries: torch.Tensor | None = None
+        """shape: [num_kv_heads, R, q_per_kv, D]: this layer's scaled decode queries."""
+        self._outputs: torch.Tensor | None = None
+        """Same shape: this layer's decode outputs."""
+        self._queries_by_request: torch.Tensor | None = None
+        self._outputs_by_request: torch.Tensor | None = None
+        self._heads: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._gathers: dict[tuple[PageTable, int], DecodeGather] = {}
+
+    def load_queries(self, query: torch.Tensor, scale: float) -> None:
+        """Take this layer's decode queries from ``query [T, num_query_heads, D]``, scaled."""
+        if self._queries is None:
+            self._allocate(query, scale)
+        assert self._queries_by_request is not None
+        rows = self._batch_slice
+        selected = query[rows] if rows is not None else query.index_select(0, self.batch_rows)
+        torch.mul(selected.view(self._queries_by_request.shape), self._scale, out=self._queries_by_request)
+
+    def _allocate(self, query: torch.Tensor, scale: float) -> None:
+        num_requests, (_, num_query_heads, head_dim) = self.batch_rows.numel(), query.shape
+        shape = (num_query_heads // self.query_per_kv, num_requests, self.query_per_kv, head_dim)
+        self._queries = torch.empty(shape, dtype=self.compute_dtype, device=query.device)
+        self._outputs = torch.empty_like(self._queries)
+        self._queries_by_request = self._queries.transpose(0, 1)
+        self._outputs_by_request = self._outputs.transpose(0, 1)
+        # *_by_request: [R, num_kv_heads, q_per_kv, D] views
+        self._scale = torch.full((), scale, dtype=self.compute_dtype, device=query.device)
+
+    def attend(self, first_head: int, head_rows: torch.Tensor, heads: int, table: PageTable) -> None:
+        """Attend KV heads ``first_head .. first_head + heads``, a unit seen as ``head_rows [N * 2 * B * heads, D]``."""
+        gather = self._gather(table, heads, head_rows)
+        queries, outputs = self._head_views(first_head, heads)
+        torch.gather(head_rows, 0, gather.index, out=gather.gathered)
+        if gather.widened is not None:
+            gather.widened.copy_(gather.gathered.view(gather.widened.shape))
+        torch.bmm(queries, gather.keys_t, out=gather.scores)
+        if gather.padding is not None:
+            gather.scores.masked_fill_(gather.padding, float("-inf"))
+        torch.bmm(torch.softmax(gather.scores, dim=-1), gather.values, out=outputs)
+
+    def store_outputs(self, out: torch.Tensor) -> None:
+        """Write this layer's decode outputs into their rows of ``out [T, num_query_heads, D]``."""
+        by_request = self._outputs_by_request
+        assert by_request is not None
+        rows = self._batch_slice
+        if rows is not None:
+            out[rows].view(by_request.shape).copy_(by_request)
+        else:
+            out.view(-1, *by_request.shape[1:]).index_copy_(0, self.batch_rows, by_request.to(out.dtype))
+
+    def _head_views(self, first_head: int, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries and outputs ``[heads * R, q_per_kv, D]`` of a head range (views, made once per step)."""
+        views = self._heads.get((first_head, heads))
+        if views is None:
+            assert self._queries is not None and self._outputs is not None
+            shape = (-1, self.query_per_kv, self._queries.shape[-1])
+            chosen = slice(first_head, first_head + heads)
+            views = self._queries[chosen].view(shape), self._outputs[chosen].view(shape)
+            self._heads[(first_head, heads)] = views
+        return views
+
+    def _gather(self, table: PageTable, heads: int, head_rows: torch.Tensor) -> DecodeGather:
+        gather = self._gathers.get((table, heads))
+        if gather is None:
+            gather = self._plan_gather(table, heads, head_rows)
+            self._gathers[(table, heads)] = gather
+        return gather
+
+    def _plan_gather(self, table: PageTable, heads: int, head_rows: torch.Tensor) -> DecodeGather:
+        block_size, device = self.block_size, head_rows.device
+        head_dim = head_rows.shape[1]
+        pages = table.block_table[self.requests].long().gather(1, self.positions // block_size)
+        key_rows = pages * (2 * block_size) + self.positions % block_size  # [R, L]
+        token_rows = torch.stack((key_rows, key_rows + block_size))  # [2, R, L]
+        source_rows = token_rows[:, None] * heads + torch.arange(heads, device=device)[:, None, None]
+        # source_rows: [2, H, R, L], rows of head_rows
+        index = source_rows.flatten()[:, None].expand(-1, head_dim)
+        gathered = torch.empty(index.shape, dtype=head_rows.dtype, device=device)
+        batch = (2, -1, self.max_len, head_dim)
+        widened = None
+        if head_rows.dtype != self.compute_dtype:
+            widened = torch.empty(index.shape, dtype=self.compute_dtype, device=device).view(batch)
+        keys_values = widened if widened is not None else gathered.view(batch)
+        num_batch = keys_values.shape[1]
+        padding = None if self.padding is None else self.padding.repeat(heads, 1)[:, None]
+        return DecodeGather(
+            index=index,
+            gathered=gathered,
+            widened=widened,
+            keys_t=keys_values[0].transpose(1, 2),
+            values=keys_values[1],
+            scores=torch.empty(
+                (num_batch, self.query_per_kv, self.max_len), dtype=self.compute_dtype, device=device
+            ),
+            padding=padding,
+        )
