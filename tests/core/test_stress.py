@@ -77,25 +77,32 @@ def test_streamed_equals_resident_bitwise(device):
 
 
 @pytest.mark.cuda
-def test_per_head_loop_never_synchronizes_the_host():
+def test_step_with_device_tables_never_synchronizes_the_host():
+    """Plan, staging map, loads, writes and attention, from vLLM-style device tables, without a host sync."""
     layout = KVLayout(4, 8, 128, 16, 512, 2, torch.bfloat16)
-    engine = make_engine(layout, True, "cuda")
-    assert engine.store.host.is_pinned()
+    streamed, resident = make_engine(layout, True, "cuda"), make_engine(layout, False, "cuda")
+    assert streamed.store.host.is_pinned()
+    streamed.store.host.zero_()  # the histories are zeros in both engines
     lengths = [3000, 1000]
-    table = torch.arange(512).reshape(2, 256)
-    plan = build_step_plan(
-        query_start_loc=torch.tensor([0, 2000, 2001]), seq_lens=torch.tensor(lengths),
-        block_table=table, slot_mapping=torch.cat([torch.arange(1000, 3000), torch.tensor([256 * 16 + 999])]),
-        block_size=16, device="cuda",
-    )
+    table = torch.arange(512).view(256, 2).t().contiguous()  # interleaved: blocks 0, 2, 4, ... and 1, 3, 5, ...
+    positions = [range(1000, 3000), range(999, 1000)]
+    slots = torch.tensor([int(table[r, p // 16]) * 16 + p % 16 for r in range(2) for p in positions[r]])
+    device_table, device_slots = table.cuda(), slots.cuda()
     q = torch.randn(2001, 32, 128, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(2001, 8, 128, device="cuda", dtype=torch.bfloat16)
+    outputs = {}
+    for name, engine in (("streamed", streamed), ("resident", resident)):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            plan = build_step_plan(
+                query_start_loc=torch.tensor([0, 2000, 2001]), seq_lens=torch.tensor(lengths),
+                block_table=device_table, slot_mapping=device_slots, block_size=16, device="cuda",
+            )
+            engine.begin_step(plan)
+            outputs[name] = [engine.forward(layer, q, k, k, torch.empty_like(q)) for layer in range(layout.num_layers)]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        engine.begin_step(plan)
-        for layer in range(layout.num_layers):
-            engine.forward(layer, q, k, k, torch.empty_like(q))
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
+    for got, want in zip(outputs["streamed"], outputs["resident"], strict=True):
+        assert torch.equal(got, want)
