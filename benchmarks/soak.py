@@ -11,13 +11,17 @@ groups), also when it fails or is interrupted.
    enough that vLLM preempts requests. The load, ``--concurrency`` requests
    in flight (default 32), in phases:
 
-   - ``warmup``, then ``mixed``: completions and chat, streaming and not,
-     greedy, and seeded sampling with n=1 or n=2; random ``max_tokens``;
-     prompts from 1 token to the whole context (prefixes of a few shared
-     documents, so the prefix cache hits); clients that close the connection
-     mid-stream; requests that must be refused with a 4xx (a prompt over
-     ``max_model_len``, ``max_tokens`` over it, greedy with n=2);
-   - ``burst``: 50 streams opened at once and closed at once mid-stream;
+   - ``warmup`` (the first 100 requests; 20 in the short mode), then
+     ``mixed``: completions and chat, streaming and not, greedy, and seeded
+     sampling with n=1 or n=2; random ``max_tokens``; prompts from 1 token
+     to the whole context (prefixes of a few shared documents, so the prefix
+     cache hits); clients that close the connection mid-stream; requests
+     that must be refused with a 4xx (a prompt over ``max_model_len``, or
+     filling it, ``max_tokens`` over it, greedy with n=2). The warm-up
+     starts with 12 long greedy generations sent together, which need about
+     three times the cache: vLLM must preempt;
+   - ``burst``: 50 streams opened at once and closed at once, some
+     mid-stream, the others while waiting for the cache;
    - ``POST /reset_prefix_cache``, then ``repeat``: earlier greedy requests
      again, which must give the same tokens as the first time.
 
@@ -41,7 +45,7 @@ requests in flight over time) to ``--out``, and both servers' logs.
 
     python benchmarks/soak.py                       # long mode: 500 requests
     python benchmarks/soak.py --short               # CI: about 100 requests, a few minutes
-    python benchmarks/soak.py --out benchmarks/results --requests 600
+    python benchmarks/soak.py --backend stock --no-stock   # the same soak on vLLM's own backend
 """
 
 from __future__ import annotations
@@ -73,6 +77,8 @@ STARTUP_TIMEOUT = 300.0
 SHUTDOWN_GRACE = 20.0
 BURST = 50
 """Streams opened, and closed mid-stream, at once."""
+PRESSURE = 12
+"""Long greedy generations sent together at the start, more than the small cache holds: preemption."""
 CHAT_OVERHEAD = len("<|user|>") + len("\n") + len("<|assistant|>")
 """Tokens the tiny models' chat template (tiny_models.CHAT_TEMPLATE) adds around one user message."""
 ALPHABET = string.ascii_letters + string.digits + string.punctuation + " "
@@ -101,11 +107,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="the backend under soak; 'stock' runs the same soak on vLLM's own backend, with no "
                              "comparison (to tell the plugin's behaviour from vLLM's)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/out"))
+    parser.add_argument("--note", default="", help="free text kept in the JSON (conditions of the run)")
     args = parser.parse_args(argv)
     args.requests = args.requests or (100 if args.short else 500)
     args.time_limit = args.time_limit or (600.0 if args.short else 2400.0)
-    if args.requests < BURST + 20:
-        parser.error(f"--requests must be at least {BURST + 20} (the burst is {BURST})")
+    if args.requests < 100:
+        parser.error("--requests must be at least 100")
     if args.concurrency < 1 or args.max_model_len < 64 or args.kv_blocks < 2:
         parser.error("--concurrency must be >= 1, --max-model-len >= 64, --kv-blocks >= 2")
     return args
@@ -132,6 +139,7 @@ class Spec:
     seed: int | None = None
     abort_after: int | None = None
     repeat_of: int | None = None
+    ignore_eos: bool = False
 
     @property
     def expect_4xx(self) -> bool:
@@ -151,6 +159,8 @@ class Spec:
                 "stream": self.stream, "return_token_ids": True}
         if self.seed is not None:
             body["seed"] = self.seed
+        if self.ignore_eos:
+            body["ignore_eos"] = True
         if self.stream:
             body["stream_options"] = {"include_usage": True}
         if self.endpoint == "chat":
@@ -227,6 +237,18 @@ class Workload:
             specs.append(spec)
         return specs
 
+    def pressure(self, phase: str, count: int) -> list[Spec]:
+        """Greedy requests that together need about three times the cache: ~120-token prompts and 250 output
+        tokens (no end-of-sequence stop), sent together, so vLLM must preempt some, and their tokens are
+        still compared with the stock server's."""
+        specs = []
+        for i in range(count):
+            endpoint = "chat" if i % 2 else "completions"
+            overhead = CHAT_OVERHEAD if endpoint == "chat" else 0
+            specs.append(Spec(self._rid(), phase, "normal", endpoint, self.text(self.rng.randint(100, 126) - overhead),
+                              max_tokens=250, stream=i % 4 < 2, ignore_eos=True))
+        return specs
+
     def bad(self, rid: int, phase: str, endpoint: str) -> Spec:
         """A request vLLM must refuse with a 4xx."""
         why = self.rng.choice(["prompt_over_max_model_len", "prompt_fills_max_model_len", "max_tokens_over",
@@ -246,13 +268,15 @@ class Workload:
                     stream=self.rng.random() < 0.5, n=n)
 
     def burst(self, count: int) -> list[Spec]:
-        """Prompts just under one 128-token block: a few output tokens later each needs a second block."""
+        """Prompts just under one 128-token block: a few output tokens later each needs a second block,
+        and the small cache preempts. No end-of-sequence stop: every stream is still open when closed."""
         specs = []
         for i in range(count):
             endpoint = "chat" if i % 2 else "completions"
             overhead = CHAT_OVERHEAD if endpoint == "chat" else 0
             specs.append(Spec(self._rid(), "burst", "burst", endpoint,
-                              self.text(self.rng.randint(100, 126) - overhead), max_tokens=512, stream=True))
+                              self.text(self.rng.randint(100, 126) - overhead), max_tokens=512, stream=True,
+                              ignore_eos=True))
         return specs
 
     def repeats(self, originals: list[Spec], count: int) -> list[Spec]:
@@ -577,15 +601,16 @@ async def run_phase(client: Client, specs: list[Spec], concurrency: int) -> list
 
 
 async def run_burst(client: Client, specs: list[Spec]) -> tuple[list[Result], dict]:
-    """Open all streams at once; once every one is open (or has failed) and 10 are streaming tokens (or after
-    30 s), close every open one at once: some mid-stream, the others still waiting for the small KV cache."""
+    """Open all streams at once; once every one is open (or has failed), 10 are streaming tokens and 4 s have
+    passed (or after 30 s), close every open one at once: some mid-stream, the others still waiting for the
+    small KV cache."""
     opened: list = []
     tasks = [asyncio.ensure_future(client.send(s, on_open=lambda r, res: opened.append((r, res)))) for s in specs]
     start = time.monotonic()
     while time.monotonic() - start < 30 and not all(t.done() for t in tasks):
         with_tokens = sum(res.first_token is not None for _, res in opened)
         settled = len(opened) + sum(t.done() for t in tasks) >= len(specs)
-        if settled and with_tokens >= min(10, len(specs)):
+        if settled and with_tokens >= min(10, len(specs)) and time.monotonic() - start >= 4:
             break
         await asyncio.sleep(0.05)
     closed = 0
@@ -837,7 +862,7 @@ class Soak:
         results: list[Result] = []
         t0 = time.monotonic()
         try:
-            warmup = workload.mixed("warmup", n_warmup)
+            warmup = workload.pressure("warmup", PRESSURE) + workload.mixed("warmup", n_warmup - PRESSURE)
             phases["warmup"] = client.now()
             self.say(f"{server.name}: warm-up, {len(warmup)} requests at {args.concurrency} in flight")
             results += await self.timed("warm-up", run_phase(client, warmup, args.concurrency))
@@ -1032,7 +1057,9 @@ def main(argv: list[str]) -> int:
         soak.report.update(
             command=shlex.join([sys.executable, *sys.argv]) if argv is sys.argv[1:] else shlex.join(argv),
             date=datetime.datetime.now().isoformat(timespec="seconds"),
-            machine={"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+            machine={"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                     "load_average_at_start": os.getloadavg()},
+            code=code_version(), note=args.note,
             config={"requests": args.requests, "warmup": n_warmup, "mixed": n_mixed, "burst": BURST,
                     "repeats": n_repeats, "concurrency": args.concurrency, "max_model_len": args.max_model_len,
                     "kv_blocks": args.kv_blocks, "family": args.family, "dtype": "float32", "seed": args.seed,
@@ -1068,6 +1095,21 @@ def main(argv: list[str]) -> int:
         print(f"[soak] plot failed: {error}", file=sys.stderr)
     print_summary(soak.report, out_json)
     return 1 if soak.violations else 0
+
+
+def code_version() -> dict:
+    """Where headinfer_vllm was imported from, and its git commit when that is a checkout."""
+    import headinfer_vllm
+
+    root = pathlib.Path(headinfer_vllm.__file__).resolve().parents[1]
+    info: dict = {"headinfer_vllm": str(root)}
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                        timeout=10, check=True).stdout.strip()
+        info["uncommitted_changes"] = bool(subprocess.run(
+            ["git", "status", "--porcelain", "--", "headinfer_vllm"], cwd=root, capture_output=True, text=True,
+            timeout=10, check=True).stdout.strip())
+    return info
 
 
 def _installed(metadata, name: str) -> bool:
