@@ -7,9 +7,10 @@ For ``R`` decode requests of at most ``L`` tokens and a unit of ``H`` KV heads::
 
 Batch entry ``h * R + r`` is KV head ``h`` of request ``r``. Keys and values
 come from the unit's token rows (see :mod:`headinfer_vllm.core.plan`) with one
-gather whose index is built once per step and page table. Queries are
-gathered and scaled once per layer, outputs scattered once per layer. Half
-precision is computed in float32, as torch's own math attention does.
+gather, whose index is built once per step and page table, into buffers made
+once per step and head count. Queries are gathered and scaled once per
+layer, outputs scattered once per layer. Half precision is computed in
+float32, as torch's own math attention does.
 """
 
 from __future__ import annotations
@@ -22,11 +23,9 @@ from headinfer_vllm.core.plan import PageTable, StepPlan, to_device
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class DecodeGather:
-    """Per step, page table and head count: where the decode K/V come from, and buffers."""
+class DecodeBuffers:
+    """Per step and head count ``H``: where a unit's decode K/V and scores go (shared by page tables)."""
 
-    index: torch.Tensor
-    """shape: [2 * H * R * L, D], int64 (an expanded view): head row of each K, then V, element."""
     gathered: torch.Tensor
     """shape: [2 * H * R * L, D], the cache dtype: the gather's output."""
     widened: torch.Tensor | None
@@ -72,7 +71,8 @@ class DecodeBatch:
         self._queries_by_request: torch.Tensor | None = None
         self._outputs_by_request: torch.Tensor | None = None
         self._heads: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._gathers: dict[tuple[PageTable, int], DecodeGather] = {}
+        self._indices: dict[tuple[PageTable, int], torch.Tensor] = {}
+        self._buffers: dict[int, DecodeBuffers] = {}
 
     def load_queries(self, query: torch.Tensor, scale: float) -> None:
         """Take this layer's decode queries from ``query [T, num_query_heads, D]``, scaled."""
@@ -95,15 +95,16 @@ class DecodeBatch:
 
     def attend(self, first_head: int, head_rows: torch.Tensor, heads: int, table: PageTable) -> None:
         """Attend KV heads ``first_head .. first_head + heads``, a unit seen as ``head_rows [N * 2 * B * heads, D]``."""
-        gather = self._gather(table, heads, head_rows)
+        index = self._index(table, heads, head_rows)
+        buffers = self._buffers.get(heads) or self._allocate_buffers(heads, head_rows)
         queries, outputs = self._head_views(first_head, heads)
-        torch.gather(head_rows, 0, gather.index, out=gather.gathered)
-        if gather.widened is not None:
-            gather.widened.copy_(gather.gathered.view(gather.widened.shape))
-        torch.bmm(queries, gather.keys_t, out=gather.scores)
-        if gather.padding is not None:
-            gather.scores.masked_fill_(gather.padding, float("-inf"))
-        torch.bmm(torch.softmax(gather.scores, dim=-1), gather.values, out=outputs)
+        torch.gather(head_rows, 0, index, out=buffers.gathered)
+        if buffers.widened is not None:
+            buffers.widened.copy_(buffers.gathered.view(buffers.widened.shape))
+        torch.bmm(queries, buffers.keys_t, out=buffers.scores)
+        if buffers.padding is not None:
+            buffers.scores.masked_fill_(buffers.padding, float("-inf"))
+        torch.bmm(torch.softmax(buffers.scores, dim=-1), buffers.values, out=outputs)
 
     def store_outputs(self, out: torch.Tensor) -> None:
         """Write this layer's decode outputs into their rows of ``out [T, num_query_heads, D]``."""
@@ -126,38 +127,37 @@ class DecodeBatch:
             self._heads[(first_head, heads)] = views
         return views
 
-    def _gather(self, table: PageTable, heads: int, head_rows: torch.Tensor) -> DecodeGather:
-        gather = self._gathers.get((table, heads))
-        if gather is None:
-            gather = self._plan_gather(table, heads, head_rows)
-            self._gathers[(table, heads)] = gather
-        return gather
+    def _index(self, table: PageTable, heads: int, head_rows: torch.Tensor) -> torch.Tensor:
+        """``[2 * H * R * L, D]`` (an expanded view): the row of ``head_rows`` of each K, then V, element."""
+        index = self._indices.get((table, heads))
+        if index is None:
+            block_size, device = self.block_size, head_rows.device
+            pages = table.block_table[self.requests].long().gather(1, self.positions // block_size)
+            key_rows = pages * (2 * block_size) + self.positions % block_size  # [R, L]
+            token_rows = torch.stack((key_rows, key_rows + block_size))  # [2, R, L]
+            source_rows = token_rows[:, None] * heads + torch.arange(heads, device=device)[:, None, None]
+            # source_rows: [2, H, R, L]
+            index = source_rows.flatten()[:, None].expand(-1, head_rows.shape[1])
+            self._indices[(table, heads)] = index
+        return index
 
-    def _plan_gather(self, table: PageTable, heads: int, head_rows: torch.Tensor) -> DecodeGather:
-        block_size, device = self.block_size, head_rows.device
-        head_dim = head_rows.shape[1]
-        pages = table.block_table[self.requests].long().gather(1, self.positions // block_size)
-        key_rows = pages * (2 * block_size) + self.positions % block_size  # [R, L]
-        token_rows = torch.stack((key_rows, key_rows + block_size))  # [2, R, L]
-        source_rows = token_rows[:, None] * heads + torch.arange(heads, device=device)[:, None, None]
-        # source_rows: [2, H, R, L], rows of head_rows
-        index = source_rows.flatten()[:, None].expand(-1, head_dim)
-        gathered = torch.empty(index.shape, dtype=head_rows.dtype, device=device)
-        batch = (2, -1, self.max_len, head_dim)
+    def _allocate_buffers(self, heads: int, head_rows: torch.Tensor) -> DecodeBuffers:
+        device, head_dim = head_rows.device, head_rows.shape[1]
+        shape = (2, heads * self.batch_rows.numel(), self.max_len, head_dim)
+        gathered = torch.empty(shape, dtype=head_rows.dtype, device=device)
         widened = None
         if head_rows.dtype != self.compute_dtype:
-            widened = torch.empty(index.shape, dtype=self.compute_dtype, device=device).view(batch)
-        keys_values = widened if widened is not None else gathered.view(batch)
-        num_batch = keys_values.shape[1]
-        padding = None if self.padding is None else self.padding.repeat(heads, 1)[:, None]
-        return DecodeGather(
-            index=index,
-            gathered=gathered,
+            widened = torch.empty_like(gathered, dtype=self.compute_dtype)
+        keys_values = gathered if widened is None else widened
+        buffers = DecodeBuffers(
+            gathered=gathered.view(-1, head_dim),
             widened=widened,
             keys_t=keys_values[0].transpose(1, 2),
             values=keys_values[1],
             scores=torch.empty(
-                (num_batch, self.query_per_kv, self.max_len), dtype=self.compute_dtype, device=device
+                (shape[1], self.query_per_kv, self.max_len), dtype=self.compute_dtype, device=device
             ),
-            padding=padding,
+            padding=None if self.padding is None else self.padding.repeat(heads, 1)[:, None],
         )
+        self._buffers[heads] = buffers
+        return buffers
