@@ -1055,7 +1055,7 @@ def main(argv: list[str]) -> int:
         model = save_tiny_model(pathlib.Path(tmp) / "model", args.family, with_tokenizer=True)
         soak = Soak(args, pathlib.Path(tmp))
         soak.report.update(
-            command=shlex.join([sys.executable, *sys.argv]) if argv is sys.argv[1:] else shlex.join(argv),
+            command=shlex.join(["python", "benchmarks/soak.py", *argv]),
             date=datetime.datetime.now().isoformat(timespec="seconds"),
             machine={"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                      "load_average_at_start": os.getloadavg()},
