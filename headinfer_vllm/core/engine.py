@@ -96,8 +96,9 @@ class StreamedAttention:
         group_size = store.layout.head_group_size
         if key.shape[0] != plan.num_tokens:
             key, value = key[: plan.num_tokens], value[: plan.num_tokens]
-        new_kv = torch.stack((key, value), dim=1).view(-1, *key.shape[1:])
-        # new_kv: [num_tokens * 2, num_kv_heads, head_dim], rows K, V of each new token
+        # [T, Hkv, D] twice -> [T, 2 * Hkv, D], the memory of [T, 2, Hkv, D]: rows K, V of each token.
+        new_kv = torch.cat((key, value), dim=1).view(-1, *key.shape[1:])
+        # new_kv: [num_tokens * 2, num_kv_heads, head_dim]
         runs = store.resident_runs(layer)
         for run in runs:
             heads = slice(run.first_group * group_size, run.first_group * group_size + run.views.token_rows.shape[1])

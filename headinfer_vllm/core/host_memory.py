@@ -3,7 +3,7 @@
 On CUDA the host tier is registered with ``cudaHostRegisterPortable |
 cudaHostRegisterMapped``, so a kernel can read and write it directly over the
 link (zero-copy, through unified virtual addressing). :func:`device_view`
-wraps that memory as a CUDA tensor, which lets one ``torch.gather`` load any
+wraps that memory as a CUDA tensor, which lets one ``index_select`` load any
 list of pages, however fragmented, in one launch. On CPU the host tensor is
 its own device view.
 """
@@ -73,6 +73,14 @@ def _unregister(pointer: int) -> None:
     torch.cuda.cudart().cudaHostUnregister(pointer)
 
 
+def indexed(device: torch.device | str) -> torch.device:
+    """``device`` with its index: a bare ``cuda`` is the current CUDA device (tensors report ``cuda:N``)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def device_view(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``host`` as a tensor on ``device`` without a copy: the host tensor itself on CPU.
 
@@ -82,6 +90,7 @@ def device_view(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """
     if device.type != "cuda" or host.numel() == 0:
         return host
+    device = indexed(device)
     nbytes = host.numel() * host.element_size()
     with torch.cuda.device(device):
         pointer = _mapped_device_pointer(host.data_ptr())

@@ -7,7 +7,7 @@
 
 Streamed units attend through the block table remapped to these positions;
 resident units keep the block ids. However vLLM interleaves the block ids of
-concurrent requests, a unit loads with one gather. The map is computed once
+concurrent requests, a unit loads with one ``index_select``. The map is computed once
 per step by device operations that never wait for the device: a bitmap of
 the pages in use over all block ids, its running count for the positions,
 and ``torch.nonzero_static`` with a size known on the host for the list of

@@ -9,9 +9,10 @@ a kernel on one copy stream that addresses the mapped host tier directly::
     compute:     attend i ------------> attend i+1 ------------> ...  (waits loaded[b])
                         \\ released[b]
 
-- A load is one gather, whatever the fragmentation of the step's pages: the
-  distinct pages (:mod:`headinfer_vllm.core.staging`) go from the host tier to
-  the front of the staging buffer.
+- A load is one ``index_select`` of whole pages (as 8-byte words where they
+  tile), whatever the fragmentation of the step's pages: the distinct pages
+  (:mod:`headinfer_vllm.core.staging`) go from the host tier to the front of
+  the staging buffer.
 - A layer's new K/V go to the host pages of all its streamed units in one
   launch. Loads issued after it read them; a unit loaded before it (the first
   units of a layer, prefetched during the previous layer) is *stale*, and the
@@ -48,22 +49,30 @@ def as_words(tensor: torch.Tensor) -> torch.Tensor:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class HostLayer:
-    """The host pages of one layer's streamed units, as words: the target of its new tokens."""
+    """The host pages of one layer's streamed units (consecutive in the host tier), as words."""
 
     rows: torch.Tensor
-    """shape: [units, N * 2 * B, row words]: token rows of each unit (see ``plan``)."""
-    groups: slice | torch.Tensor
-    """The layer's streamed head groups, as an index of dimension 1 of ``[T * 2, groups, row words]``."""
-    unit_index: torch.Tensor
-    """shape: [units, 1], dtype: int64: ``0 .. units - 1``."""
+    """shape: [units * N * 2 * B, row words]: the token rows (see ``plan``) of each unit in turn."""
+    num_units: int
+    groups: slice | torch.Tensor | None
+    """The layer's streamed head groups, indexing dimension 1 of ``[T * 2, groups, row words]``; None: all."""
     head_group_size: int
 
-    def write(self, new_kv: torch.Tensor, new_rows: torch.Tensor) -> None:
-        """Store ``new_kv [T * 2, num_kv_heads, D]`` (K, V rows of each new token) at ``new_rows [T * 2]``."""
-        num_rows, num_kv_heads, _ = new_kv.shape
-        tokens = as_words(new_kv.view(num_rows, num_kv_heads // self.head_group_size, -1))
-        # tokens: [T * 2, all groups, row words]
-        self.rows.index_put_((self.unit_index, new_rows), tokens[:, self.groups].transpose(0, 1))
+    def unit_rows(self, new_rows: torch.Tensor) -> torch.Tensor:
+        """``[T * 2 * units]``: each of ``new_rows [T * 2]`` in each unit in turn."""
+        rows_per_unit = self.rows.shape[0] // self.num_units
+        offsets = torch.arange(self.num_units, device=new_rows.device) * rows_per_unit
+        return (new_rows[:, None] + offsets).flatten()
+
+    def write(self, new_kv: torch.Tensor, unit_rows: torch.Tensor) -> None:
+        """Store ``new_kv [T * 2, num_kv_heads, D]`` (K, V rows of each new token) at ``unit_rows``."""
+        num_rows, num_kv_heads, head_dim = new_kv.shape
+        if self.groups is None:  # every group of the layer: [T * 2 * groups, row words] is a view
+            tokens = as_words(new_kv.view(-1, self.head_group_size * head_dim))
+        else:
+            tokens = as_words(new_kv.view(num_rows, num_kv_heads // self.head_group_size, -1))[:, self.groups]
+            tokens = tokens.reshape(-1, tokens.shape[-1])  # [T * 2 * units, row words]
+        self.rows.index_copy_(0, unit_rows, tokens)
 
 
 class TransferScheduler:
@@ -90,8 +99,10 @@ class TransferScheduler:
             self._new_tokens_ready = torch.cuda.Event()
             self._loaded = [torch.cuda.Event() for _ in range(num_buffers)]
             self._released = [torch.cuda.Event() for _ in range(num_buffers)]
-        self._page_index: torch.Tensor | None = None
-        """shape: [num_loads, page words], int64: the step's pages to load (an expanded view)."""
+        self._load_pages = torch.empty(0, dtype=torch.int64)
+        """shape: [num_loads], int64: the step's pages to load."""
+        self._unit_rows: dict[int, torch.Tensor] = {}
+        """Per count of streamed units in a layer, where this step's new tokens go (``HostLayer.unit_rows``)."""
         self._targets: list[torch.Tensor] = []
         """Per buffer, its first ``num_loads`` pages as words."""
         self._fresh = [False] * num_buffers
@@ -104,27 +115,29 @@ class TransferScheduler:
         """Last layer of this step whose new tokens went home."""
 
     def _host_layer(self, layer: int) -> HostLayer | None:
-        store = self.store
+        store, layout = self.store, self.store.layout
         groups = store.streamed_groups(layer)
         if not groups:
             return None
         first = store.host_index(layer, groups[0])
-        layout = store.layout
         units = store.host_on_device[first : first + len(groups)]
-        rows = as_words(units.reshape(len(groups), -1, layout.head_group_size * layout.head_dim))
-        consecutive = groups == tuple(range(groups[0], groups[0] + len(groups)))
-        index = slice(groups[0], groups[0] + len(groups)) if consecutive else torch.tensor(groups, device=store.device)
-        unit_index = torch.arange(len(groups), device=store.device)[:, None]
-        return HostLayer(rows, index, unit_index, layout.head_group_size)
+        rows = as_words(units.view(-1, layout.head_group_size * layout.head_dim))
+        if len(groups) == layout.num_groups:
+            index = None
+        elif groups == tuple(range(groups[0], groups[0] + len(groups))):
+            index = slice(groups[0], groups[0] + len(groups))
+        else:
+            index = torch.tensor(groups, device=store.device)
+        return HostLayer(rows, len(groups), index, layout.head_group_size)
 
     def begin_step(self, staging: StagingMap, stream: torch.cuda.Stream | None) -> None:
         """Start a step (``stream``: the compute stream); issues the first loads at once."""
         self._issued = 0
         self._next = 0
         self._written_layer = -1
-        num_loads = staging.load_pages.numel()
-        self._page_index = staging.load_pages[:, None].expand(num_loads, self._host_pages[0].shape[1])
-        self._targets = [pages[:num_loads] for pages in self._staging_pages]
+        self._load_pages = staging.load_pages
+        self._targets = [pages[: staging.load_pages.numel()] for pages in self._staging_pages]
+        self._unit_rows = {}
         if self._cuda:
             # Loads read the step's indices, made on the compute stream. (This also orders them after
             # work that a step cut short by an exception left behind without ``released`` events.)
@@ -140,15 +153,18 @@ class TransferScheduler:
         if host_layer is None:
             return
         self._written_layer = layer
+        unit_rows = self._unit_rows.get(host_layer.num_units)
+        if unit_rows is None:
+            unit_rows = self._unit_rows[host_layer.num_units] = host_layer.unit_rows(new_rows)
         if not self._cuda:
             with torch.profiler.record_function("headinfer::write_home"):
-                host_layer.write(new_kv, new_rows)
+                host_layer.write(new_kv, unit_rows)
             return
         self._new_tokens_ready.record(stream)
         self._copy.wait_event(self._new_tokens_ready)
         with _running_on(self._copy, then=stream), torch.profiler.record_function("headinfer::write_home"):
-            host_layer.write(new_kv, new_rows)
-        for tensor in (new_kv, new_rows):
+            host_layer.write(new_kv, unit_rows)
+        for tensor in (new_kv, unit_rows):
             tensor.record_stream(self._copy)
 
     def acquire(self, unit: Unit, stream: torch.cuda.Stream | None) -> tuple[int, bool]:
@@ -189,7 +205,7 @@ class TransferScheduler:
                 if self._cuda:
                     self._copy.wait_event(self._released[buffer])
                 with torch.profiler.record_function("headinfer::load"):
-                    torch.gather(self._host_pages[position], 0, self._page_index, out=self._targets[buffer])
+                    torch.index_select(self._host_pages[position], 0, self._load_pages, out=self._targets[buffer])
                 if self._cuda:
                     self._loaded[buffer].record(self._copy)
                 self._fresh[buffer] = units[position][0] <= self._written_layer

@@ -59,10 +59,10 @@ def aten_ops(events: list) -> collections.Counter:
 
 
 def load_launches(events: list) -> int:
-    """Kernels launched by transfer loads: aten ops inside ``headinfer::load`` ranges that copy."""
+    """Operations issued by transfer loads: aten ops directly inside ``headinfer::load`` ranges."""
     loads = [event for event in events if event.name == "headinfer::load"]
     assert len(loads) == LAYERS * KV_HEADS  # one load per streamed unit
-    return sum(1 for load in loads for child in load.cpu_children if child.name in ("aten::gather", "aten::copy_"))
+    return sum(1 for load in loads for child in load.cpu_children if child.name.startswith("aten::"))
 
 
 def test_one_request_decode_step_is_lean():
