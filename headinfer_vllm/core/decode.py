@@ -9,8 +9,10 @@ Batch entry ``h * R + r`` is KV head ``h`` of request ``r``. Keys and values
 come from the unit's token rows (see :mod:`headinfer_vllm.core.plan`) with one
 gather, whose index is built once per step and page table, into buffers made
 once per step and head count. Queries are gathered and scaled once per
-layer, outputs scattered once per layer. Half precision is computed in
-float32, as torch's own math attention does.
+layer, outputs scattered once per layer. The product runs one precision
+above the cache's (float32 for half precision, as torch's own math attention
+does; float64 for float32): rounding the scores ``q . k`` is what costs the
+most accuracy.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ class DecodeBuffers:
     """Per step and head count ``H``: where a unit's decode K/V and scores go (shared by page tables)."""
 
     gathered: torch.Tensor
-    """shape: [2 * H * R * L, D], the cache dtype: the gather's output."""
+    """shape: [2, H * R, L, D], the cache dtype."""
+    gathered_rows: torch.Tensor
+    """shape: [2 * H * R * L, D]: ``gathered`` as the gather's output (a view)."""
     widened: torch.Tensor | None
-    """shape: [2, H * R, L, D], float32: ``gathered`` widened, for half-precision caches."""
+    """shape: [2, H * R, L, D], the compute dtype: ``gathered`` widened, where it is narrower."""
     keys_t: torch.Tensor
     """shape: [H * R, D, L]."""
     values: torch.Tensor
@@ -79,9 +83,10 @@ class DecodeBatch:
         if self._queries is None:
             self._allocate(query, scale)
         assert self._queries_by_request is not None
-        rows = self._batch_slice
-        selected = query[rows] if rows is not None else query.index_select(0, self.batch_rows)
-        torch.mul(selected.view(self._queries_by_request.shape), self._scale, out=self._queries_by_request)
+        consecutive = self._batch_slice is not None
+        selected = self._batch_rows_of(query) if consecutive else query.index_select(0, self.batch_rows)
+        self._queries_by_request.copy_(selected.view(self._queries_by_request.shape))
+        self._queries_by_request.mul_(self._scale)
 
     def _allocate(self, query: torch.Tensor, scale: float) -> None:
         num_requests, (_, num_query_heads, head_dim) = self.batch_rows.numel(), query.shape
@@ -98,23 +103,29 @@ class DecodeBatch:
         index = self._index(table, heads, head_rows)
         buffers = self._buffers.get(heads) or self._allocate_buffers(heads, head_rows)
         queries, outputs = self._head_views(first_head, heads)
-        torch.gather(head_rows, 0, index, out=buffers.gathered)
+        torch.gather(head_rows, 0, index, out=buffers.gathered_rows)
         if buffers.widened is not None:
-            buffers.widened.copy_(buffers.gathered.view(buffers.widened.shape))
+            buffers.widened.copy_(buffers.gathered)
         torch.bmm(queries, buffers.keys_t, out=buffers.scores)
         if buffers.padding is not None:
             buffers.scores.masked_fill_(buffers.padding, float("-inf"))
-        torch.bmm(torch.softmax(buffers.scores, dim=-1), buffers.values, out=outputs)
+        # torch._softmax: the kernel that torch.softmax dispatches to, one operation instead of two.
+        torch.bmm(torch._softmax(buffers.scores, -1, False), buffers.values, out=outputs)
 
     def store_outputs(self, out: torch.Tensor) -> None:
         """Write this layer's decode outputs into their rows of ``out [T, num_query_heads, D]``."""
         by_request = self._outputs_by_request
         assert by_request is not None
-        rows = self._batch_slice
-        if rows is not None:
-            out[rows].view(by_request.shape).copy_(by_request)
+        if self._batch_slice is not None:
+            self._batch_rows_of(out).view(by_request.shape).copy_(by_request)
         else:
             out.view(-1, *by_request.shape[1:]).index_copy_(0, self.batch_rows, by_request.to(out.dtype))
+
+    def _batch_rows_of(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The decode rows of ``tensor [T, ...]`` when they are consecutive: itself when they are all of it."""
+        rows = self._batch_slice
+        assert rows is not None
+        return tensor if rows == slice(0, tensor.shape[0]) else tensor[rows]
 
     def _head_views(self, first_head: int, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries and outputs ``[heads * R, q_per_kv, D]`` of a head range (views, made once per step)."""
@@ -150,7 +161,8 @@ class DecodeBatch:
             widened = torch.empty_like(gathered, dtype=self.compute_dtype)
         keys_values = gathered if widened is None else widened
         buffers = DecodeBuffers(
-            gathered=gathered.view(-1, head_dim),
+            gathered=gathered,
+            gathered_rows=gathered.view(-1, head_dim),
             widened=widened,
             keys_t=keys_values[0].transpose(1, 2),
             values=keys_values[1],

@@ -104,7 +104,8 @@ class TorchKernel:
     def __init__(self, *, scale: float, query_per_kv: int, dtype: torch.dtype, expand_grouped_heads: bool) -> None:
         self.scale = scale
         self.query_per_kv = query_per_kv
-        self.compute_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        self.compute_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else torch.float64
+        """Of the decode product: one precision above the cache's (see :mod:`headinfer_vllm.core.decode`)."""
         self.expand_grouped_heads = expand_grouped_heads
         """Give each query head its own K/V copy for prefill chunks (see :func:`sdpa_needs_expanded_heads`)."""
         self._plan: StepPlan | None = None
