@@ -27,7 +27,7 @@ import dataclasses
 
 import torch
 
-from headinfer_vllm.core.host_memory import allocate_host, device_view
+from headinfer_vllm.core.host_memory import allocate_host, device_view, indexed
 from headinfer_vllm.core.layout import CapacityPlan, KVLayout
 from headinfer_vllm.core.residency import ResidencyPolicy, SpreadAcrossLayers, Unit
 
@@ -74,7 +74,7 @@ class HeadPageStore:
         device_budget_bytes: int | None = None,
     ) -> None:
         self.layout = layout
-        self.device = torch.device(device)
+        self.device = indexed(device)
         units = [(layer, group) for layer in range(layout.num_layers) for group in range(layout.num_groups)]
         unknown = set(resident_units) - set(units)
         if unknown:

@@ -155,6 +155,11 @@ def to_device(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) ->
     """``tensor`` as ``dtype`` on ``device``: in place if it is there already, else an asynchronous copy."""
     if tensor.device.type == device.type:
         return tensor.to(device, dtype)
-    tensor = tensor.to(dtype)
-    # From pinned memory the copy is truly asynchronous; from pageable memory it may wait.
-    return (tensor.pin_memory() if device.type == "cuda" else tensor).to(device, non_blocking=True)
+    if device.type != "cuda":
+        return tensor.to(device, dtype)
+    # Through a pinned buffer of our own, so the copy is asynchronous and safe: vLLM's host
+    # tensors may be pinned buffers that it rewrites next step while this copy is in flight,
+    # whereas torch's pinned allocator keeps ours until the copy has run.
+    staged = torch.empty(tensor.shape, dtype=dtype, pin_memory=True)
+    staged.copy_(tensor)
+    return staged.to(device, non_blocking=True)

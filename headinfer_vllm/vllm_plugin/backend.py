@@ -89,7 +89,6 @@ class HeadInferBackend(AttentionBackend):
 class HeadInferMetadata:
     plan: StepPlan
     runtime: HeadInferRuntime
-    num_actual_tokens: int
 
 
 class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
@@ -97,6 +96,15 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.block_size = kv_cache_spec.block_size
         self.runtime = HeadInferRuntime.get(vllm_config, layer_names, device)
+        self.exact_host_lengths = vllm_config.speculative_config is None
+        """Whether vLLM's host ``seq_lens_cpu_upper_bound`` is exact: it is, except with speculative
+        decoding, where it assumes every draft was accepted."""
+
+    def _host_seq_lens(self, m: CommonAttentionMetadata) -> torch.Tensor:
+        """``[>= num_reqs]`` sequence lengths on the host, without waiting for the device when possible."""
+        if self.exact_host_lengths and m.seq_lens_cpu_upper_bound is not None:
+            return m.seq_lens_cpu_upper_bound
+        return m.seq_lens.cpu()  # waits for the device: speculative decoding, or a runner without host lengths
 
     def build(
         self,
@@ -106,15 +114,16 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
     ) -> HeadInferMetadata:
         m = common_attn_metadata
         num_reqs, num_tokens = m.num_reqs, m.num_actual_tokens
+        # The block table and slot mapping stay on the device; only lengths come from the host.
         plan = build_step_plan(
             query_start_loc=m.query_start_loc_cpu[: num_reqs + 1],
-            seq_lens=m.seq_lens[:num_reqs],
+            seq_lens=self._host_seq_lens(m)[:num_reqs],
             block_table=m.block_table_tensor[:num_reqs],
             slot_mapping=m.slot_mapping[:num_tokens],
             block_size=self.block_size,
             device=self.device,
         )
-        return HeadInferMetadata(plan=plan, runtime=self.runtime, num_actual_tokens=num_tokens)
+        return HeadInferMetadata(plan=plan, runtime=self.runtime)
 
 
 class HeadInferImpl(AttentionImpl[HeadInferMetadata]):

@@ -65,12 +65,17 @@ class HeadInferRuntime:
         return runtime
 
     def __init__(self, vllm_config: VllmConfig, layer_names: list[str], device: torch.device) -> None:
-        from headinfer_vllm.vllm_plugin.compat import attention_layers, layer_index
+        from headinfer_vllm.vllm_plugin.compat import attention_layers, flash_attn_version, layer_index
 
         config = HeadInferConfig.from_sources((vllm_config.additional_config or {})[SETTINGS_KEY], environ={})
         capacity = capacity_for(vllm_config, config)  # this rank's: its stage's layers, its KV heads
         if capacity.layout.num_blocks != vllm_config.cache_config.num_gpu_blocks_override:
-            raise RuntimeError("headinfer: the worker's capacity plan differs from the engine's")
+            raise RuntimeError(
+                f"headinfer: the worker plans {capacity.layout.num_blocks} blocks of "
+                f"{capacity.layout.block_size} tokens but the engine planned "
+                f"{vllm_config.cache_config.num_gpu_blocks_override}; the block size or the settings "
+                "changed between the engine and its workers (report this as a bug)"
+            )
         if len(layer_names) != capacity.layout.num_layers:
             raise ValueError(
                 f"headinfer: {len(layer_names)} attention layers share the KV cache but this pipeline stage "
@@ -97,6 +102,7 @@ class HeadInferRuntime:
         store = self._allocate_store(capacity, device)
         self.attention = StreamedAttention(
             store, num_query_heads=heads.pop(), scale=scales.pop(), prefetch_depth=config.prefetch_depth,
+            flash_version=flash_attn_version(vllm_config, capacity.layout.head_dim),
         )
         self._plan: StepPlan | None = None
         HeadInferRuntime.live.add(self)

@@ -346,6 +346,16 @@ def check_budgets(vllm_config: VllmConfig, config: HeadInferConfig) -> None:
             f"headinfer: {what} asks for {requested / GIB:.2f} GiB of host memory but only {free / GIB:.2f} GiB "
             "is available; lower cpu_kv_cache_gib"
         )
+    if free is not None and not long_context_defaults_apply():
+        # Off CUDA the device tier is host memory too: it must fit beside the host tiers.
+        device = engines * ranks * engine_capacity(vllm_config, config).device_bytes
+        if requested + device > free:
+            left = max(free - requested, 0) // (engines * ranks)
+            raise ValueError(
+                f"headinfer: gpu_kv_cache_gib={config.gpu_kv_cache_gib} asks for {device / GIB:.2f} GiB, which "
+                f"without CUDA is host memory too, and only {left / GIB:.3f} GiB per rank is left beside the host "
+                f"tier; lower gpu_kv_cache_gib to at most {left / GIB:.3f}, or unset it"
+            )
 
 
 def recommend_numa_binding(vllm_config: VllmConfig) -> None:

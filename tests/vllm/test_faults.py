@@ -155,12 +155,6 @@ def test_device_budget_below_the_staging_minimum(model, tmp_path):
                            r"the minimum is [\d.]+ GiB", r"[Rr]aise gpu_kv_cache_gib")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "not refused by headinfer today on vLLM's CPU platform, where the device tier is host memory: only the host "
-    "tier is checked against free memory (check_device_budget returns off CUDA), the plan becomes 'device tier "
-    "100000.000 GiB; 136533333 blocks of 128 tokens', and vLLM's worker then fails with 'Available memory on "
-    "node 0 ... is less than requested memory for kv (390.62 GiB). Decrease --kv-cache-memory-bytes, "
-    "VLLM_CPU_KVCACHE_SPACE, ...', settings the user did not set"))
 def test_device_budget_larger_than_the_device(model, tmp_path):
     status, output = start_refused(model, tmp_path, settings(cpu_kv_cache_gib=0.05, gpu_kv_cache_gib=100000))
     assert_refused_clearly(status, output, r"gpu_kv_cache_gib", r"[Ll]ower gpu_kv_cache_gib")

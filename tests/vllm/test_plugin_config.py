@@ -61,6 +61,7 @@ def test_settings_from_environment(model, monkeypatch):
     [
         ({"cpu_kv_cache_gib": 0.01, "gpu_kv_cache_gib": 1e-6}, {}, r"cannot hold the staging buffers.*minimum is"),
         ({"cpu_kv_cache_gib": 1 << 20}, {}, "only .* GiB is available"),
+        ({"cpu_kv_cache_gib": 0.01, "gpu_kv_cache_gib": 1e5}, {}, r"is host memory too.*lower gpu_kv_cache"),
         ({"cpu_kv_cache_gib": 20 * BYTES_PER_BLOCK / 2**30}, {}, "holds 608 tokens but max_model_len is 1024"),
         ({"cpu_kv_cache": 1}, {}, "unknown setting 'cpu_kv_cache'"),
         ({"head_group_size": 3}, {}, "must divide num_kv_heads"),
@@ -129,7 +130,6 @@ def test_register_is_idempotent():
         ({"kv_transfer_config": {"kv_connector": "ExampleConnector", "kv_role": "kv_both"}},
          r"KV connectors are not supported \(--kv-transfer-config uses ExampleConnector\).*drop --kv-transfer-config"),
         ({"kv_offloading_size": 1.0}, r"KV offloading \(--kv-offloading-size\) is not supported"),
-        ({"tensor_parallel_size": 2}, "tensor and pipeline parallelism are not supported"),
     ],
 )
 def test_engine_features_are_refused_by_name(model, engine, message):
@@ -161,6 +161,9 @@ def test_host_check_counts_every_data_parallel_engine(model, monkeypatch):
 
 def test_host_check_counts_vllm_buffers_that_grow_with_context(model, monkeypatch):
     from headinfer_vllm.core import host_memory
+    from headinfer_vllm.vllm_plugin import settings
+
+    monkeypatch.setattr(settings, "long_context_defaults_apply", lambda: True)  # CUDA: staging is not host memory
 
     budget = 300 * BYTES_PER_BLOCK
     monkeypatch.setattr(host_memory, "free_host_bytes", lambda: budget + (1 << 20))
@@ -191,3 +194,25 @@ def test_full_cuda_graphs_fall_back_to_piecewise(model):
 
     config = config_for(model, {"cpu_kv_cache_gib": 0.01}, compilation_config={"cudagraph_mode": "FULL"})
     assert config.compilation_config.cudagraph_mode in (CUDAGraphMode.PIECEWISE, CUDAGraphMode.NONE)
+
+
+def test_flash_attention_version_is_vllms_choice(model, monkeypatch):
+    """The runtime asks vLLM's own selection, under the engine's config (so --attention-config is honoured)."""
+    from vllm.config import get_current_vllm_config
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends import fa_utils
+
+    from headinfer_vllm.vllm_plugin.compat import flash_attn_version
+
+    asked = []
+
+    def vllm_choice(head_size, head_size_v=None, **_):
+        asked.append((head_size, head_size_v))
+        return get_current_vllm_config().attention_config.flash_attn_version
+
+    config = config_for(model, {"cpu_kv_cache_gib": 0.01}, attention_config={"flash_attn_version": 2})
+    assert flash_attn_version(config, 128) is None  # not CUDA: no FlashAttention
+    monkeypatch.setattr(type(current_platform), "is_cuda", lambda self: True)
+    monkeypatch.setattr(fa_utils, "get_flash_attn_version", vllm_choice)
+    assert flash_attn_version(config, 128) == 2
+    assert asked == [(128, 128)]
