@@ -17,6 +17,7 @@ pytest.importorskip("vllm")
 
 from headinfer_vllm.offline_check import run_in_subprocess
 from headinfer_vllm.tiny_models import SHAPE, save_tiny_model
+from tests.vllm.stock_comparison import assert_same_generations
 
 pytestmark = pytest.mark.vllm
 
@@ -24,7 +25,6 @@ BLOCK_SIZE = 32
 NUM_BLOCKS = 129  # 128 usable: vLLM keeps a null block
 UNITS = SHAPE["num_hidden_layers"] * SHAPE["num_key_value_heads"]
 BYTES_PER_BLOCK = UNITS * 2 * BLOCK_SIZE * SHAPE["head_dim"] * 4  # float32 K and V of every head
-LOGPROB_TOLERANCE = 1e-4
 
 
 def prompts(seed: int) -> list[list[list[int]]]:
@@ -65,14 +65,7 @@ def runs(request, tmp_path_factory):
 
 
 def test_tokens_and_logprobs_match_stock_backend(runs):
-    stock, ours = runs["stock"]["outputs"], runs["headinfer"]["outputs"]
-    assert len(stock) == len(ours) == 8
-    for index, (want, got) in enumerate(zip(stock, ours, strict=True)):
-        assert got["tokens"] == want["tokens"], f"prompt {index}"
-        for step, (want_top, got_top) in enumerate(zip(want["logprobs"], got["logprobs"], strict=True)):
-            assert want_top.keys() == got_top.keys(), f"prompt {index} step {step}"
-            for token, logprob in want_top.items():
-                assert abs(got_top[token] - logprob) <= LOGPROB_TOLERANCE, f"prompt {index} step {step}"
+    assert_same_generations(runs["stock"]["outputs"], runs["headinfer"]["outputs"], count=8)
 
 
 def test_run_exercised_preemption_and_prefix_caching(runs):

@@ -30,6 +30,7 @@ from headinfer_vllm.offline_check import run_in_subprocess
 from headinfer_vllm.tiny_models import SHAPE, save_tiny_model
 from headinfer_vllm.vllm_plugin import settings
 from headinfer_vllm.vllm_plugin.runtime import numa_pages
+from tests.vllm.stock_comparison import assert_same_generations
 
 pytestmark = pytest.mark.vllm
 
@@ -39,7 +40,6 @@ PAGE = 2 * BLOCK * SHAPE["head_dim"] * 4
 """Bytes of one block of one (layer, KV head), float32 K and V."""
 BYTES_PER_BLOCK = LAYERS * KV_HEADS * PAGE
 """One block of the whole model."""
-LOGPROB_TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -266,14 +266,7 @@ def tp_runs(request, tmp_path_factory):
 
 def test_tensor_parallel_tokens_and_logprobs_match_stock_backend(tp_runs):
     _, _, runs = tp_runs
-    stock, ours = runs["stock"]["outputs"], runs["headinfer"]["outputs"]
-    assert len(stock) == len(ours) == 5
-    for index, (want, got) in enumerate(zip(stock, ours, strict=True)):
-        assert got["tokens"] == want["tokens"], f"prompt {index}"
-        for step, (want_top, got_top) in enumerate(zip(want["logprobs"], got["logprobs"], strict=True)):
-            assert want_top.keys() == got_top.keys(), f"prompt {index} step {step}"
-            for token, logprob in want_top.items():
-                assert abs(got_top[token] - logprob) <= LOGPROB_TOLERANCE, f"prompt {index} step {step}"
+    assert_same_generations(runs["stock"]["outputs"], runs["headinfer"]["outputs"], count=5)
     for backend in ("stock", "headinfer"):
         assert runs[backend]["outputs"][-1]["cached_tokens"] > 0, backend  # prefix caching across ranks
 
@@ -330,9 +323,7 @@ def test_pipeline_parallel_matches_stock_backend_on_cuda(model):
     }
     spec = {"model": model, "batches": tp_prompts(seed=3), "max_tokens": 8, "logprobs": 3}
     runs = {backend: run_in_subprocess({**spec, "engine": engine}) for backend, engine in engines.items()}
-    for want, got in zip(runs["stock"]["outputs"], runs["headinfer"]["outputs"], strict=True):
-        assert got["tokens"] == want["tokens"]
-        for want_top, got_top in zip(want["logprobs"], got["logprobs"], strict=True):
-            assert all(abs(got_top[t] - lp) <= LOGPROB_TOLERANCE for t, lp in want_top.items())
+    stock, ours = runs["stock"]["outputs"], runs["headinfer"]["outputs"]
+    assert_same_generations(stock, ours, count=len(stock))
     log = runs["headinfer"]["log"]
     assert "pipeline stage 0 of 2; 3 layers" in log and "pipeline stage 1 of 2; 3 layers" in log
