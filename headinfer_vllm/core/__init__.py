@@ -8,11 +8,13 @@ from headinfer_vllm.core.layout import CapacityPlan, KVLayout, plan_capacity
 from headinfer_vllm.core.page_store import HeadPageStore
 from headinfer_vllm.core.plan import StepPlan, build_step_plan
 from headinfer_vllm.core.residency import ResidencyPolicy, SpreadAcrossLayers
+from headinfer_vllm.core.variants import LayerAttention
 
 __all__ = [
     "CapacityPlan",
     "HeadPageStore",
     "KVLayout",
+    "LayerAttention",
     "ResidencyPolicy",
     "SpreadAcrossLayers",
     "StepPlan",

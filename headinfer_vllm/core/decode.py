@@ -5,14 +5,18 @@ For ``R`` decode requests of at most ``L`` tokens and a unit of ``H`` KV heads::
     queries [H * R, q_per_kv, D] @ keys^T [H * R, D, L]  ->  scores [H * R, q_per_kv, L]
     softmax(scores, padding -> -inf) @ values [H * R, L, D]  ->  outputs [H * R, q_per_kv, D]
 
-Batch entry ``h * R + r`` is KV head ``h`` of request ``r``. Keys and values
-come from the unit's token rows (see :mod:`headinfer_vllm.core.plan`) with one
-gather, whose index is built once per step and page table, into buffers made
-once per step and head count. Queries are gathered and scaled once per
-layer, outputs scattered once per layer. The product runs one precision
-above the cache's (float32 for half precision, as torch's own math attention
-does; float64 for float32): rounding the scores ``q . k`` is what costs the
-most accuracy.
+Batch entry ``h * R + r`` is KV head ``h`` of request ``r``. A layer with a
+sliding window ``w`` shorter than ``L`` reads the last ``w`` keys of each
+request (:class:`KeySpan`); scores are soft-capped before the mask, and sinks
+join the softmax's denominator (:mod:`headinfer_vllm.core.variants`).
+
+Keys and values come from the unit's token rows (see :mod:`headinfer_vllm.core.plan`)
+with one gather, whose index is built once per step, page table and key
+count, into buffers made once per step, head count and key count. Queries
+are gathered and scaled once per layer, outputs scattered once per layer.
+The product runs one precision above the cache's (float32 for half
+precision, as torch's own math attention does; float64 for float32):
+rounding the scores ``q . k`` is what costs the most accuracy.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import dataclasses
 import torch
 
 from headinfer_vllm.core.plan import PageTable, StepPlan, to_device
+from headinfer_vllm.core.variants import LayerAttention, soft_cap_, softmax_with_sinks_
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -44,6 +49,25 @@ class DecodeBuffers:
     """shape: [H * R, 1, L], bool: key positions past a request's sequence; None when none are."""
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class KeySpan:
+    """The last ``L`` key positions of each decode request: all of them, or a window's."""
+
+    positions: torch.Tensor
+    """shape: [R, L], int64. Past a sequence, positions repeat its last token: finite keys and
+    values, masked out."""
+    padding: torch.Tensor | None
+    """shape: [R, L], bool: entries past a request's sequence; None when none are."""
+
+    @classmethod
+    def last(cls, seq_lens: torch.Tensor, length: int, short: bool) -> KeySpan:
+        """The last ``length`` positions of sequences of ``seq_lens [R, 1]`` (``short``: some have fewer)."""
+        first = (seq_lens - length).clamp(min=0)
+        positions = first + torch.arange(length, device=seq_lens.device)
+        padding = positions >= seq_lens if short else None
+        return cls(torch.minimum(positions, seq_lens - 1), padding)
+
+
 class DecodeBatch:
     """The decode requests of one step."""
 
@@ -57,17 +81,20 @@ class DecodeBatch:
         self.requests = to_device(torch.tensor(requests), torch.int64, device)
         self.batch_rows = to_device(torch.tensor([span.query_start for span in spans]), torch.int64, device)
         # batch_rows: [R], the batch row of each request's token
-        seq_lens = plan.seq_lens[self.requests].long()[:, None]
-        positions = torch.arange(self.max_len, device=device)
-        # Past a sequence, positions repeat its last token: finite keys and values, masked out.
-        self.positions = torch.minimum(positions, seq_lens - 1)  # [R, L]
-        short = any(span.seq_len < self.max_len for span in spans)
-        self.padding = positions >= seq_lens if short else None  # [R, L]
+        self._seq_lens = plan.seq_lens[self.requests].long()[:, None]  # [R, 1]
+        self._host_seq_lens = [span.seq_len for span in spans]
+        self._spans: dict[int, KeySpan] = {}
+        """Per count of keys read per request (``max_len``, or a shorter window), made once per step."""
         first = spans[0].query_start
         consecutive = all(span.query_start == first + index for index, span in enumerate(spans))
         self._batch_slice = slice(first, first + len(spans)) if consecutive else None
         """``batch_rows`` as a slice when they are consecutive (as when decodes come first)."""
         self._scale: torch.Tensor | None = None
+        self._length = self.max_len
+        """Keys read per request in this layer."""
+        self._soft_cap: float | None = None
+        self._sinks: torch.Tensor | None = None
+        """shape: [num_kv_heads, 1, q_per_kv, 1], the compute dtype: this layer's sinks."""
         self._queries: torch.Tensor | None = None
         """shape: [num_kv_heads, R, q_per_kv, D]: this layer's scaled decode queries."""
         self._outputs: torch.Tensor | None = None
@@ -75,13 +102,22 @@ class DecodeBatch:
         self._queries_by_request: torch.Tensor | None = None
         self._outputs_by_request: torch.Tensor | None = None
         self._heads: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._indices: dict[tuple[PageTable, int], torch.Tensor] = {}
-        self._buffers: dict[int, DecodeBuffers] = {}
+        self._indices: dict[tuple[PageTable, int, int], torch.Tensor] = {}
+        self._buffers: dict[tuple[int, int], DecodeBuffers] = {}
 
-    def load_queries(self, query: torch.Tensor, scale: float) -> None:
-        """Take this layer's decode queries from ``query [T, num_query_heads, D]``, scaled."""
+    def load_queries(
+        self, query: torch.Tensor, scale: float, variant: LayerAttention, sinks: torch.Tensor | None
+    ) -> None:
+        """Take this layer's decode queries from ``query [T, num_query_heads, D]``, scaled.
+
+        ``sinks``: ``variant``'s sinks ``[num_query_heads]`` in the compute dtype, or None.
+        """
         if self._queries is None:
             self._allocate(query, scale)
+        window = variant.sliding_window
+        self._length = self.max_len if window is None else min(window, self.max_len)
+        self._soft_cap = variant.logits_soft_cap
+        self._sinks = None if sinks is None else sinks.view(-1, 1, self.query_per_kv, 1)
         assert self._queries_by_request is not None
         consecutive = self._batch_slice is not None
         selected = self._batch_rows_of(query) if consecutive else query.index_select(0, self.batch_rows)
@@ -100,17 +136,25 @@ class DecodeBatch:
 
     def attend(self, first_head: int, head_rows: torch.Tensor, heads: int, table: PageTable) -> None:
         """Attend KV heads ``first_head .. first_head + heads``, a unit seen as ``head_rows [N * 2 * B * heads, D]``."""
-        index = self._index(table, heads, head_rows)
-        buffers = self._buffers.get(heads) or self._allocate_buffers(heads, head_rows)
+        length = self._length
+        index = self._index(table, heads, length, head_rows)
+        buffers = self._buffers.get((heads, length)) or self._allocate_buffers(heads, length, head_rows)
         queries, outputs = self._head_views(first_head, heads)
         torch.gather(head_rows, 0, index, out=buffers.gathered_rows)
         if buffers.widened is not None:
             buffers.widened.copy_(buffers.gathered)
-        torch.bmm(queries, buffers.keys_t, out=buffers.scores)
+        scores = buffers.scores
+        torch.bmm(queries, buffers.keys_t, out=scores)
+        soft_cap_(scores, self._soft_cap)
         if buffers.padding is not None:
-            buffers.scores.masked_fill_(buffers.padding, float("-inf"))
-        # torch._softmax: the kernel that torch.softmax dispatches to, one operation instead of two.
-        torch.bmm(torch._softmax(buffers.scores, -1, False), buffers.values, out=outputs)
+            scores.masked_fill_(buffers.padding, float("-inf"))
+        if self._sinks is None:
+            # torch._softmax: the kernel that torch.softmax dispatches to, one operation instead of two.
+            torch.bmm(torch._softmax(scores, -1, False), buffers.values, out=outputs)
+            return
+        # scores as [H, R, q_per_kv, L] against the head range's sinks [H, 1, q_per_kv, 1].
+        softmax_with_sinks_(scores.view(heads, -1, *scores.shape[1:]), self._sinks[first_head : first_head + heads])
+        torch.bmm(scores, buffers.values, out=outputs)
 
     def store_outputs(self, out: torch.Tensor) -> None:
         """Write this layer's decode outputs into their rows of ``out [T, num_query_heads, D]``."""
@@ -138,23 +182,32 @@ class DecodeBatch:
             self._heads[(first_head, heads)] = views
         return views
 
-    def _index(self, table: PageTable, heads: int, head_rows: torch.Tensor) -> torch.Tensor:
+    def _key_span(self, length: int) -> KeySpan:
+        span = self._spans.get(length)
+        if span is None:
+            short = any(seq_len < length for seq_len in self._host_seq_lens)
+            span = self._spans[length] = KeySpan.last(self._seq_lens, length, short)
+        return span
+
+    def _index(self, table: PageTable, heads: int, length: int, head_rows: torch.Tensor) -> torch.Tensor:
         """``[2 * H * R * L, D]`` (an expanded view): the row of ``head_rows`` of each K, then V, element."""
-        index = self._indices.get((table, heads))
+        index = self._indices.get((table, heads, length))
         if index is None:
             block_size, device = self.block_size, head_rows.device
-            pages = table.block_table[self.requests].long().gather(1, self.positions // block_size)
-            key_rows = pages * (2 * block_size) + self.positions % block_size  # [R, L]
+            positions = self._key_span(length).positions
+            pages = table.block_table[self.requests].long().gather(1, positions // block_size)
+            key_rows = pages * (2 * block_size) + positions % block_size  # [R, L]
             token_rows = torch.stack((key_rows, key_rows + block_size))  # [2, R, L]
             source_rows = token_rows[:, None] * heads + torch.arange(heads, device=device)[:, None, None]
             # source_rows: [2, H, R, L]
             index = source_rows.flatten()[:, None].expand(-1, head_rows.shape[1])
-            self._indices[(table, heads)] = index
+            self._indices[(table, heads, length)] = index
         return index
 
-    def _allocate_buffers(self, heads: int, head_rows: torch.Tensor) -> DecodeBuffers:
+    def _allocate_buffers(self, heads: int, length: int, head_rows: torch.Tensor) -> DecodeBuffers:
         device, head_dim = head_rows.device, head_rows.shape[1]
-        shape = (2, heads * self.batch_rows.numel(), self.max_len, head_dim)
+        shape = (2, heads * self.batch_rows.numel(), length, head_dim)
+        padding = self._key_span(length).padding
         gathered = torch.empty(shape, dtype=head_rows.dtype, device=device)
         widened = None
         if head_rows.dtype != self.compute_dtype:
@@ -166,10 +219,8 @@ class DecodeBatch:
             widened=widened,
             keys_t=keys_values[0].transpose(1, 2),
             values=keys_values[1],
-            scores=torch.empty(
-                (shape[1], self.query_per_kv, self.max_len), dtype=self.compute_dtype, device=device
-            ),
-            padding=None if self.padding is None else self.padding.repeat(heads, 1)[:, None],
+            scores=torch.empty((shape[1], self.query_per_kv, length), dtype=self.compute_dtype, device=device),
+            padding=None if padding is None else padding.repeat(heads, 1)[:, None],
         )
-        self._buffers[heads] = buffers
+        self._buffers[(heads, length)] = buffers
         return buffers

@@ -13,17 +13,24 @@ loads); per layer it calls :meth:`forward`, which:
    before step 1, attends, and hands the buffer back.
 
 GQA: KV head ``h`` serves query heads ``h * q_per_kv .. (h + 1) * q_per_kv``.
+
+Each layer may have its own sliding window, soft-cap and sinks
+(:class:`LayerAttention`). The streamed units of a layer with a window load
+only the pages that hold keys in some query's window.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
 from headinfer_vllm.core.kernels import select_kernel
 from headinfer_vllm.core.page_store import HeadPageStore
 from headinfer_vllm.core.plan import StepPlan
-from headinfer_vllm.core.staging import StagingMap, stage_pages
+from headinfer_vllm.core.staging import StagingMap, stage_layers
 from headinfer_vllm.core.transfer import TransferScheduler
+from headinfer_vllm.core.variants import LayerAttention
 
 
 class StreamedAttention:
@@ -38,14 +45,21 @@ class StreamedAttention:
         prefetch_depth: int = 1,
         allow_flash: bool = True,
         flash_version: int | None = None,
+        layers: Sequence[LayerAttention] | None = None,
     ) -> None:
-        """``flash_version``: the FlashAttention version to call on CUDA (vLLM's own choice); None probes."""
+        """``flash_version``: the FlashAttention version to call on CUDA (vLLM's own choice); None probes.
+        ``layers``: each layer's attention variant, in layer order; None: plain causal attention everywhere."""
         layout = store.layout
         if num_query_heads % layout.num_kv_heads:
             raise ValueError(
                 f"headinfer: {num_query_heads} query heads are not a multiple of "
                 f"{layout.num_kv_heads} KV heads"
             )
+        self.layers = tuple(layers) if layers is not None else (LayerAttention(),) * layout.num_layers
+        if len(self.layers) != layout.num_layers:
+            raise ValueError(f"headinfer: {len(self.layers)} layer variants for {layout.num_layers} layers")
+        for variant in self.layers:
+            variant.check(num_query_heads)
         self.store = store
         self.scale = scale
         self.transfers = TransferScheduler(store, prefetch_depth)
@@ -53,9 +67,17 @@ class StreamedAttention:
             store.device, layout.dtype, layout.block_size, layout.head_dim, scale=scale,
             query_per_kv=num_query_heads // layout.num_kv_heads, allow_flash=allow_flash,
             flash_version=flash_version,
+            sinks_dtypes={variant.sinks.dtype for variant in self.layers if variant.sinks is not None},
         )
+        self._streamed_windows = {
+            layer: variant.sliding_window
+            for layer, variant in enumerate(self.layers)
+            if store.streamed_groups(layer)
+        }
+        """Sliding window of each layer with streamed units."""
         self._plan: StepPlan | None = None
-        self._staging: StagingMap | None = None
+        self._staging: dict[int, StagingMap] = {}
+        """This step's staging map of each layer with streamed units."""
 
     @property
     def kernel_name(self) -> str:
@@ -68,7 +90,7 @@ class StreamedAttention:
         self._plan = plan
         self._kernel.begin_step(plan)
         if self.store.streamed_units:
-            self._staging = stage_pages(plan, self.store.layout.num_blocks)
+            self._staging = stage_layers(plan, self.store.layout.num_blocks, self._streamed_windows)
             self.transfers.begin_step(self._staging, self._current_stream())
 
     def forward(
@@ -104,12 +126,11 @@ class StreamedAttention:
             heads = slice(run.first_group * group_size, run.first_group * group_size + run.views.token_rows.shape[1])
             run.views.token_rows.index_copy_(0, plan.home.new_rows, new_kv[:, heads])
         self.transfers.write_home(layer, new_kv, plan.home.new_rows, stream)
-        self._kernel.begin_layer(query, out)
+        self._kernel.begin_layer(query, out, self.layers[layer])
         for run in runs:
             self._kernel.attend(run.first_group * group_size, run.views, plan.home)
-        staging = self._staging
         for group in store.streamed_groups(layer):
-            assert staging is not None
+            staging = self._staging[layer]
             buffer, fresh = self.transfers.acquire((layer, group), stream)
             staged = store.staging_views[buffer]
             if not fresh:

@@ -1,8 +1,8 @@
 """Exact causal attention of a range of KV heads over its paged K/V.
 
 Per step the engine calls ``begin_step(plan)``; per layer ``begin_layer(query,
-out)``, then ``attend(first_head, unit, table)`` for each unit it holds, then
-``end_layer()``:
+out, variant)``, then ``attend(first_head, unit, table)`` for each unit it
+holds, then ``end_layer()``:
 
 - ``unit``: the pages ``[num_pages, 2, block_size, heads, head_dim]`` of KV
   heads ``first_head .. first_head + heads`` (a staging buffer, or a run of
@@ -11,6 +11,8 @@ out)``, then ``attend(first_head, unit, table)`` for each unit it holds, then
 - ``query``, ``out``: ``[num_tokens, num_query_heads, head_dim]``. KV head
   ``h`` serves query heads ``h * q_per_kv .. (h + 1) * q_per_kv``. ``out`` is
   written in place; rows past ``plan.num_tokens`` (padding) are untouched.
+- ``variant``: the layer's sliding window, soft-cap and sinks
+  (:class:`LayerAttention`); sinks are read at every ``begin_layer``.
 
 Two kernels, chosen once per device and dtype:
 
@@ -21,12 +23,15 @@ Two kernels, chosen once per device and dtype:
   decode tokens in one batched product per unit (:mod:`headinfer_vllm.core.decode`;
   more batches only where lengths differ so much that padding would more than
   double the tokens); each prefill chunk with torch's
-  ``scaled_dot_product_attention`` over its gathered K/V.
+  ``scaled_dot_product_attention`` over its gathered K/V (the keys of its
+  windows only), or, in layers with soft-capping or sinks, with explicit
+  scores one precision above the cache's.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Collection
 from typing import Protocol
 
 import torch
@@ -35,6 +40,10 @@ import torch.nn.functional as F
 from headinfer_vllm.core.decode import DecodeBatch
 from headinfer_vllm.core.page_store import PageViews
 from headinfer_vllm.core.plan import PageTable, RequestSpan, StepPlan
+from headinfer_vllm.core.variants import LayerAttention, soft_cap_, softmax_with_sinks_
+
+SCORES_PER_CHUNK = 1 << 24
+"""Scores of the explicit prefill path held at once (64 MiB in float32): longer chunks go by rows."""
 
 
 class AttentionKernel(Protocol):
@@ -42,7 +51,7 @@ class AttentionKernel(Protocol):
 
     def begin_step(self, plan: StepPlan) -> None: ...
 
-    def begin_layer(self, query: torch.Tensor, out: torch.Tensor) -> None: ...
+    def begin_layer(self, query: torch.Tensor, out: torch.Tensor, variant: LayerAttention) -> None: ...
 
     def attend(self, first_head: int, unit: PageViews, table: PageTable) -> None: ...
 
@@ -63,13 +72,23 @@ class FlashKernel:
         self.query_per_kv = query_per_kv
         self._plan: StepPlan | None = None
         self._query = self._out = torch.empty(0)
+        self._variant_args: dict[str, object] = {}
+        """This layer's window and soft-cap, as FlashAttention takes them."""
+        self._sinks: torch.Tensor | None = None
 
     def begin_step(self, plan: StepPlan) -> None:
         self._plan = plan
 
-    def begin_layer(self, query: torch.Tensor, out: torch.Tensor) -> None:
+    def begin_layer(self, query: torch.Tensor, out: torch.Tensor, variant: LayerAttention) -> None:
         assert self._plan is not None
         self._query, self._out = query[: self._plan.num_tokens], out[: self._plan.num_tokens]
+        window = variant.sliding_window
+        # As vLLM's FlashAttention backend: keys p - (window - 1) .. p for the query at p; 0: no cap.
+        self._variant_args = {
+            "window_size": None if window is None else [window - 1, 0],
+            "softcap": variant.logits_soft_cap or 0.0,
+        }
+        self._sinks = variant.sinks
 
     def attend(self, first_head: int, unit: PageViews, table: PageTable) -> None:
         plan = self._plan
@@ -77,6 +96,8 @@ class FlashKernel:
         if plan.num_tokens == 0:
             return
         heads = slice(first_head * self.query_per_kv, (first_head + unit.pages.shape[3]) * self.query_per_kv)
+        # s_aux only with sinks: FlashAttention 2 (and older wheels) take no such argument.
+        sinks = {} if self._sinks is None else {"s_aux": self._sinks[heads]}
         self._flash_attn_varlen_func(
             q=self._query[:, heads],
             k=unit.pages[:, 0],
@@ -90,6 +111,8 @@ class FlashKernel:
             block_table=table.block_table,
             out=self._out[:, heads],
             fa_version=self.version,
+            **self._variant_args,
+            **sinks,
         )
 
     def end_layer(self) -> None:
@@ -105,14 +128,19 @@ class TorchKernel:
         self.scale = scale
         self.query_per_kv = query_per_kv
         self.compute_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else torch.float64
-        """Of the decode product: one precision above the cache's (see :mod:`headinfer_vllm.core.decode`)."""
+        """Of the decode product and explicit prefill scores: one precision above the cache's
+        (see :mod:`headinfer_vllm.core.decode`)."""
         self.expand_grouped_heads = expand_grouped_heads
         """Give each query head its own K/V copy for prefill chunks (see :func:`sdpa_needs_expanded_heads`)."""
         self._plan: StepPlan | None = None
         self._decodes: list[DecodeBatch] = []
         self._prefills: list[tuple[int, RequestSpan]] = []
-        self._prefill_index: dict[tuple[PageTable, int, int], torch.Tensor] = {}
+        self._prefill_index: dict[tuple[PageTable, int, int, int], torch.Tensor] = {}
+        self._visible: dict[tuple[int, int | None], torch.Tensor] = {}
         self._query = self._out = torch.empty(0)
+        self._variant = LayerAttention()
+        self._sinks: torch.Tensor | None = None
+        """shape: [num_query_heads], the compute dtype: this layer's sinks."""
 
     def begin_step(self, plan: StepPlan) -> None:
         self._plan = plan
@@ -122,11 +150,14 @@ class TorchKernel:
         ]
         self._prefills = [(index, request) for index, request in enumerate(plan.requests) if request.query_len > 1]
         self._prefill_index = {}
+        self._visible = {}
 
-    def begin_layer(self, query: torch.Tensor, out: torch.Tensor) -> None:
-        self._query, self._out = query, out
+    def begin_layer(self, query: torch.Tensor, out: torch.Tensor, variant: LayerAttention) -> None:
+        self._query, self._out, self._variant = query, out, variant
+        sinks = variant.sinks
+        self._sinks = None if sinks is None else sinks.to(query.device, self.compute_dtype)
         for decode in self._decodes:
-            decode.load_queries(query, self.scale)
+            decode.load_queries(query, self.scale, variant, self._sinks)
 
     def attend(self, first_head: int, unit: PageViews, table: PageTable) -> None:
         heads = unit.pages.shape[3]
@@ -142,36 +173,85 @@ class TorchKernel:
     def _attend_prefill(
         self, index: int, request: RequestSpan, first_head: int, head_rows: torch.Tensor, heads: int, table: PageTable
     ) -> None:
-        head_dim = head_rows.shape[1]
-        gather_index = self._prefill_gather_index(index, request, table, heads, head_dim)
-        # [2, 1, heads, seq_len, head_dim], contiguous: torch's fused kernels take 4-D inputs only.
-        keys_values = torch.gather(head_rows, 0, gather_index).view(2, 1, heads, request.seq_len, head_dim)
+        head_dim, window = head_rows.shape[1], self._variant.sliding_window
+        first_key = request.window_start(window)
+        num_keys = request.seq_len - first_key
+        gather_index = self._prefill_gather_index(index, request, first_key, table, heads, head_dim)
+        # [2, 1, heads, num_keys, head_dim], contiguous: torch's fused kernels take 4-D inputs only.
+        keys_values = torch.gather(head_rows, 0, gather_index).view(2, 1, heads, num_keys, head_dim)
         k, v = keys_values[0], keys_values[1]
         tokens = slice(request.query_start, request.query_start + request.query_len)
         query_heads = slice(first_head * self.query_per_kv, (first_head + heads) * self.query_per_kv)
+        if not self._variant.is_masked_softmax:
+            self._attend_scores(tokens, query_heads, k[0], v[0], self._visible_keys(index, request, window))
+            return
         q = self._query[tokens, query_heads].transpose(0, 1)[None]  # [1, query_heads, query_len, head_dim]
+        if window is None or window >= request.seq_len:
+            mask = request.causal_mask()
+        else:  # the window hides keys that the causal mask shows
+            mask = self._visible_keys(index, request, window)
         grouped = self.query_per_kv != 1
         if grouped and self.expand_grouped_heads:
             k, v = (t.repeat_interleave(self.query_per_kv, dim=1) for t in (k, v))
             grouped = False
-        result = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=request.causal_mask(), scale=self.scale, enable_gqa=grouped
-        )
+        result = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=grouped)
         self._out[tokens, query_heads] = result[0].transpose(0, 1)
 
+    def _attend_scores(
+        self, tokens: slice, query_heads: slice, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor
+    ) -> None:
+        """Soft-capped scores, the mask, the softmax with sinks, in the compute dtype, by chunks of query rows.
+
+        ``keys``, ``values``: ``[heads, num_keys, head_dim]``; ``visible``: ``[query_len, num_keys]``.
+        """
+        heads, num_keys, head_dim = keys.shape
+        per_kv, dtype = self.query_per_kv, self.compute_dtype
+        keys_t, values = keys.transpose(1, 2).to(dtype), values.to(dtype)  # [heads, D, K], [heads, K, D]
+        sinks = None if self._sinks is None else self._sinks[query_heads].view(heads, per_kv, 1, 1)
+        rows_per_chunk = max(1, SCORES_PER_CHUNK // (heads * per_kv * num_keys))
+        for first in range(0, tokens.stop - tokens.start, rows_per_chunk):
+            rows = slice(tokens.start + first, min(tokens.start + first + rows_per_chunk, tokens.stop))
+            num_rows = rows.stop - rows.start
+            # [rows, heads * per_kv, D] -> [heads, per_kv, rows, D] -> [heads, per_kv * rows, D], copied.
+            q = self._query[rows, query_heads].view(num_rows, heads, per_kv, head_dim).permute(1, 2, 0, 3)
+            q = q.to(dtype, memory_format=torch.contiguous_format).view(heads, -1, head_dim).mul_(self.scale)
+            scores = torch.bmm(q, keys_t).view(heads, per_kv, num_rows, num_keys)
+            soft_cap_(scores, self._variant.logits_soft_cap)
+            scores.masked_fill_(visible[first : first + num_rows].logical_not(), float("-inf"))
+            if sinks is None:
+                scores = torch.softmax(scores, -1)
+            else:
+                softmax_with_sinks_(scores, sinks)
+            result = torch.bmm(scores.view(heads, -1, num_keys), values)  # [heads, per_kv * rows, D]
+            self._out[rows, query_heads] = result.view(-1, num_rows, head_dim).transpose(0, 1)
+
+    def _visible_keys(self, index: int, request: RequestSpan, window: int | None) -> torch.Tensor:
+        """``[query_len, seq_len - first_key]`` bool: whether each query sees each key from the window's first."""
+        visible = self._visible.get((index, window))
+        if visible is None:
+            device = self._query.device
+            queries = torch.arange(request.seq_len - request.query_len, request.seq_len, device=device)[:, None]
+            keys = torch.arange(request.window_start(window), request.seq_len, device=device)
+            visible = keys <= queries
+            if window is not None:
+                visible &= keys > queries - window
+            self._visible[(index, window)] = visible
+        return visible
+
     def _prefill_gather_index(
-        self, index: int, request: RequestSpan, table: PageTable, heads: int, head_dim: int
+        self, index: int, request: RequestSpan, first_key: int, table: PageTable, heads: int, head_dim: int
     ) -> torch.Tensor:
-        """Rows of ``head_rows`` ``[2 * heads * seq_len, head_dim]`` (expanded) of a request's K, then V."""
-        key = (table, index, heads)
+        """Rows of ``head_rows`` ``[2 * heads * num_keys, head_dim]`` (expanded) of a request's K, then V,
+        from position ``first_key`` on."""
+        key = (table, index, heads, first_key)
         gather_index = self._prefill_index.get(key)
         if gather_index is None:
             assert self._plan is not None
             block_size, device = self._plan.block_size, table.block_table.device
-            positions = torch.arange(request.seq_len, device=device)
+            positions = torch.arange(first_key, request.seq_len, device=device)
             pages = table.block_table[index].long()[positions // block_size]
             key_rows = pages * (2 * block_size) + positions % block_size
-            token_rows = torch.stack((key_rows, key_rows + block_size))  # [2, seq_len]
+            token_rows = torch.stack((key_rows, key_rows + block_size))  # [2, num_keys]
             source_rows = token_rows[:, None] * heads + torch.arange(heads, device=device)[:, None]
             gather_index = source_rows.flatten()[:, None].expand(-1, head_dim)
             self._prefill_index[key] = gather_index
@@ -238,13 +318,16 @@ def select_kernel(
     query_per_kv: int,
     allow_flash: bool = True,
     flash_version: int | None = None,
+    sinks_dtypes: Collection[torch.dtype] = (),
 ) -> AttentionKernel:
     """The fastest exact kernel for this device, dtype, page size and head size; chosen once.
 
     ``flash_version``: the FlashAttention version to run (vLLM's adapter passes
     vLLM's own choice); None probes the wheel. FlashAttention needs CUDA, fp16
     or bf16, pages of a multiple of 16 tokens, and a head size that is a
-    multiple of 8 up to 256; anything else runs on torch.
+    multiple of 8 up to 256; attention sinks (``sinks_dtypes``: the dtypes of
+    the layers' sinks, empty without any) need version 3 or later, and
+    bfloat16 sinks (what its ``s_aux`` takes). Anything else runs on torch.
     """
     flash_fits = (
         allow_flash
@@ -255,7 +338,8 @@ def select_kernel(
         and head_dim <= 256
     )
     version = (flash_version if flash_version is not None else probe_flash_version()) if flash_fits else None
-    if version is not None:
+    takes_sinks = not sinks_dtypes or (version is not None and version >= 3 and set(sinks_dtypes) == {torch.bfloat16})
+    if version is not None and takes_sinks:
         return FlashKernel(version=version, scale=scale, query_per_kv=query_per_kv)
     return TorchKernel(
         scale=scale,

@@ -42,6 +42,10 @@ class RequestSpan:
             return None
         return causal_lower_right(self.query_len, self.seq_len)
 
+    def window_start(self, window: int | None) -> int:
+        """First key position that a ``window`` (None: no window) lets any of the queries see."""
+        return 0 if window is None else max(0, self.seq_len - self.query_len - window + 1)
+
 
 @dataclasses.dataclass(frozen=True, slots=True, eq=False)
 class PageTable:

@@ -11,7 +11,8 @@ a kernel on one copy stream that addresses the mapped host tier directly::
 
 - A load is one ``index_select`` of whole pages (as 8-byte words where they
   tile), whatever the fragmentation of the step's pages: the distinct pages
-  (:mod:`headinfer_vllm.core.staging`) go from the host tier to the front of
+  that the unit's layer reads (:mod:`headinfer_vllm.core.staging`; a layer
+  with a sliding window reads fewer) go from the host tier to the front of
   the staging buffer.
 - A layer's new K/V go to the host pages of all its streamed units in one
   launch. Loads issued after it read them; a unit loaded before it (the first
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Mapping
 
 import torch
 
@@ -99,12 +101,13 @@ class TransferScheduler:
             self._new_tokens_ready = torch.cuda.Event()
             self._loaded = [torch.cuda.Event() for _ in range(num_buffers)]
             self._released = [torch.cuda.Event() for _ in range(num_buffers)]
-        self._load_pages = torch.empty(0, dtype=torch.int64)
-        """shape: [num_loads], int64: the step's pages to load."""
+        self._loads: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        """Per layer with streamed units, this step's pages to load (``[num_loads]``, int64) and,
+        per buffer, its first ``num_loads`` pages as words."""
         self._unit_rows: dict[int, torch.Tensor] = {}
         """Per count of streamed units in a layer, where this step's new tokens go (``HostLayer.unit_rows``)."""
-        self._targets: list[torch.Tensor] = []
-        """Per buffer, its first ``num_loads`` pages as words."""
+        self.pages_loaded = 0
+        """Pages copied to staging buffers this step, summed over the units (load positions, spares included)."""
         self._fresh = [False] * num_buffers
         """Per buffer, whether its load came after its layer's new tokens were written home."""
         self._issued = 0
@@ -130,19 +133,27 @@ class TransferScheduler:
             index = torch.tensor(groups, device=store.device)
         return HostLayer(rows, len(groups), index, layout.head_group_size)
 
-    def begin_step(self, staging: StagingMap, stream: torch.cuda.Stream | None) -> None:
-        """Start a step (``stream``: the compute stream); issues the first loads at once."""
+    def begin_step(self, staging: Mapping[int, StagingMap], stream: torch.cuda.Stream | None) -> None:
+        """Start a step (``staging``: the map of each layer with streamed units; ``stream``: the
+        compute stream); issues the first loads at once."""
         self._issued = 0
         self._next = 0
         self._written_layer = -1
-        self._load_pages = staging.load_pages
-        self._targets = [pages[: staging.load_pages.numel()] for pages in self._staging_pages]
+        self.pages_loaded = 0
         self._unit_rows = {}
+        self._loads = {}
+        targets: dict[int, list[torch.Tensor]] = {}
+        for layer, layer_staging in staging.items():
+            num_loads = layer_staging.load_pages.numel()
+            if num_loads not in targets:
+                targets[num_loads] = [pages[:num_loads] for pages in self._staging_pages]
+            self._loads[layer] = (layer_staging.load_pages, targets[num_loads])
         if self._cuda:
             # Loads read the step's indices, made on the compute stream. (This also orders them after
             # work that a step cut short by an exception left behind without ``released`` events.)
             self._copy.wait_stream(stream)
-            staging.load_pages.record_stream(self._copy)
+            for load_pages in {id(pages): pages for pages, _ in self._loads.values()}.values():
+                load_pages.record_stream(self._copy)
         self._issue_loads_through(self.prefetch_depth - 1, stream)
 
     def write_home(
@@ -204,11 +215,14 @@ class TransferScheduler:
                 buffer = position % self.store.num_staging_buffers
                 if self._cuda:
                     self._copy.wait_event(self._released[buffer])
+                layer = units[position][0]
+                load_pages, targets = self._loads[layer]
                 with torch.profiler.record_function("headinfer::load"):
-                    torch.index_select(self._host_pages[position], 0, self._load_pages, out=self._targets[buffer])
+                    torch.index_select(self._host_pages[position], 0, load_pages, out=targets[buffer])
                 if self._cuda:
                     self._loaded[buffer].record(self._copy)
-                self._fresh[buffer] = units[position][0] <= self._written_layer
+                self._fresh[buffer] = layer <= self._written_layer
+                self.pages_loaded += load_pages.shape[0]
                 self._issued += 1
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 
 import torch
 
-from headinfer_vllm.core import HeadPageStore, KVLayout, StreamedAttention, build_step_plan
+from headinfer_vllm.core import HeadPageStore, KVLayout, LayerAttention, StreamedAttention, build_step_plan
 from headinfer_vllm.core.residency import SpreadAcrossLayers
 
 
@@ -43,6 +44,10 @@ class Scenario:
     device: str = "cpu"
     spare_blocks: int = 7
     seed: int = 0
+    layers: Sequence[LayerAttention] | None = None
+    """Each layer's attention variant; None: plain everywhere."""
+    reference: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None
+    """``(layer, query, keys, values, scale)`` -> float64 output, as :func:`dense_attention`; None: it."""
 
     def build(self, seq_lens: list[int]) -> None:
         """Allocate the store with a shuffled block table for ``seq_lens``."""
@@ -71,7 +76,7 @@ class Scenario:
         )
         self.attention = StreamedAttention(
             self.store, num_query_heads=self.num_kv_heads * self.query_per_kv,
-            scale=self.head_dim**-0.5, prefetch_depth=self.prefetch_depth,
+            scale=self.head_dim**-0.5, prefetch_depth=self.prefetch_depth, layers=self.layers,
         )
         self.keys = [self._random(self.num_layers, 0, self.num_kv_heads, self.head_dim) for _ in seq_lens]
         self.values = [self._random(self.num_layers, 0, self.num_kv_heads, self.head_dim) for _ in seq_lens]
@@ -125,8 +130,10 @@ class Scenario:
             block_size=self.block_size,
             device=self.device,
         )
+        self.plan = plan
         self.attention.begin_step(plan)
         outputs, references = [], []
+        reference_of = self.reference or (lambda _layer, *args: dense_attention(*args))
         grown_keys = [[] for _ in query_lens]
         grown_values = [[] for _ in query_lens]
         for layer in range(self.num_layers):
@@ -145,8 +152,8 @@ class Scenario:
                 grown_keys[request].append(torch.cat([self.keys[request][layer], new_keys[rows]]))
                 grown_values[request].append(torch.cat([self.values[request][layer], new_values[rows]]))
                 reference.append(
-                    dense_attention(
-                        query[rows], grown_keys[request][layer], grown_values[request][layer],
+                    reference_of(
+                        layer, query[rows], grown_keys[request][layer], grown_values[request][layer],
                         self.attention.scale,
                     )
                 )
