@@ -9,6 +9,8 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["headinfer_vllm", "headinfer_vllm.*"]),
+    # The CPU attention kernel's source, compiled on first use (headinfer_vllm/core/cpu_attention.py).
+    package_data={"headinfer_vllm": ["csrc/*.cpp"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.5"],
     extras_require={

@@ -1,0 +1,336 @@
+"""Exact paged decode attention on the CPU, reading the pages in place.
+
+A C++ kernel (``headinfer_vllm/csrc/cpu_decode_attention.cpp``), compiled on
+first use with the system compiler and loaded with ctypes. It attends one
+query token per request over the pages of one unit of KV heads, or of several
+units of one layer in one call, straight from their tensors (the host tier's
+``host[s]``, or a resident run on the CPU platform): no gather, fp32
+accumulation, long sequences split over threads and merged by log-sum-exp::
+
+    pages [N, 2, B, H, D]     N blocks, K then V, B tokens per block, H KV heads, D head dim
+    query [R, H * q, D]   ->  out [R, H * q, D]      (q query heads per KV head)
+
+KV head ``h`` serves query heads ``h * q .. (h + 1) * q - 1``. Request ``r``
+attends keys ``0 .. seq_lens[r] - 1`` (its current token's K/V are already in
+the pages), found in blocks ``block_table[r, 0], block_table[r, 1], ...``.
+
+The library is built once per source, compiler, flags and CPU into
+``$HEADINFER_CACHE_DIR`` (default ``~/.cache/headinfer_vllm``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "cpu_decode_attention.cpp"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+PORTABLE_FLAGS = tuple(flag for flag in FLAGS if flag != "-march=native")
+ABI_VERSION = 1
+DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+"""Page, query and output dtypes the kernel takes, with their code in the C ABI."""
+
+_ERRORS = {
+    1: "unsupported dtype",
+    2: "bad shape",
+    3: "a block id read for request {index} is outside [0, num_blocks)",
+    4: "request {index}'s seq_len needs more pages than block_table has columns",
+}
+
+
+def decode_attention(
+    query: torch.Tensor,
+    pages: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+    sliding_window: int = 0,
+    logits_soft_cap: float = 0.0,
+    sinks: torch.Tensor | None = None,
+    num_threads: int | None = None,
+) -> torch.Tensor:
+    """Decode attention of one unit of KV heads over its pages, in place.
+
+    Args:
+        query: shape ``[R, H * q_per_kv, D]``, dtype of ``pages``. May be strided
+            (any row and head stride); the last dim must be contiguous.
+        pages: shape ``[N, 2, B, H, D]``, float32, float16 or bfloat16, contiguous
+            (e.g. ``store.host[s]``). Read in place; only pages holding attended
+            keys are read.
+        block_table: shape ``[R, max_blocks]``, dtype int32, last dim contiguous.
+            Block ids of each request's pages, in order; entries past a
+            sequence (or before its window) are never read.
+        seq_lens: shape ``[R]``, dtype int32, contiguous. Keys attended,
+            the current token included; 0 gives a zero output.
+        scale: multiplies ``q . k`` (usually ``D ** -0.5``).
+        out: like ``query`` (may be strided the same way); allocated if None.
+        sliding_window: 0 for none; else the query at position ``L - 1`` sees
+            keys ``j > L - 1 - sliding_window`` only.
+        logits_soft_cap: 0 for none; else scores become ``cap * tanh(s / cap)``
+            after scaling.
+        sinks: None, or shape ``[H * q_per_kv]``, dtype float32: a logit per
+            query head that joins the softmax denominator only.
+        num_threads: OpenMP threads; default ``torch.get_num_threads()``.
+
+    Returns:
+        ``out``, shape ``[R, H * q_per_kv, D]``.
+    """
+    if query.dim() != 3 or pages.dim() != 5:
+        raise ValueError("headinfer: decode_attention needs query [R, H * q, D] and pages [N, 2, B, H, D]")
+    heads = pages.shape[3]
+    if query.shape[1] % heads:
+        raise ValueError(f"headinfer: {query.shape[1]} query heads are not a multiple of {heads} KV heads")
+    return decode_attention_units(
+        query, [(0, pages)], block_table, seq_lens, scale, query_per_kv=query.shape[1] // heads,
+        out=out, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, sinks=sinks,
+        num_threads=num_threads,
+    )
+
+
+def decode_attention_units(
+    query: torch.Tensor,
+    units: Sequence[tuple[int, torch.Tensor]],
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    *,
+    query_per_kv: int,
+    out: torch.Tensor | None = None,
+    sliding_window: int = 0,
+    logits_soft_cap: float = 0.0,
+    sinks: torch.Tensor | None = None,
+    num_threads: int | None = None,
+) -> torch.Tensor:
+    """Decode attention of several units of one layer in one call: one OpenMP region for them all.
+
+    Args:
+        query: shape ``[R, num_query_heads, D]``, the layer's query heads; last
+            dim contiguous, any row and head stride.
+        units: ``(first_kv_head, pages)`` per unit: ``pages [N, 2, B, H_u, D]``,
+            contiguous, holding the layer's KV heads ``first_kv_head ..
+            first_kv_head + H_u - 1``. All units share N, B, D and the dtype;
+            head counts may differ (a streamed unit and a resident run). Query
+            heads of KV heads in no unit are left untouched in ``out``.
+        block_table, seq_lens, scale, sliding_window, logits_soft_cap,
+            num_threads: as in :func:`decode_attention` (one block table for
+            every unit: their pages share block ids).
+        query_per_kv: query heads per KV head.
+        out: like ``query``; allocated (zeros) if None.
+        sinks: None, or shape ``[num_query_heads]``, dtype float32.
+
+    Returns:
+        ``out``, shape ``[R, num_query_heads, D]``.
+    """
+    if not units:
+        raise ValueError("headinfer: decode_attention_units needs at least one unit")
+    first_pages = units[0][1]
+    for _, pages in units:
+        _check_pages(pages, first_pages)
+    num_blocks, _, block_size, _, head_dim = first_pages.shape
+    if query.dim() != 3:
+        raise ValueError(f"headinfer: query must be [R, num_query_heads, D], got {list(query.shape)}")
+    num_requests, num_query_heads = query.shape[0], query.shape[1]
+    for first_head, pages in units:
+        if first_head < 0 or (first_head + pages.shape[3]) * query_per_kv > num_query_heads:
+            raise ValueError(
+                f"headinfer: KV heads {first_head} .. {first_head + pages.shape[3] - 1} need "
+                f"{(first_head + pages.shape[3]) * query_per_kv} query heads, query has {num_query_heads}"
+            )
+    if out is None:
+        out = torch.zeros(query.shape, dtype=query.dtype)
+    _check_rows("query", query, first_pages.dtype, (num_requests, num_query_heads, head_dim))
+    _check_rows("out", out, first_pages.dtype, (num_requests, num_query_heads, head_dim))
+    _check_int32("block_table", block_table, 2, num_requests)
+    _check_int32("seq_lens", seq_lens, 1, num_requests)
+    if sinks is not None and (
+        sinks.dtype != torch.float32 or sinks.shape != (num_query_heads,) or not sinks.is_contiguous()
+        or sinks.device.type != "cpu"
+    ):
+        raise ValueError(f"headinfer: sinks must be a contiguous CPU float32 tensor [{num_query_heads}]")
+    count = len(units)
+    bad_index = ctypes.c_int64(-1)
+    status = library().headinfer_decode_attention(
+        DTYPES[first_pages.dtype],
+        count,
+        (ctypes.c_void_p * count)(*(pages.data_ptr() for _, pages in units)),
+        (ctypes.c_int64 * count)(*(pages.shape[3] for _, pages in units)),
+        (ctypes.c_int64 * count)(*(first_head for first_head, _ in units)),
+        num_blocks, block_size, head_dim, query_per_kv, num_requests,
+        query.data_ptr(), query.stride(0), query.stride(1),
+        out.data_ptr(), out.stride(0), out.stride(1),
+        block_table.data_ptr(), block_table.stride(0), block_table.shape[1],
+        seq_lens.data_ptr(),
+        scale, sliding_window, logits_soft_cap,
+        None if sinks is None else sinks.data_ptr(),
+        num_threads or torch.get_num_threads(),
+        ctypes.byref(bad_index),
+    )
+    if status:
+        raise ValueError("headinfer: " + _ERRORS.get(status, f"error {status}").format(index=bad_index.value))
+    return out
+
+
+def _check_pages(pages: torch.Tensor, first: torch.Tensor) -> None:
+    if pages.dim() != 5 or pages.shape[1] != 2:
+        raise ValueError(f"headinfer: pages must be [N, 2, B, H, D], got {list(pages.shape)}")
+    if pages.dtype not in DTYPES:
+        raise ValueError(f"headinfer: pages of dtype {pages.dtype}; the CPU kernel takes {list(DTYPES)}")
+    if pages.device.type != "cpu" or not pages.is_contiguous():
+        raise ValueError("headinfer: pages must be a contiguous CPU tensor")
+    same = (pages.shape[0], *pages.shape[2:3], pages.shape[4]) == (first.shape[0], first.shape[2], first.shape[4])
+    if not same or pages.dtype != first.dtype:
+        raise ValueError("headinfer: every unit needs the same block count, block size, head dim and dtype")
+
+
+def _check_rows(name: str, tensor: torch.Tensor, dtype: torch.dtype, shape: tuple[int, int, int]) -> None:
+    if tuple(tensor.shape) != shape or tensor.dtype != dtype or tensor.device.type != "cpu":
+        raise ValueError(
+            f"headinfer: {name} must be a CPU {dtype} tensor {list(shape)}, got {tensor.dtype} "
+            f"{list(tensor.shape)} on {tensor.device}"
+        )
+    if tensor.stride(2) != 1 and shape[2] > 1:
+        raise ValueError(f"headinfer: {name}'s last dim must be contiguous")
+
+
+def _check_int32(name: str, tensor: torch.Tensor, dims: int, rows: int) -> None:
+    if tensor.dtype != torch.int32 or tensor.dim() != dims or tensor.shape[0] != rows or tensor.device.type != "cpu":
+        raise ValueError(f"headinfer: {name} must be a {dims}-d CPU int32 tensor with {rows} rows")
+    if tensor.shape[-1] > 1 and tensor.stride(-1) != 1:
+        raise ValueError(f"headinfer: {name}'s last dim must be contiguous")
+
+
+# Building and loading ----------------------------------------------------------------------
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    """The compiled kernel, built on first use (seconds) and cached on disk.
+
+    Raises:
+        RuntimeError: no C++ compiler, or the build failed (with the compiler's output).
+    """
+    lib = ctypes.CDLL(str(build()))
+    if lib.headinfer_cpu_attention_abi_version() != ABI_VERSION:
+        raise RuntimeError("headinfer: the CPU attention library's ABI does not match this Python module")
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.headinfer_decode_attention.restype = ctypes.c_int
+    lib.headinfer_decode_attention.argtypes = [
+        ctypes.c_int, ctypes.c_int, ptr, ptr, ptr,  # dtype, units: pages, heads, first heads
+        i64, i64, i64, i64, i64,  # num_blocks, block_size, head_dim, query_per_kv, num_requests
+        ptr, i64, i64,  # query, row stride, head stride
+        ptr, i64, i64,  # out, row stride, head stride
+        ptr, i64, i64,  # block_table, row stride, max_blocks
+        ptr,  # seq_lens
+        ctypes.c_float, i64, ctypes.c_float, ptr,  # scale, sliding_window, logits_soft_cap, sinks
+        ctypes.c_int, ptr,  # num_threads, bad_index
+    ]
+    return lib
+
+
+def is_available() -> bool:
+    """Whether the kernel builds and loads here (builds it if needed)."""
+    try:
+        library()
+    except RuntimeError:
+        return False
+    return True
+
+
+def find_compiler() -> list[str] | None:
+    """``$CXX`` (split like a shell would), else the first of ``c++``, ``g++``, ``clang++`` on PATH."""
+    if os.environ.get("CXX"):
+        return shlex.split(os.environ["CXX"])
+    for name in ("c++", "g++", "clang++"):
+        path = shutil.which(name)
+        if path:
+            return [path]
+    return None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HEADINFER_CACHE_DIR") or Path.home() / ".cache" / "headinfer_vllm")
+
+
+def build() -> Path:
+    """Path of the compiled library: from the cache, else compiled now (with, then without ``-march=native``)."""
+    compiler = find_compiler()
+    if compiler is None:
+        raise RuntimeError(
+            "headinfer: CPU attention needs a C++ compiler with OpenMP and none was found "
+            "(set $CXX, or install one: `apt install g++`, `dnf install gcc-c++`); "
+            "or turn CPU attention off"
+        )
+    source = SOURCE.read_bytes()
+    errors = []
+    for flags in (FLAGS, PORTABLE_FLAGS):
+        path = cache_dir() / f"cpu_decode_attention-{_build_key(source, compiler, flags)}.so"
+        if path.exists():
+            return path
+        error = _compile(compiler, flags, path)
+        if error is None:
+            return path
+        errors.append(f"$ {shlex.join([*compiler, *flags])} ...\n{error}")
+    raise RuntimeError(
+        "headinfer: building the CPU attention kernel failed (a C++17 compiler with OpenMP is needed: "
+        "`apt install g++`; or turn CPU attention off). Compiler output, last lines:\n" + "\n".join(errors)
+    )
+
+
+def _build_key(source: bytes, compiler: list[str], flags: tuple[str, ...]) -> str:
+    digest = hashlib.sha256(source)
+    for part in (*compiler, _compiler_version(compiler), *flags, platform.machine(), _cpu_flags()):
+        digest.update(part.encode() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _compiler_version(compiler: list[str]) -> str:
+    try:
+        return subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (a library built with -march=native must not run on an older CPU)."""
+    try:
+        with open("/proc/cpuinfo") as lines:
+            return next((line for line in lines if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.processor()
+
+
+def _compile(compiler: list[str], flags: tuple[str, ...], path: Path) -> str | None:
+    """Compiles to a temporary file then renames it to ``path`` (atomic: concurrent builds are safe).
+
+    Returns None, or the tail of the compiler's output on failure.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    except OSError as error:
+        return f"cannot write to {path.parent}: {error} (set $HEADINFER_CACHE_DIR)"
+    os.close(handle)
+    command = [*compiler, *flags, "-o", temporary, str(SOURCE)]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.SubprocessError) as error:
+        os.unlink(temporary)
+        return str(error)
+    if result.returncode != 0:
+        os.unlink(temporary)
+        return "\n".join((result.stdout + result.stderr).strip().splitlines()[-20:])
+    os.replace(temporary, path)
+    return None

@@ -1,0 +1,734 @@
+// Exact paged decode attention on the CPU, reading the pages where they lie.
+//
+// One query token per request attends its sequence's keys through a block
+// table, for one or more units of KV heads of one layer. A unit's pages are
+// one contiguous tensor (a view into the host tier, or a resident run):
+//
+//     pages [N, 2, B, H, D]          N blocks, K then V, B tokens per block,
+//                                    H KV heads in the unit, D head dim
+//     K of token t (of block b), head h:  pages + ((b * 2 + 0) * B + t) * H * D + h * D
+//     V of the same token:                pages + ((b * 2 + 1) * B + t) * H * D + h * D
+//
+// KV head h of a unit whose first head is f serves query heads
+// (f + h) * Q .. (f + h + 1) * Q - 1 (Q query heads per KV head): one pass over
+// a head's keys serves all of them.
+//
+// Work is split into items (unit, request, head, page range): a long sequence
+// is cut into page ranges (split-K) so that one request keeps every thread
+// busy. Each item runs an online softmax in fp32 over its pages, a tile of at
+// most kTile tokens at a time; items of one split sequence leave
+// (max, sum, unnormalized output) partials that a second pass merges by
+// log-sum-exp. Pages outside [first key, sequence end) are never read.
+//
+// Plain C++17 with GCC/Clang vector extensions (8 floats, AVX2 on x86, two
+// NEON registers on Arm) and OpenMP. No torch headers.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX__) || defined(__F16C__) || defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+
+constexpr int kTile = 32;                // tokens scored and accumulated together
+constexpr int kPrefetchTiles = 1;        // tiles prefetched ahead of the one attended
+constexpr int64_t kMinSplitTokens = 512;  // a split reads at least this many keys per head
+constexpr int kItemsPerThread = 2;        // split until there are this many items per thread
+constexpr int64_t kMinBytesPerThread = 256 << 10;  // smaller calls use fewer threads
+
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+enum Status : int {
+  kOk = 0,
+  kBadDType = 1,
+  kBadShape = 2,
+  kBlockOutOfRange = 3,
+  kSequenceTooLong = 4,
+};
+
+// Conversions -------------------------------------------------------------------------------
+
+inline float bits_to_float(uint32_t bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
+inline uint32_t float_to_bits(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  return bits;
+}
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  const uint32_t exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
+  if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24, exact in fp32
+    return bits_to_float(float_to_bits(float(mantissa) * 0x1p-24f) | sign);
+  }
+  if (exponent == 31) return bits_to_float(sign | 0x7f800000u | (mantissa << 13));
+  return bits_to_float(sign | ((exponent + 112) << 23) | (mantissa << 13));
+}
+
+// Round to nearest even (F. Giesen's float_to_half_fast3_rtne).
+inline uint16_t float_to_half(float value) {
+  uint32_t f = float_to_bits(value);
+  const uint32_t sign = f & 0x80000000u;
+  f ^= sign;
+  const uint32_t f32_infinity = 255u << 23, f16_overflow = (127u + 16) << 23;
+  const uint32_t denormal_magic = ((127u - 15) + (23 - 10) + 1) << 23;
+  uint16_t out;
+  if (f >= f16_overflow) {
+    out = f > f32_infinity ? 0x7e00 : 0x7c00;
+  } else if (f < (113u << 23)) {  // subnormal or zero in fp16: let the fp32 adder round
+    out = uint16_t(float_to_bits(bits_to_float(f) + bits_to_float(denormal_magic)) - denormal_magic);
+  } else {
+    const uint32_t mantissa_odd = (f >> 13) & 1u;
+    f += (uint32_t(15 - 127) << 23) + 0xfffu + mantissa_odd;
+    out = uint16_t(f >> 13);
+  }
+  return uint16_t(out | (sign >> 16));
+}
+
+inline float bf16_to_float(uint16_t h) { return bits_to_float(uint32_t(h) << 16); }
+
+inline uint16_t float_to_bf16(float value) {  // round to nearest even; NaN stays NaN
+  const uint32_t bits = float_to_bits(value);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return uint16_t((bits >> 16) | 0x40u);
+  return uint16_t((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+// Element<DT>::load16 converts 16 consecutive elements to two vectors of 8 floats, in an order
+// that is cheapest for the dtype: element i lands in slot(i) of (first vector, second vector).
+// Queries and accumulators are kept in that order too (see `to_slots`), so dot products and
+// sums need no shuffles; only the last head_dim % 16 elements stay in natural order.
+template <int DT>
+struct Element;
+
+template <>
+struct Element<kFloat32> {
+  using T = float;
+  static float to_float(T x) { return x; }
+  static T from_float(float x) { return x; }
+  static int slot(int i) { return i; }
+  static void load16(const T* p, f32x8& first, f32x8& second) {
+    std::memcpy(&first, p, sizeof first);
+    std::memcpy(&second, p + 8, sizeof second);
+  }
+};
+
+template <>
+struct Element<kBFloat16> {  // even elements, then odd ones: one load, a shift and a mask
+  using T = uint16_t;
+  static float to_float(T x) { return bf16_to_float(x); }
+  static T from_float(float x) { return float_to_bf16(x); }
+  static int slot(int i) { return (i & 1) * 8 + (i >> 1); }
+  static void load16(const T* p, f32x8& first, f32x8& second) {
+    u32x8 pairs;
+    std::memcpy(&pairs, p, sizeof pairs);
+    first = (f32x8)(pairs << 16);
+    second = (f32x8)(pairs & 0xffff0000u);
+  }
+};
+
+template <>
+struct Element<kFloat16> {
+  using T = uint16_t;
+  static float to_float(T x) { return half_to_float(x); }
+  static T from_float(float x) { return float_to_half(x); }
+  static int slot(int i) { return i; }
+  static f32x8 load8(const T* p) {
+#if defined(__F16C__)
+    return (f32x8)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#elif defined(__aarch64__)
+    typedef __fp16 f16x8 __attribute__((vector_size(16)));
+    f16x8 h;
+    std::memcpy(&h, p, sizeof h);
+    return __builtin_convertvector(h, f32x8);
+#else
+    f32x8 v;
+    for (int i = 0; i < 8; ++i) v[i] = half_to_float(p[i]);
+    return v;
+#endif
+  }
+  static void load16(const T* p, f32x8& first, f32x8& second) {
+    first = load8(p);
+    second = load8(p + 8);
+  }
+};
+
+// Vector helpers ----------------------------------------------------------------------------
+
+inline f32x8 load_floats(const float* p) {
+  f32x8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store_floats(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
+
+inline f32x8 broadcast(float x) { return f32x8{x, x, x, x, x, x, x, x}; }
+
+inline f32x8 fma8(f32x8 a, f32x8 b, f32x8 c) {  // a * b + c
+#if defined(__FMA__) && defined(__AVX__)
+  return (f32x8)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return a * b + c;
+#endif
+}
+
+inline float horizontal_sum(f32x8 v) {
+#if defined(__AVX__)
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+#else
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+#endif
+}
+
+// exp(x) for x <= 0 (Cephes expf: about 1 ulp); 0 below fp32's normal range; NaN stays NaN.
+inline f32x8 exp_nonpositive(f32x8 x) {
+  const f32x8 lowest = broadcast(-87.33f);
+  const i32x8 in_range = ~(x < lowest);  // all ones where x >= lowest, or NaN
+  x = x < lowest ? lowest : x;
+  const f32x8 magic = broadcast(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const f32x8 n = (x * broadcast(1.44269504088896341f) + magic) - magic;
+  x = fma8(n, broadcast(-0.693359375f), x);
+  x = fma8(n, broadcast(2.12194440e-4f), x);
+  f32x8 y = broadcast(1.9875691500e-4f);
+  y = fma8(y, x, broadcast(1.3981999507e-3f));
+  y = fma8(y, x, broadcast(8.3334519073e-3f));
+  y = fma8(y, x, broadcast(4.1665795894e-2f));
+  y = fma8(y, x, broadcast(1.6666665459e-1f));
+  y = fma8(y, x, broadcast(5.0000001201e-1f));
+  y = fma8(y, x * x, x) + broadcast(1.0f);
+  const i32x8 exponent = (__builtin_convertvector(n, i32x8) + 127) << 23;
+  return (f32x8)((i32x8)(y * (f32x8)exponent) & in_range);
+}
+
+// Kernels over one tile ---------------------------------------------------------------------
+//
+// A tile is up to kTile consecutive keys of one head, in runs that each lie in one page (a run's
+// rows are `stride` elements apart). Queries and accumulators: rows of D fp32 in slot order.
+// Scores, then probabilities: row q at q * kTile.
+
+template <typename T>
+struct Tile {
+  int num_runs = 0, num_tokens = 0;
+  const T* keys[kTile];
+  const T* values[kTile];
+  int lengths[kTile];
+
+  void add(const T* key_rows, const T* value_rows, int length) {
+    keys[num_runs] = key_rows, values[num_runs] = value_rows, lengths[num_runs] = length;
+    ++num_runs, num_tokens += length;
+  }
+};
+
+// Brings the line at `address` into the L2 cache. Inline assembly on x86: GCC's vectorizer drops
+// __builtin_prefetch from the loops it vectorizes.
+inline void prefetch_l2(const void* address) {
+#if defined(__x86_64__) || defined(__i386__)
+  __asm__ volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(address)));
+#else
+  __builtin_prefetch(address, 0, 2);
+#endif
+}
+
+// The K and V rows of the next tile, prefetched a few at a time while this tile is scored, so that
+// memory and arithmetic overlap (a burst of prefetches would stall the loads that follow it).
+template <typename T>
+struct Prefetch {
+  const char* rows[kTile];  // K row of each token; its V row follows `values` bytes on
+  int num_rows = 0, next = 0;
+  int64_t values = 0, row_bytes = 0, stride = 0;
+
+  Prefetch(int64_t block_size, int64_t row_stride, int64_t head_dim)
+      : values(block_size * row_stride * int64_t(sizeof(T))),
+        row_bytes(head_dim * int64_t(sizeof(T))),
+        stride(row_stride * int64_t(sizeof(T))) {}
+
+  void reset(const Tile<T>& tile) {
+    num_rows = next = 0;
+    for (int run = 0; run < tile.num_runs; ++run)
+      for (int t = 0; t < tile.lengths[run]; ++t)
+        rows[num_rows++] = reinterpret_cast<const char*>(tile.keys[run]) + t * stride;
+  }
+
+  void step(int count) {
+    for (const int end = std::min(num_rows, next + count); next < end; ++next) {
+      for (int64_t offset = 0; offset < row_bytes; offset += 64) {
+        prefetch_l2(rows[next] + offset);
+        prefetch_l2(rows[next] + values + offset);
+      }
+    }
+  }
+};
+
+// The sums of 8 vectors, as one vector.
+inline f32x8 horizontal_sums(f32x8 a, f32x8 b, f32x8 c, f32x8 d, f32x8 e, f32x8 f, f32x8 g, f32x8 h) {
+#if defined(__AVX__)
+  const __m256 ab = _mm256_hadd_ps((__m256)a, (__m256)b), cd = _mm256_hadd_ps((__m256)c, (__m256)d);
+  const __m256 ef = _mm256_hadd_ps((__m256)e, (__m256)f), gh = _mm256_hadd_ps((__m256)g, (__m256)h);
+  const __m256 abcd = _mm256_hadd_ps(ab, cd), efgh = _mm256_hadd_ps(ef, gh);
+  return (f32x8)_mm256_add_ps(_mm256_permute2f128_ps(abcd, efgh, 0x20), _mm256_permute2f128_ps(abcd, efgh, 0x31));
+#else
+  return f32x8{horizontal_sum(a), horizontal_sum(b), horizontal_sum(c), horizontal_sum(d),
+               horizontal_sum(e), horizontal_sum(f), horizontal_sum(g), horizontal_sum(h)};
+#endif
+}
+
+// scores[q * kTile + t] = q_rows[q] . k_rows[t] for QB query rows and TB key rows.
+template <int DT, int QB, int TB>
+inline void dot_rows(const float* q_rows, int64_t D, const typename Element<DT>::T* k_rows, int64_t stride,
+                     float* scores) {
+  using E = Element<DT>;
+  f32x8 acc[QB * TB];  // acc[q * TB + t]
+  for (int i = 0; i < QB * TB; ++i) acc[i] = broadcast(0.0f);
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    f32x8 first[TB], second[TB];
+    for (int t = 0; t < TB; ++t) E::load16(k_rows + t * stride + d, first[t], second[t]);
+    for (int q = 0; q < QB; ++q) {
+      const f32x8 q_first = load_floats(q_rows + q * D + d), q_second = load_floats(q_rows + q * D + d + 8);
+      for (int t = 0; t < TB; ++t) acc[q * TB + t] = fma8(q_second, second[t], fma8(q_first, first[t], acc[q * TB + t]));
+    }
+  }
+  if constexpr (QB * TB == 8) {
+    if (d == D) {
+      const f32x8 sums = horizontal_sums(acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7]);
+      for (int i = 0; i < 8; ++i) scores[(i / TB) * kTile + i % TB] = sums[i];
+      return;
+    }
+  }
+  for (int q = 0; q < QB; ++q) {
+    for (int t = 0; t < TB; ++t) {
+      float sum = horizontal_sum(acc[q * TB + t]);
+      for (int64_t tail = d; tail < D; ++tail) sum += q_rows[q * D + tail] * E::to_float(k_rows[t * stride + tail]);
+      scores[q * kTile + t] = sum;
+    }
+  }
+}
+
+template <int DT, int QB>
+inline void score_tile(const float* q_rows, int64_t D, const Tile<typename Element<DT>::T>& tile, int64_t stride,
+                       float* scores, Prefetch<typename Element<DT>::T>& prefetch) {
+  constexpr int TB = QB >= 8 ? 1 : 8 / QB > 4 ? 4 : 8 / QB;  // QB * TB <= 8 accumulators
+  for (int run = 0; run < tile.num_runs; ++run) {
+    const auto* k_rows = tile.keys[run];
+    const int n = tile.lengths[run];
+    int t = 0;
+    for (; t + TB <= n; t += TB) {
+      prefetch.step(TB);
+      dot_rows<DT, QB, TB>(q_rows, D, k_rows + t * stride, stride, scores + t);
+    }
+    for (; t < n; ++t) {
+      prefetch.step(1);
+      dot_rows<DT, QB, 1>(q_rows, D, k_rows + t * stride, stride, scores + t);
+    }
+    scores += n;
+  }
+}
+
+// acc[q][d .. d + 16 * NC) += sum_t probs[q * kTile + t] * v[t][d ..] over the tile, sums in registers.
+template <int DT, int QB, int NC>
+inline void accumulate_chunks(const float* probs, const Tile<typename Element<DT>::T>& tile, int64_t d,
+                              int64_t stride, float* acc, int64_t D) {
+  using E = Element<DT>;
+  f32x8 sums[QB][2 * NC];
+  for (int q = 0; q < QB; ++q)
+    for (int j = 0; j < 2 * NC; ++j) sums[q][j] = load_floats(acc + q * D + d + 8 * j);
+  for (int run = 0; run < tile.num_runs; ++run) {
+    const auto* v_rows = tile.values[run] + d;
+    for (int t = 0; t < tile.lengths[run]; ++t) {
+      f32x8 values[2 * NC];
+      for (int c = 0; c < NC; ++c) E::load16(v_rows + t * stride + 16 * c, values[2 * c], values[2 * c + 1]);
+      for (int q = 0; q < QB; ++q) {
+        const f32x8 p = broadcast(probs[q * kTile + t]);
+        for (int j = 0; j < 2 * NC; ++j) sums[q][j] = fma8(p, values[j], sums[q][j]);
+      }
+    }
+    probs += tile.lengths[run];
+  }
+  for (int q = 0; q < QB; ++q)
+    for (int j = 0; j < 2 * NC; ++j) store_floats(acc + q * D + d + 8 * j, sums[q][j]);
+}
+
+template <int DT, int QB>
+inline void accumulate_tile(const float* probs, const Tile<typename Element<DT>::T>& tile, int64_t stride,
+                            float* acc, int64_t D) {
+  if constexpr (QB > 4) {  // two blocks of 4: 16 accumulators would not fit in registers
+    accumulate_tile<DT, 4>(probs, tile, stride, acc, D);
+    accumulate_tile<DT, QB - 4>(probs + 4 * kTile, tile, stride, acc + 4 * D, D);
+  } else {
+    using E = Element<DT>;
+    constexpr int NC = 4 / QB;  // 8 accumulator registers
+    int64_t d = 0;
+    for (; d + 16 * NC <= D; d += 16 * NC) accumulate_chunks<DT, QB, NC>(probs, tile, d, stride, acc, D);
+    for (; d + 16 <= D; d += 16) accumulate_chunks<DT, QB, 1>(probs, tile, d, stride, acc, D);
+    for (; d < D; ++d) {
+      const float* p = probs;
+      for (int run = 0; run < tile.num_runs; ++run) {
+        for (int t = 0; t < tile.lengths[run]; ++t) {
+          const float value = E::to_float(tile.values[run][t * stride + d]);
+          for (int q = 0; q < QB; ++q) acc[q * D + d] += p[q * kTile + t] * value;
+        }
+        p += tile.lengths[run];
+      }
+    }
+  }
+}
+
+// Query heads in blocks of 8, 4, 2, 1 (register tiles); `fn` gets (first row, block size).
+template <typename Fn>
+inline void for_query_blocks(int num_queries, Fn&& fn) {
+  int q = 0;
+  for (; q + 8 <= num_queries; q += 8) fn(q, std::integral_constant<int, 8>());
+  if (q + 4 <= num_queries) fn(q, std::integral_constant<int, 4>()), q += 4;
+  if (q + 2 <= num_queries) fn(q, std::integral_constant<int, 2>()), q += 2;
+  if (q < num_queries) fn(q, std::integral_constant<int, 1>());
+}
+
+// Index in slot order of element d of a row of D elements (see Element).
+template <int DT>
+inline int64_t to_slots(int64_t d, int64_t D) {
+  const int64_t chunk = d & ~int64_t(15);
+  return chunk + 16 > D ? d : chunk + Element<DT>::slot(int(d & 15));
+}
+
+// Online softmax over one tile of scores (one row per query head): updates the running max and
+// sum, rescales the accumulators where the max grew, and leaves exp(score - max) in `scores`.
+inline void softmax_tile(float* scores, int num_tokens, int num_queries, int64_t d_total, float* running_max,
+                         float* running_sum, float* acc) {
+  for (int q = 0; q < num_queries; ++q) {
+    float* row = scores + q * kTile;
+    float tile_max = row[0];
+    for (int t = 1; t < num_tokens; ++t) tile_max = std::max(tile_max, row[t]);
+    const float old_max = running_max[q];
+    if (tile_max > old_max) {
+      if (old_max != -std::numeric_limits<float>::infinity()) {
+        const float correction = std::exp(old_max - tile_max);
+        running_sum[q] *= correction;
+        float* out = acc + q * d_total;
+        for (int64_t d = 0; d < d_total; ++d) out[d] *= correction;
+      }
+      running_max[q] = tile_max;
+    }
+    const f32x8 shift = broadcast(running_max[q]);
+    f32x8 sum = broadcast(0.0f);
+    int t = 0;
+    for (; t + 8 <= num_tokens; t += 8) {
+      const f32x8 p = exp_nonpositive(load_floats(row + t) - shift);
+      store_floats(row + t, p);
+      sum += p;
+    }
+    float total = horizontal_sum(sum);
+    if (t < num_tokens) {
+      f32x8 rest = shift;
+      for (int i = 0; t + i < num_tokens; ++i) rest[i] = row[t + i];
+      const f32x8 p = exp_nonpositive(rest - shift);
+      for (int i = 0; t + i < num_tokens; ++i) row[t + i] = p[i], total += p[i];
+    }
+    running_sum[q] += total;
+  }
+}
+
+// The call ----------------------------------------------------------------------------------
+
+struct Call {
+  int dtype;
+  int num_units;
+  const void* const* unit_pages;
+  const int64_t* unit_heads;
+  const int64_t* unit_first_head;
+  int64_t num_blocks, block_size, head_dim, query_per_kv, num_requests;
+  const void* query;
+  int64_t query_row_stride, query_head_stride;
+  void* out;
+  int64_t out_row_stride, out_head_stride;
+  const int32_t* block_table;
+  int64_t block_table_stride, max_blocks;
+  const int32_t* seq_lens;
+  float scale;
+  int64_t sliding_window;
+  float logits_soft_cap;
+  const float* sinks;
+};
+
+// The keys of one KV head of one request in pages [first_page, end_page).
+struct Item {
+  int32_t unit, request, head, split;
+  int64_t first_page, end_page;
+  int64_t partial;  // offset of this item's partial (max, sum, acc) in the partials buffer; -1: none
+};
+
+// A (unit, request, head) whose keys were split: its items' partials, to merge.
+struct Merge {
+  int32_t unit, request, head, num_splits;
+  int64_t first_partial;
+};
+
+struct Keys {
+  int64_t begin, end;  // key positions attended: [begin, end)
+};
+
+inline Keys keys_of(const Call& c, int64_t request) {
+  const int64_t length = c.seq_lens[request];
+  if (length <= 0) return {0, 0};
+  const int64_t begin = c.sliding_window > 0 ? std::max<int64_t>(0, length - c.sliding_window) : 0;
+  return {begin, length};
+}
+
+int64_t query_head(const Call& c, int unit, int head, int q) {
+  return (c.unit_first_head[unit] + head) * c.query_per_kv + q;
+}
+
+// Partials hold, per query head: max, sum, then head_dim accumulator values.
+int64_t partial_floats(const Call& c) { return c.query_per_kv * (c.head_dim + 2); }
+
+// Normalizes one head's accumulators (with the sinks) and writes them to the output.
+template <int DT>
+void write_output(const Call& c, int unit, int request, int head, const float* running_max,
+                  const float* running_sum, const float* acc) {
+  using T = typename Element<DT>::T;
+  for (int q = 0; q < c.query_per_kv; ++q) {
+    const int64_t global = query_head(c, unit, head, q);
+    float max = running_max[q], sum = running_sum[q], factor = 1.0f;
+    if (c.sinks != nullptr) {
+      const float top = std::max(max, c.sinks[global]);
+      factor = max == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(max - top);
+      sum = sum * factor + std::exp(c.sinks[global] - top);
+    }
+    const float weight = sum > 0.0f ? factor / sum : 0.0f;  // no keys: zeros
+    T* out = static_cast<T*>(c.out) + request * c.out_row_stride + global * c.out_head_stride;
+    for (int64_t d = 0; d < c.head_dim; ++d)
+      out[d] = Element<DT>::from_float(acc[q * c.head_dim + to_slots<DT>(d, c.head_dim)] * weight);
+  }
+}
+
+struct Scratch {
+  std::vector<float> queries, acc, scores, max, sum;
+};
+
+template <int DT>
+void run_item(const Call& c, const Item& item, Scratch& s, float* partials) {
+  using E = Element<DT>;
+  using T = typename E::T;
+  const int64_t D = c.head_dim, B = c.block_size, Q = c.query_per_kv;
+  const int64_t heads = c.unit_heads[item.unit];
+  s.queries.resize(Q * D);
+  s.acc.assign(Q * D, 0.0f);
+  s.scores.resize(Q * kTile);
+  s.max.assign(Q, -std::numeric_limits<float>::infinity());
+  s.sum.assign(Q, 0.0f);
+  const T* query = static_cast<const T*>(c.query) + item.request * c.query_row_stride;
+  for (int q = 0; q < Q; ++q) {
+    const T* row = query + query_head(c, item.unit, item.head, q) * c.query_head_stride;
+    for (int64_t d = 0; d < D; ++d) s.queries[q * D + to_slots<DT>(d, D)] = E::to_float(row[d]) * c.scale;
+  }
+  const Keys keys = keys_of(c, item.request);
+  const T* pages = static_cast<const T*>(c.unit_pages[item.unit]);
+  const int32_t* table = c.block_table + item.request * c.block_table_stride;
+  const int64_t row_stride = heads * D, page_elements = 2 * B * row_stride;
+  Prefetch<T> prefetch(B, row_stride, D);
+  auto attend = [&](const Tile<T>& tile) {
+    float* scores = s.scores.data();
+    for_query_blocks(int(Q), [&](int q, auto block) {
+      score_tile<DT, decltype(block)::value>(s.queries.data() + q * D, D, tile, row_stride, scores + q * kTile,
+                                             prefetch);
+    });
+    prefetch.step(kTile);
+    if (c.logits_soft_cap > 0.0f) {
+      const float cap = c.logits_soft_cap;
+      for (int q = 0; q < Q; ++q)
+        for (int t = 0; t < tile.num_tokens; ++t) scores[q * kTile + t] = cap * std::tanh(scores[q * kTile + t] / cap);
+    }
+    softmax_tile(scores, tile.num_tokens, int(Q), D, s.max.data(), s.sum.data(), s.acc.data());
+    for_query_blocks(int(Q), [&](int q, auto block) {
+      accumulate_tile<DT, decltype(block)::value>(scores + q * kTile, tile, row_stride, s.acc.data() + q * D, D);
+    });
+  };
+  // Keys [key, end_key) of this item, kTile at a time, in runs that each lie in one page.
+  int64_t key = std::max(keys.begin, item.first_page * B);
+  const int64_t end_key = std::min(keys.end, item.end_page * B);
+  auto next_tile = [&](Tile<T>& tile) {
+    tile.num_runs = tile.num_tokens = 0;
+    while (key < end_key && tile.num_tokens < kTile) {
+      const int n = int(std::min({kTile - int64_t(tile.num_tokens), end_key - key, B - key % B}));
+      const T* k_rows = pages + table[key / B] * page_elements + (key % B) * row_stride + item.head * D;
+      tile.add(k_rows, k_rows + B * row_stride, n);
+      key += n;
+    }
+  };
+  // A ring of tiles: tile i is attended while tile i + kPrefetchTiles is prefetched.
+  Tile<T> tiles[kPrefetchTiles + 1];
+  for (int i = 0; i < kPrefetchTiles; ++i) next_tile(tiles[i]);
+  for (int i = 0; tiles[i % (kPrefetchTiles + 1)].num_tokens > 0; ++i) {
+    Tile<T>& ahead = tiles[(i + kPrefetchTiles) % (kPrefetchTiles + 1)];
+    next_tile(ahead);
+    prefetch.reset(ahead);
+    attend(tiles[i % (kPrefetchTiles + 1)]);
+  }
+  if (item.partial < 0) {
+    write_output<DT>(c, item.unit, item.request, item.head, s.max.data(), s.sum.data(), s.acc.data());
+    return;
+  }
+  float* partial = partials + item.partial;
+  for (int q = 0; q < Q; ++q) {
+    partial[q * (D + 2)] = s.max[q];
+    partial[q * (D + 2) + 1] = s.sum[q];
+    std::memcpy(partial + q * (D + 2) + 2, s.acc.data() + q * D, D * sizeof(float));
+  }
+}
+
+// Log-sum-exp merge of one head's split partials into the output.
+template <int DT>
+void run_merge(const Call& c, const Merge& merge, Scratch& s, const float* partials) {
+  const int64_t D = c.head_dim, Q = c.query_per_kv, stride = partial_floats(c);
+  s.acc.assign(Q * D, 0.0f);
+  s.max.assign(Q, -std::numeric_limits<float>::infinity());
+  s.sum.assign(Q, 0.0f);
+  for (int q = 0; q < Q; ++q) {
+    for (int i = 0; i < merge.num_splits; ++i)
+      s.max[q] = std::max(s.max[q], partials[merge.first_partial + i * stride + q * (D + 2)]);
+    for (int i = 0; i < merge.num_splits; ++i) {
+      const float* partial = partials + merge.first_partial + i * stride + q * (D + 2);
+      if (partial[1] == 0.0f) continue;  // no keys in this split
+      const float factor = std::exp(partial[0] - s.max[q]);
+      s.sum[q] += partial[1] * factor;
+      for (int64_t d = 0; d < D; ++d) s.acc[q * D + d] += partial[2 + d] * factor;
+    }
+  }
+  write_output<DT>(c, merge.unit, merge.request, merge.head, s.max.data(), s.sum.data(), s.acc.data());
+}
+
+// Checks the block table entries that will be read; cuts every (unit, request, head) into items.
+int plan(const Call& c, int& num_threads, std::vector<Item>& items, std::vector<Merge>& merges,
+         int64_t* bad_index) {
+  const int64_t B = c.block_size;
+  int64_t total_pages = 0, total_heads = 0;
+  for (int u = 0; u < c.num_units; ++u) total_heads += c.unit_heads[u];
+  for (int64_t r = 0; r < c.num_requests; ++r) {
+    const Keys keys = keys_of(c, r);
+    if (keys.end > c.max_blocks * B) return *bad_index = r, kSequenceTooLong;
+    if (keys.end == 0) continue;
+    const int32_t* table = c.block_table + r * c.block_table_stride;
+    for (int64_t page = keys.begin / B; page < (keys.end + B - 1) / B; ++page) {
+      if (table[page] < 0 || table[page] >= c.num_blocks) return *bad_index = r, kBlockOutOfRange;
+    }
+    total_pages += total_heads * ((keys.end + B - 1) / B - keys.begin / B);
+  }
+  const int64_t element = c.dtype == kFloat32 ? 4 : 2;
+  const int64_t bytes = total_pages * 2 * B * c.head_dim * element;
+  num_threads = int(std::max<int64_t>(1, std::min<int64_t>(num_threads, bytes / kMinBytesPerThread)));
+  // Split so that there are about kItemsPerThread items per thread, none under kMinSplitTokens keys.
+  const int64_t min_pages = std::max<int64_t>(1, (kMinSplitTokens + B - 1) / B);
+  const int64_t target = std::max<int64_t>(1, total_pages / (int64_t(num_threads) * kItemsPerThread));
+  const int64_t chunk = std::max(min_pages, target);
+  int64_t partial = 0;
+  for (int u = 0; u < c.num_units; ++u) {
+    for (int64_t r = 0; r < c.num_requests; ++r) {
+      const Keys keys = keys_of(c, r);
+      const int64_t first = keys.begin / B, end = (keys.end + B - 1) / B, pages = end - first;
+      const int64_t splits = num_threads > 1 ? std::max<int64_t>(1, (pages + chunk - 1) / chunk) : 1;
+      for (int64_t h = 0; h < c.unit_heads[u]; ++h) {
+        if (splits > 1) merges.push_back({u, int32_t(r), int32_t(h), int32_t(splits), partial});
+        for (int64_t i = 0; i < splits; ++i) {
+          const int64_t begin = first + pages * i / splits, stop = first + pages * (i + 1) / splits;
+          items.push_back({u, int32_t(r), int32_t(h), int32_t(i), begin, stop, splits > 1 ? partial : -1});
+          if (splits > 1) partial += partial_floats(c);
+        }
+      }
+    }
+  }
+  return kOk;
+}
+
+template <int DT>
+int run(const Call& c, int num_threads, int64_t* bad_index) {
+  thread_local std::vector<Item> items;
+  thread_local std::vector<Merge> merges;
+  thread_local std::vector<float> partials;
+  items.clear();
+  merges.clear();
+  const int status = plan(c, num_threads, items, merges, bad_index);
+  if (status != kOk) return status;
+  int64_t partial_size = 0;
+  for (const Merge& m : merges) partial_size = m.first_partial + m.num_splits * partial_floats(c);
+  partials.resize(partial_size);
+  const int64_t num_items = int64_t(items.size()), num_merges = int64_t(merges.size());
+  const int threads = int(std::max<int64_t>(1, std::min<int64_t>(num_threads, num_items)));
+  const Item* item_data = items.data();
+  const Merge* merge_data = merges.data();
+  float* partial_data = partials.data();
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    thread_local Scratch scratch;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < num_items; ++i) run_item<DT>(c, item_data[i], scratch, partial_data);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < num_merges; ++i) run_merge<DT>(c, merge_data[i], scratch, partial_data);
+  }
+  return kOk;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Bumped when a signature below changes; the Python side checks it.
+int headinfer_cpu_attention_abi_version() { return 1; }
+
+// Decode attention of `num_units` units of one layer (see the top of this file).
+//
+// dtype: 0 float32, 1 float16, 2 bfloat16 (pages, query and out alike).
+// unit_pages[u]: pages [num_blocks, 2, block_size, unit_heads[u], head_dim], contiguous.
+// unit_first_head[u]: the layer's KV head index of the unit's head 0.
+// query, out: element (r, query head g, d) at r * row_stride + g * head_stride + d.
+// block_table: [num_requests, >= max_blocks] int32 with row stride block_table_stride.
+// seq_lens: [num_requests] int32, keys 0 .. seq_len - 1 (0: the output is zeros).
+// sliding_window: 0 none, else keys j >= seq_len - sliding_window only.
+// logits_soft_cap: 0 none, else s = cap * tanh(s / cap) after scaling.
+// sinks: null or float32 [number of query heads of the layer]: a logit in the denominator only.
+// Returns 0, or a Status; bad_index gets the offending request.
+int headinfer_decode_attention(int dtype, int num_units, const void* const* unit_pages, const int64_t* unit_heads,
+                               const int64_t* unit_first_head, int64_t num_blocks, int64_t block_size,
+                               int64_t head_dim, int64_t query_per_kv, int64_t num_requests, const void* query,
+                               int64_t query_row_stride, int64_t query_head_stride, void* out,
+                               int64_t out_row_stride, int64_t out_head_stride, const int32_t* block_table,
+                               int64_t block_table_stride, int64_t max_blocks, const int32_t* seq_lens,
+                               float scale, int64_t sliding_window, float logits_soft_cap, const float* sinks,
+                               int num_threads, int64_t* bad_index) {
+  if (num_units < 0 || block_size <= 0 || head_dim <= 0 || query_per_kv <= 0 || num_requests < 0) return kBadShape;
+  const Call call{dtype, num_units, unit_pages, unit_heads, unit_first_head, num_blocks, block_size, head_dim,
+                  query_per_kv, num_requests, query, query_row_stride, query_head_stride, out, out_row_stride,
+                  out_head_stride, block_table, block_table_stride, max_blocks, seq_lens, scale, sliding_window,
+                  logits_soft_cap, sinks};
+  num_threads = std::max(1, num_threads);
+  switch (dtype) {
+    case kFloat32:
+      return run<kFloat32>(call, num_threads, bad_index);
+    case kFloat16:
+      return run<kFloat16>(call, num_threads, bad_index);
+    case kBFloat16:
+      return run<kBFloat16>(call, num_threads, bad_index);
+    default:
+      return kBadDType;
+  }
+}
+
+}  // extern "C"
