@@ -1,4 +1,8 @@
-"""HeadInfer for Hugging Face transformers (Llama, Mistral, Qwen2).
+"""HeadInfer for Hugging Face transformers.
+
+Families (``SUPPORTED_MODEL_TYPES``): Llama, Mistral (with or without a
+sliding window), Qwen2, Qwen3, Phi-3, Gemma-2, Gemma-3 text and gpt-oss;
+sliding windows, soft-capping and attention sinks are computed exactly.
 
 Importing this package registers the attention implementation ``"headinfer"``::
 
@@ -15,7 +19,8 @@ Importing this package registers the attention implementation ``"headinfer"``::
 from headinfer_vllm.hf.attention import register
 from headinfer_vllm.hf.cache import CapacityError, HeadInferCache
 from headinfer_vllm.hf.generation import generate
+from headinfer_vllm.hf.support import SUPPORTED_MODEL_TYPES
 
 register()
 
-__all__ = ["CapacityError", "HeadInferCache", "generate", "register"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "CapacityError", "HeadInferCache", "generate", "register"]

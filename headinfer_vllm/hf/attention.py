@@ -3,7 +3,8 @@
 transformers looks both up by ``config._attn_implementation``:
 
 - the attention function replaces SDPA in every attention layer and routes the
-  layer through :meth:`HeadInferCache.attend`;
+  layer through :meth:`HeadInferCache.attend`, with the ``sliding_window``,
+  ``softcap`` and ``s_aux`` (sinks) that the layer passes;
 - the mask function replaces the dense causal mask: HeadInfer builds causal
   masks itself from the step plan, so it only refuses padded batches.
 """
@@ -34,6 +35,8 @@ def headinfer_attention(
         query: ``[B, Hq, L, D]``.
         key, value: ``[B, Hkv, L, D]``, the new tokens as ``update()`` returned them.
         attention_mask: must be None (see :func:`headinfer_mask`).
+        **kwargs: ``sliding_window``, ``softcap`` and ``s_aux`` (``[Hq]``
+            sinks) where the family passes them; ``is_causal`` must not be False.
 
     Returns ``([B, L, Hq, D], None)``: the output, and no attention weights.
     """
@@ -47,7 +50,19 @@ def headinfer_attention(
         raise ValueError("headinfer: attention dropout is not supported (inference only; call model.eval())")
     if attention_mask is not None:
         raise ValueError("headinfer: custom attention masks are not supported; attention is always causal")
-    return cache.attend(module.layer_idx, query, key, value, scaling), None
+    is_causal = kwargs.get("is_causal")  # as transformers' SDPA: the argument, else the module's flag
+    if not (is_causal if is_causal is not None else getattr(module, "is_causal", True)):
+        raise ValueError("headinfer: bidirectional attention is not supported; attention is always causal")
+    return cache.attend(
+        module.layer_idx,
+        query,
+        key,
+        value,
+        scaling,
+        sliding_window=kwargs.get("sliding_window"),
+        softcap=kwargs.get("softcap"),
+        sinks=kwargs.get("s_aux"),
+    ), None
 
 
 def headinfer_mask(attention_mask: torch.Tensor | None = None, **kwargs) -> None:

@@ -6,8 +6,10 @@ function. ``update()`` *stages* the new tokens' K/V ``[B, Hkv, L, D]`` and
 returns them unchanged; the ``"headinfer"`` attention function
 (:mod:`headinfer_vllm.hf.attention`) takes them back with :meth:`HeadInferCache.attend`,
 which writes them into their pages through :class:`StreamedAttention` and
-attends over the whole sequence. Layer 0's ``update()`` begins a step (builds
-the :class:`StepPlan`); every layer must then run, in order, through both.
+attends over the whole sequence (each layer with its own sliding window,
+soft-cap and sinks: :class:`LayerAttention`, from the config). Layer 0's
+``update()`` begins a step (builds the :class:`StepPlan`); every layer must
+then run, in order, through both.
 
 Batch rows are equal-length sequences (no padding). Row ``r`` owns block ids
 ``[r * P, (r + 1) * P)`` with ``P = num_blocks // batch_size``; its token
@@ -17,7 +19,6 @@ Batch rows are equal-length sequences (no padding). Row ``r`` owns block ids
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import weakref
 
@@ -25,9 +26,9 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from headinfer_vllm.config import HeadInferConfig
-from headinfer_vllm.core import HeadPageStore, StreamedAttention, build_step_plan, plan_capacity
+from headinfer_vllm.core import HeadPageStore, LayerAttention, StreamedAttention, build_step_plan, plan_capacity
 from headinfer_vllm.core.host_memory import check_host_budget
-from headinfer_vllm.hf.support import ATTN_IMPLEMENTATION, attention_geometry, check_window
+from headinfer_vllm.hf.support import ATTN_IMPLEMENTATION, attention_geometry
 
 logger = logging.getLogger("headinfer_vllm")
 
@@ -119,7 +120,9 @@ class HeadInferCache(Cache):
     :meth:`prefill` before ``model.generate``.
 
     Args:
-        config: the model's config (``model.config``); Llama, Mistral or Qwen2.
+        config: the model's config (``model.config``), of a family in
+            :data:`~headinfer_vllm.hf.support.SUPPORTED_MODEL_TYPES`; it gives
+            each layer's sliding window, soft-cap and sinks, and the scale.
         cpu_kv_cache_gib, gpu_kv_cache_gib, head_group_size, prefetch_depth:
             as in :class:`headinfer_vllm.config.HeadInferConfig`.
         block_size: tokens per page.
@@ -163,12 +166,14 @@ class HeadInferCache(Cache):
             head_group_size=self.settings.head_group_size,
             prefetch_depth=self.settings.prefetch_depth,
         )
-        check_window(self.geometry, self.plan.layout.max_tokens)
         super().__init__(layers=[HeadInferLayer(self, index) for index in range(self.geometry.num_layers)])
         self.model_config = config
         self.prefill_chunk_size = prefill_chunk_size
         self.store: HeadPageStore | None = None
         self.attention: StreamedAttention | None = None
+        self._sinks: torch.Tensor | None = None
+        """shape: [num_layers, num_query_heads], the KV dtype: each layer's sinks, copied from its
+        module at every call (the core reads them by reference); None without sinks."""
         self._batch_size: int | None = None
         self._next_layer = 0
         """Layer whose ``update()`` comes next; 0 between steps."""
@@ -192,11 +197,24 @@ class HeadInferCache(Cache):
             return
         check_host_budget(self.plan.host_bytes)
         self.store = HeadPageStore.from_plan(self.plan, device)
+        geometry = self.geometry
+        if geometry.sinks:
+            shape = (geometry.num_layers, geometry.num_query_heads)
+            self._sinks = torch.zeros(shape, dtype=self.plan.layout.dtype, device=device)
+        layers = [
+            LayerAttention(
+                sliding_window=window,
+                logits_soft_cap=geometry.soft_cap,
+                sinks=None if self._sinks is None else self._sinks[layer],
+            )
+            for layer, window in enumerate(geometry.windows)
+        ]
         self.attention = StreamedAttention(
             self.store,
-            num_query_heads=self.geometry.num_query_heads,
-            scale=self.geometry.head_dim**-0.5,
+            num_query_heads=geometry.num_query_heads,
+            scale=geometry.scale,
             prefetch_depth=self.settings.prefetch_depth,
+            layers=layers,
         )
         logger.info("headinfer: %s", self.plan.describe())
 
@@ -227,6 +245,10 @@ class HeadInferCache(Cache):
         key: torch.Tensor,
         value: torch.Tensor,
         scaling: float | None = None,
+        *,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Store the staged K/V of ``layer`` and attend; the core of the ``"headinfer"`` attention.
 
@@ -234,6 +256,12 @@ class HeadInferCache(Cache):
             query: ``[B, Hq, L, D]``.
             key, value: ``[B, Hkv, L, D]``, the tensors ``update()`` returned.
             scaling: the model's softmax scale; None means ``D ** -0.5``.
+            sliding_window, softcap: as transformers passes them to the attention function.
+            sinks: ``[Hq]``, the ``s_aux`` transformers passes (gpt-oss), or None.
+
+        The variant arguments must agree with the config the cache was built
+        from (:meth:`AttentionGeometry.check_call`); the sinks are copied into
+        the core's at every call, so weights loaded later count.
 
         Returns the attention output ``[B, L, Hq, D]``.
         """
@@ -245,8 +273,9 @@ class HeadInferCache(Cache):
             )
         self._staged = None
         assert self.attention is not None
-        if scaling is not None and not math.isclose(scaling, self.attention.scale, rel_tol=1e-6):
-            raise ValueError(f"headinfer: the model scales attention by {scaling}, HeadInfer by {self.attention.scale}")
+        self.geometry.check_call(layer, scaling, sliding_window, softcap, sinks)
+        if sinks is not None:
+            self._load_sinks(layer, sinks)
         batch, num_query_heads, length, head_dim = query.shape
         tokens = batch * length
         # [B, H, L, D] -> token-major [B * L, H, D]: token r * L + i is row r's i-th new token.
@@ -256,6 +285,17 @@ class HeadInferCache(Cache):
         out = torch.empty_like(q)
         self.attention.forward(layer, q, k, v, out)
         return out.view(batch, length, num_query_heads, head_dim)
+
+    def _load_sinks(self, layer: int, sinks: torch.Tensor) -> None:
+        """Copy a module's sinks ``[Hq]`` into the core's; refuses a copy that would round them."""
+        assert self._sinks is not None
+        target = self._sinks[layer]
+        if sinks.shape != target.shape or torch.promote_types(sinks.dtype, target.dtype) != target.dtype:
+            raise ValueError(
+                f"headinfer: the sinks of layer {layer} are {tuple(sinks.shape)} {sinks.dtype}, the cache holds "
+                f"{tuple(target.shape)} {target.dtype} (the KV dtype); load the model in one dtype"
+            )
+        target.copy_(sinks.detach())
 
     def check_idle(self) -> None:
         """Raise unless the last step ran every layer's update and attention."""

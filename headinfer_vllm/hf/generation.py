@@ -17,7 +17,8 @@ def generate(model, input_ids: torch.Tensor, past_key_values: HeadInferCache | N
     decoding, so the result equals an unchunked ``model.generate``.
 
     Args:
-        model: a Llama, Mistral or Qwen2 model loaded with ``attn_implementation="headinfer"``.
+        model: a model of a supported family (``headinfer_vllm.hf.SUPPORTED_MODEL_TYPES``) loaded
+            with ``attn_implementation="headinfer"``.
         input_ids: ``[B, L]`` prompt (equal-length rows, no padding), or the
             full sequence when continuing a cache that holds a prefix of it.
         past_key_values: the cache; a ``HeadInferCache(model.config)`` by default.

@@ -4,15 +4,7 @@ import pytest
 import torch
 
 import headinfer_vllm.hf as hf
-from tests.hf.models import FAMILIES, build_pair, greedy, make_cache, prompt
-
-SCORE_TOLERANCE = 1e-4
-
-
-def assert_same(reference, result):
-    sequences, scores = result
-    assert torch.equal(sequences, reference[0])
-    assert (scores - reference[1]).abs().max().item() <= SCORE_TOLERANCE
+from tests.hf.models import FAMILIES, assert_same, build_pair, greedy, make_cache, prompt
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -2,28 +2,57 @@
 
 import pytest
 import torch
-from transformers import GPT2Config, MistralConfig, Qwen2Config
+from transformers import Gemma3Config, GPT2Config, Llama4TextConfig, Qwen3NextConfig
 
+from headinfer_vllm import tiny_models
 from headinfer_vllm.hf import CapacityError, HeadInferCache
-from tests.hf.models import SHAPE, build_pair, greedy, make_cache, prompt
-
-
-def test_unsupported_model_type():
-    with pytest.raises(ValueError, match="Llama, Mistral and Qwen2"):
-        HeadInferCache(GPT2Config(n_layer=2, n_head=4, n_embd=64))
+from tests.hf.models import build_pair, greedy, make_cache, prompt
 
 
 @pytest.mark.parametrize(
-    "config",
+    ("config", "reason"),
     [
-        MistralConfig(num_hidden_layers=2, sliding_window=64, **SHAPE),
-        Qwen2Config(num_hidden_layers=2, use_sliding_window=True, sliding_window=64, max_window_layers=1, **SHAPE),
+        (GPT2Config(n_layer=2, n_head=4, n_embd=64), r"supports the Llama, .*, gpt-oss families"),
+        (Qwen3NextConfig(num_hidden_layers=4), r"\['linear_attention'\] layers"),
+        (Llama4TextConfig(num_hidden_layers=4), "chunked attention"),
+        (Gemma3Config(), "model_type 'gemma3_text'"),
+        (tiny_models.model_config("gemma3", use_bidirectional_attention=True), "bidirectional attention"),
     ],
-    ids=["mistral", "qwen2"],
+    ids=["gpt2", "linear-attention", "chunked", "gemma3-vision", "bidirectional"],
 )
-def test_sliding_window_below_capacity(config):
-    with pytest.raises(ValueError, match="sliding window of 64 tokens"):
-        HeadInferCache(config, cpu_kv_cache_gib=1 / 1024, block_size=16)
+def test_unservable_model(config, reason):
+    with pytest.raises(ValueError, match=reason):
+        HeadInferCache(config)
+
+
+def test_layer_attending_unlike_the_config():
+    """A layer whose window differs from the config's is refused at its call, not attended wrongly."""
+    _, model = build_pair("gemma2")
+    model.model.layers[2].self_attn.sliding_window = None
+    with pytest.raises(ValueError, match=r"layer 2 got sliding_window=None \(config: 37\)"):
+        greedy(model, prompt(1, 20), past_key_values=make_cache(model))
+
+
+def test_bidirectional_layer():
+    _, model = build_pair("gemma3")
+    model.model.layers[1].self_attn.is_causal = False
+    with pytest.raises(ValueError, match="bidirectional attention is not supported"):
+        greedy(model, prompt(1, 20), past_key_values=make_cache(model))
+
+
+def test_layers_with_different_scales():
+    _, model = build_pair("gemma2")
+    model.model.layers[3].self_attn.scaling = 0.5
+    with pytest.raises(ValueError, match=r"layer 3 scales attention by 0\.5.*one scale for all layers"):
+        greedy(model, prompt(1, 20), past_key_values=make_cache(model))
+
+
+def test_sinks_that_the_cache_would_round():
+    _, model = build_pair("gpt_oss")
+    sinks = model.model.layers[0].self_attn.sinks
+    sinks.data = sinks.data.double()
+    with pytest.raises(ValueError, match=r"sinks of layer 0 are \(8,\) torch.float64"):
+        greedy(model, prompt(1, 20), past_key_values=make_cache(model))
 
 
 def test_model_without_headinfer_attention():
