@@ -416,8 +416,15 @@ inline void softmax_tile(float* scores, int num_tokens, int num_queries, int64_t
                          float* running_sum, float* acc) {
   for (int q = 0; q < num_queries; ++q) {
     float* row = scores + q * kTile;
-    float tile_max = row[0];
-    for (int t = 1; t < num_tokens; ++t) tile_max = std::max(tile_max, row[t]);
+    f32x8 maxima = broadcast(row[0]);
+    int t = 0;
+    for (; t + 8 <= num_tokens; t += 8) {
+      const f32x8 v = load_floats(row + t);
+      maxima = maxima > v ? maxima : v;
+    }
+    float tile_max = maxima[0];
+    for (int i = 1; i < 8; ++i) tile_max = std::max(tile_max, maxima[i]);
+    for (; t < num_tokens; ++t) tile_max = std::max(tile_max, row[t]);
     const float old_max = running_max[q];
     if (tile_max > old_max) {
       if (old_max != -std::numeric_limits<float>::infinity()) {
@@ -430,7 +437,7 @@ inline void softmax_tile(float* scores, int num_tokens, int num_queries, int64_t
     }
     const f32x8 shift = broadcast(running_max[q]);
     f32x8 sum = broadcast(0.0f);
-    int t = 0;
+    t = 0;
     for (; t + 8 <= num_tokens; t += 8) {
       const f32x8 p = exp_nonpositive(load_floats(row + t) - shift);
       store_floats(row + t, p);
