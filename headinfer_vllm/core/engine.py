@@ -89,6 +89,12 @@ class StreamedAttention:
             raise ValueError("headinfer: the plan's block_size differs from the store's")
         self._plan = plan
         self._kernel.begin_step(plan)
+        traffic, layout = self.transfers.traffic, self.store.layout
+        traffic.steps += 1
+        traffic.step_host_bytes = (
+            min(plan.num_page_refs, layout.num_blocks) * len(self.store.streamed_units)
+            * (layout.unit_bytes // layout.num_blocks)
+        )
         if self.store.streamed_units:
             self._staging = stage_layers(plan, self.store.layout.num_blocks, self._streamed_windows)
             self.transfers.begin_step(self._staging, self._current_stream())

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from collections.abc import Mapping
 
 import torch
@@ -77,6 +78,28 @@ class HostLayer:
         self.rows.index_copy_(0, unit_rows, tokens)
 
 
+@dataclasses.dataclass
+class Traffic:
+    """Running totals of one store's transfers since it was made (for operators' metrics)."""
+
+    loaded_bytes: int = 0
+    """Bytes copied from the host tier to staging buffers (every load position, spares included)."""
+    written_bytes: int = 0
+    """Bytes of new tokens' K/V written to the host tier."""
+    transfer_seconds: float = 0.0
+    """On CUDA, the span of each step's copies on the copy stream (first load to last transfer, waits
+    for free buffers included), added once the step's events completed, never waited for; a span
+    still running at the next step is skipped. Off CUDA, the wall time of the (synchronous) copies."""
+    steps: int = 0
+    """Steps begun."""
+    step_host_bytes: int = 0
+    """Host-tier bytes of the pages the last step's requests hold (a page shared by two requests
+    counts twice; at most the tier)."""
+
+    def snapshot(self) -> Traffic:
+        return dataclasses.replace(self)
+
+
 class TransferScheduler:
     """Loads streamed units into staging buffers ahead of use; writes new tokens to the host tier."""
 
@@ -101,6 +124,12 @@ class TransferScheduler:
             self._new_tokens_ready = torch.cuda.Event()
             self._loaded = [torch.cuda.Event() for _ in range(num_buffers)]
             self._released = [torch.cuda.Event() for _ in range(num_buffers)]
+            self._step_span = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self._step_span_pending = False
+        layout = store.layout
+        self._page_bytes = layout.unit_bytes // layout.num_blocks
+        self._row_bytes = layout.head_group_size * layout.head_dim * layout.dtype.itemsize
+        self.traffic = Traffic()
         self._loads: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
         """Per layer with streamed units, this step's pages to load (``[num_loads]``, int64) and,
         per buffer, its first ``num_loads`` pages as words."""
@@ -149,9 +178,11 @@ class TransferScheduler:
                 targets[num_loads] = [pages[:num_loads] for pages in self._staging_pages]
             self._loads[layer] = (layer_staging.load_pages, targets[num_loads])
         if self._cuda:
+            self._add_step_span()
             # Loads read the step's indices, made on the compute stream. (This also orders them after
             # work that a step cut short by an exception left behind without ``released`` events.)
             self._copy.wait_stream(stream)
+            self._step_span[0].record(self._copy)
             for load_pages in {id(pages): pages for pages, _ in self._loads.values()}.values():
                 load_pages.record_stream(self._copy)
         self._issue_loads_through(self.prefetch_depth - 1, stream)
@@ -167,9 +198,12 @@ class TransferScheduler:
         unit_rows = self._unit_rows.get(host_layer.num_units)
         if unit_rows is None:
             unit_rows = self._unit_rows[host_layer.num_units] = host_layer.unit_rows(new_rows)
+        self.traffic.written_bytes += unit_rows.numel() * self._row_bytes
         if not self._cuda:
+            started = time.perf_counter()
             with torch.profiler.record_function("headinfer::write_home"):
                 host_layer.write(new_kv, unit_rows)
+            self.traffic.transfer_seconds += time.perf_counter() - started
             return
         self._new_tokens_ready.record(stream)
         self._copy.wait_event(self._new_tokens_ready)
@@ -203,6 +237,15 @@ class TransferScheduler:
         self._next = position + 1
         if self._cuda:
             self._released[position % self.store.num_staging_buffers].record(stream)
+            if self._next == len(self._position):  # every transfer of the step is queued
+                self._step_span[1].record(self._copy)
+                self._step_span_pending = True
+
+    def _add_step_span(self) -> None:
+        """Add the last step's copy-stream span to ``traffic`` if it completed (never waits)."""
+        if self._step_span_pending and self._step_span[1].query():
+            self.traffic.transfer_seconds += self._step_span[0].elapsed_time(self._step_span[1]) / 1000
+        self._step_span_pending = False
 
     def _issue_loads_through(self, last_position: int, stream: torch.cuda.Stream | None) -> None:
         units = self.store.streamed_units
@@ -217,12 +260,16 @@ class TransferScheduler:
                     self._copy.wait_event(self._released[buffer])
                 layer = units[position][0]
                 load_pages, targets = self._loads[layer]
+                started = time.perf_counter()
                 with torch.profiler.record_function("headinfer::load"):
                     torch.index_select(self._host_pages[position], 0, load_pages, out=targets[buffer])
+                if not self._cuda:
+                    self.traffic.transfer_seconds += time.perf_counter() - started
                 if self._cuda:
                     self._loaded[buffer].record(self._copy)
                 self._fresh[buffer] = layer <= self._written_layer
                 self.pages_loaded += load_pages.shape[0]
+                self.traffic.loaded_bytes += load_pages.shape[0] * self._page_bytes
                 self._issued += 1
 
 

@@ -24,7 +24,7 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
 )
 
-from headinfer_vllm.core import StepPlan, build_step_plan
+from headinfer_vllm.core import LayerAttention, StepPlan, build_step_plan
 from headinfer_vllm.vllm_plugin.runtime import HeadInferRuntime
 from headinfer_vllm.vllm_plugin.settings import ALTERNATIVE
 
@@ -55,7 +55,15 @@ class HeadInferBackend(AttentionBackend):
 
         vLLM still allocates ``num_blocks * block_size * itemsize`` bytes per
         layer, a ``2 * num_kv_heads * head_dim``-th of the real KV.
+
+        Sliding-window layers are declared as full attention (keeping their
+        window): every layer then shares one KV-cache group and one block
+        table, which the page store plans with, while each layer still
+        attends within its own window and loads only the pages in it.
         """
+        from headinfer_vllm.vllm_plugin.compat import as_full_attention_spec
+
+        spec = as_full_attention_spec(spec)
         return dataclasses.replace(spec, num_head_slots=1, state_content_bytes=spec.dtype.itemsize)
 
     @classmethod
@@ -64,11 +72,11 @@ class HeadInferBackend(AttentionBackend):
 
     @classmethod
     def supports_sink(cls) -> bool:
-        return False
+        return True
 
     @classmethod
     def supports_sliding_window(cls) -> bool:
-        return False
+        return True
 
     @classmethod
     def supports_kv_connector(cls) -> bool:
@@ -141,19 +149,21 @@ class HeadInferImpl(AttentionImpl[HeadInferMetadata]):
         kv_sharing_target_layer_name: str | None = None,
         **extra_impl_args,
     ) -> None:
+        sinks = extra_impl_args.pop("sinks", None)
         refused = {
             "ALiBi": alibi_slopes is not None,
-            "sliding-window attention": sliding_window is not None,
-            "logits soft-capping": bool(logits_soft_cap),
             f"attention type {attn_type}": attn_type != AttentionType.DECODER,
             "KV sharing across layers": kv_sharing_target_layer_name is not None,
             f"kv_cache_dtype={kv_cache_dtype}": kv_cache_dtype != "auto",
-            "attention sinks": extra_impl_args.pop("sinks", None) is not None,
         }
         refused.update({f"the option {name!r}": True for name in extra_impl_args})
         reasons = [name for name, hit in refused.items() if hit]
         if reasons:
             raise NotImplementedError(f"headinfer does not support {', '.join(reasons)}; {ALTERNATIVE}")
+        self.variant = LayerAttention(
+            sliding_window=sliding_window, logits_soft_cap=logits_soft_cap or None, sinks=sinks
+        )
+        """This layer's window, soft-cap and sinks (the sinks tensor by reference: weights load into it later)."""
         self.num_heads = num_heads
         self.head_size = head_size
         self.scale = float(scale)

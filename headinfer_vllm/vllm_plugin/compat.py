@@ -7,6 +7,7 @@ do not select ``--attention-backend headinfer``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -194,3 +195,25 @@ def layer_index(layer_name: str) -> int:
     from vllm.model_executor.models.utils import extract_layer_index
 
     return extract_layer_index(layer_name)
+
+
+def as_full_attention_spec(spec):
+    """A ``SlidingWindowSpec`` as the ``FullAttentionSpec`` with the same window; other specs as they are.
+
+    Why: vLLM's hybrid KV-cache manager gives sliding-window layers a KV-cache
+    group and block table of their own (and frees their blocks that fall out
+    of the window), but headinfer plans one block table for all layers of an
+    engine. A full-attention spec that keeps its window is vLLM's own way of
+    doing this (``disable_hybrid_kv_cache_manager`` makes the same spec), and
+    the attention layers still get their windows. Can go when the runtime
+    plans each KV-cache group on its own (then the windowed layers' freed
+    blocks also leave the host tier).
+    """
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+
+    if not isinstance(spec, SlidingWindowSpec):
+        return spec
+    full_fields = {field.name for field in dataclasses.fields(FullAttentionSpec) if field.init}
+    kept = {field.name: getattr(spec, field.name) for field in dataclasses.fields(spec)
+            if field.init and field.name in full_fields}
+    return FullAttentionSpec(**kept)

@@ -20,6 +20,7 @@ import torch
 from headinfer_vllm.config import GIB, HeadInferConfig
 from headinfer_vllm.core import HeadPageStore, StepPlan, StreamedAttention, host_memory
 from headinfer_vllm.core.device_memory import check_device_budget
+from headinfer_vllm.vllm_plugin.metrics import HeadInferMetrics
 from headinfer_vllm.vllm_plugin.settings import (
     SETTINGS_KEY,
     capacity_for,
@@ -103,13 +104,22 @@ class HeadInferRuntime:
         self.attention = StreamedAttention(
             store, num_query_heads=heads.pop(), scale=scales.pop(), prefetch_depth=config.prefetch_depth,
             flash_version=flash_attn_version(vllm_config, capacity.layout.head_dim),
+            layers=[layers[name].impl.variant for name in sorted(layer_names, key=layer_index)],
         )
         self._plan: StepPlan | None = None
+        self._last_layer = len(layer_names) - 1
+        self.metrics = HeadInferMetrics.get()
+        layout = capacity.layout
+        self.metrics.describe_store(
+            resident_units=layout.num_layers * layout.num_groups - len(store.streamed_units),
+            streamed_units=len(store.streamed_units), host_bytes=store.host_bytes,
+        )
         HeadInferRuntime.live.add(self)
         logger.info(
-            "headinfer: worker store ready on %s%s: host tier %.3f GiB%s, device tier %.3f GiB, kernel %s",
+            "headinfer: worker store ready on %s%s: host tier %.3f GiB%s, device tier %.3f GiB, kernel %s%s",
             device, rank_description(vllm_config, capacity), store.host_bytes / GIB,
             " (pinned)" if store.host.is_pinned() else "", store.device_bytes / GIB, self.attention.kernel_name,
+            describe_variants(self.attention.layers),
         )
         if torch.device(device).type == "cuda":
             report_numa_placement(store.host, torch.device(device))
@@ -149,6 +159,25 @@ class HeadInferRuntime:
             self.attention.begin_step(plan)
             self._plan = plan
         self.attention.forward(index, query, key, value, output)
+        if index == self._last_layer:
+            self.metrics.record(self.attention.transfers.traffic)
+
+
+def describe_variants(layers) -> str:
+    """``; sliding window 4096 in 24 of 48 layers, soft-cap 50.0, sinks in 24 layers``, or ""."""
+    parts = []
+    for name, values in (
+        ("sliding window", [layer.sliding_window for layer in layers]),
+        ("soft-cap", [layer.logits_soft_cap for layer in layers]),
+        ("sinks", [True if layer.sinks is not None else None for layer in layers]),
+    ):
+        present = [value for value in values if value is not None]
+        if not present:
+            continue
+        distinct = sorted(set(present))
+        shown = "" if name == "sinks" else " " + "/".join(str(value) for value in distinct)
+        parts.append(f"{name}{shown} in {len(present)} of {len(layers)} layers")
+    return "; " + ", ".join(parts) if parts else ""
 
 
 def rank_description(vllm_config: VllmConfig, capacity) -> str:

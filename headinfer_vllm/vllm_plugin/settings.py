@@ -30,6 +30,7 @@ import torch
 
 from headinfer_vllm.config import GIB, HeadInferConfig
 from headinfer_vllm.core import CapacityPlan, host_memory, plan_capacity
+from headinfer_vllm.vllm_plugin.metrics import collect_from_all_processes
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -226,7 +227,9 @@ def refusals(vllm_config: VllmConfig) -> list[str]:
         "encoder-decoder models": model.is_encoder_decoder,
         "MLA attention": model.use_mla,
         "chunked-local attention": getattr(model, "attention_chunk_size", None),
-        "sliding-window attention": model.get_sliding_window(),
+        "attention-free models": getattr(model, "is_attention_free", False),
+        "Mamba, linear-attention and other stateful layers": getattr(model, "is_hybrid", False)
+        or getattr(model, "has_inner_state", False),
         "a V head size that differs from the K head size": _v_head_size(model) not in (None, model.get_head_size()),
     }
     refused = [name for name, present in model_features.items() if present]
@@ -447,4 +450,5 @@ def apply_settings(vllm_config: VllmConfig) -> None:
     # Workers rebuild the same plan from the resolved settings, not from their environment.
     additional[SETTINGS_KEY] = dataclasses.asdict(config)
     additional[APPLIED_KEY] = layout.num_blocks
+    collect_from_all_processes()  # headinfer's counters on /metrics (vllm_plugin.metrics)
     logger.info("headinfer: %s", describe_parallel(vllm_config, config, capacity))

@@ -73,18 +73,28 @@ def test_bad_configurations_are_refused_clearly(model, settings, engine, message
         config_for(model, settings, **engine)
 
 
-def test_sliding_window_model_is_refused_before_the_engine_starts(tmp_path):
-    model = str(save_tiny_model(tmp_path, "mistral", sliding_window=64))
-    refusal = r"headinfer: it does not support sliding-window attention.*default attention backend"
+def test_sliding_window_model_is_accepted(tmp_path):
+    model = str(save_tiny_model(tmp_path, "mistral_window"))
+    config = config_for(model, {"cpu_kv_cache_gib": 0.01}, max_model_len=512)
+    assert config.attention_config.backend.name == "CUSTOM"
+    assert config.model_config.get_sliding_window() is not None
+
+
+def test_stateful_layers_are_refused_before_the_engine_starts(tmp_path):
+    """A hybrid Mamba model (Jamba) has layers without a KV cache, which headinfer cannot page."""
+    transformers = pytest.importorskip("transformers")
+    transformers.JambaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=256, num_experts=1, attn_layer_period=2, attn_layer_offset=1, mamba_d_state=4,
+    ).save_pretrained(tmp_path)
+    refusal = r"headinfer: it does not support Mamba, linear-attention and other stateful layers.*default attention"
     with pytest.raises(ValueError, match=refusal):
-        config_for(model, {"cpu_kv_cache_gib": 0.01}, max_model_len=512)
+        config_for(str(tmp_path), {"cpu_kv_cache_gib": 0.01}, max_model_len=512)
 
 
 @pytest.mark.parametrize(
     "layer, reason",
     [
-        ({"has_sliding_window": True}, "sliding window"),
-        ({"has_sink": True}, "attention sinks"),
         ({"use_mla": True}, "MLA"),
         ({"attn_type": "encoder_decoder"}, "attention type encoder_decoder"),
         ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype"),
@@ -104,6 +114,8 @@ def test_backend_selection_refuses_unsupported_layers(layer, reason):
     selector = AttentionSelectorConfig(head_size=32, dtype=torch.float32, kv_cache_dtype="auto", block_size=32)
     assert platform.get_attn_backend_cls(AttentionBackendEnum.CUSTOM, selector) == BACKEND_PATH
     assert platform.get_attn_backend_cls(None, selector) != BACKEND_PATH  # not selected: vLLM's own choice
+    windowed = selector._replace(has_sliding_window=True, has_sink=True)
+    assert platform.get_attn_backend_cls(AttentionBackendEnum.CUSTOM, windowed) == BACKEND_PATH
     with pytest.raises(ValueError, match=f"{reason} not supported by headinfer.*default attention backend"):
         platform.get_attn_backend_cls(AttentionBackendEnum.CUSTOM, selector._replace(**layer))
 

@@ -10,12 +10,15 @@ and worker each in their own process). The test checks that:
 - a prompt longer than ``max_model_len`` gets a 4xx, and the server keeps
   answering afterwards;
 - the server log shows the plugin's plan and its worker store, so the
-  headinfer backend ran (not the stock CPU backend).
+  headinfer backend ran (not the stock CPU backend);
+- ``/metrics`` has headinfer's counters, and one request moves them by
+  exactly the bytes its tokens write and its steps load.
 """
 
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -29,7 +32,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from headinfer_vllm.tiny_models import save_tiny_model
+from headinfer_vllm.tiny_models import CHAR_SYMBOLS, save_tiny_model
 
 pytestmark = pytest.mark.vllm
 
@@ -39,6 +42,9 @@ STARTUP_TIMEOUT = 240
 REQUEST_TIMEOUT = 120
 SHUTDOWN_GRACE = 20
 MAX_TOKENS = 16
+BLOCK_SIZE = 16
+HEAD_DIM = 32  # the tiny Llama's
+FLOAT32_BYTES = 4
 DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via an HTTP proxy
 
 
@@ -110,7 +116,8 @@ def server(tmp_path_factory):
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
         "--host", HOST, "--port", str(port), "--attention-backend", "headinfer",
         "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager", "--dtype", "float32",
-        "--additional-config", json.dumps({"headinfer": {"cpu_kv_cache_gib": 0.05}}),
+        "--block-size", str(BLOCK_SIZE),
+        "--additional-config", json.dumps({"headinfer": {"cpu_kv_cache_gib": 0.05, "head_group_size": 1}}),
     ]
     log_path = root / "server.log"
     with open(log_path, "wb") as log_file:
@@ -184,3 +191,56 @@ def test_log_shows_headinfer_backend_ran(server):
     assert any("headinfer: " in line and "pairs resident" in line for line in log.splitlines()), log[-6000:]
     assert "worker store ready" in log, log[-6000:]
     assert "Cannot use" not in log, log[-6000:]
+
+
+def headinfer_metrics(server: Server) -> dict[str, float]:
+    """``headinfer:*`` (and ``vllm:prompt_tokens*``) samples of ``/metrics`` by name, labels written out
+    (``headinfer:units{placement=resident}``)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    request = urllib.request.Request(f"http://{HOST}:{server.port}/metrics")
+    with DIRECT.open(request, timeout=REQUEST_TIMEOUT) as response:
+        text = response.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith(("headinfer:", "vllm:prompt_tokens")) and not sample.name.endswith("_created"):
+                labels = ",".join(f"{key}={value}" for key, value in sorted(sample.labels.items()))
+                samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
+def test_metrics_count_one_requests_traffic(server):
+    """One request alone: P prompt tokens, M generated, no prefix-cache hit.
+
+    It forwards P + M - 1 tokens, each written to every streamed unit's host
+    pages (a unit is one KV head here); it runs 1 prefill step and M - 1
+    decode steps, each loading every page of the sequence into staging for
+    every streamed unit.
+    """
+    prompt_len, max_tokens = 40, 8
+    generator = random.Random(1234)  # random ids: no other test's prompt shares a first page with it
+    prompt = [generator.randrange(3, len(CHAR_SYMBOLS)) for _ in range(prompt_len)]
+    before = headinfer_metrics(server)
+    status, body = server.request("/v1/completions", {
+        "model": server.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+    })
+    assert status == 200, body
+    after = headinfer_metrics(server)
+    gained = {name: after[name] - before.get(name, 0.0) for name in after}
+
+    streamed = after["headinfer:units{placement=streamed}"]
+    assert streamed > 0 and after["headinfer:units{placement=resident}"] >= 0
+    assert streamed + after["headinfer:units{placement=resident}"] == 6 * 4  # layers x KV heads
+    assert after["headinfer:host_tier_bytes"] > 0
+    token_bytes = 2 * HEAD_DIM * FLOAT32_BYTES  # K and V of one head
+    assert gained["headinfer:written_bytes_total"] == (prompt_len + max_tokens - 1) * streamed * token_bytes
+    seq_lens = [prompt_len + step for step in range(max_tokens)]  # prefill, then each decode step
+    pages = sum(-(-seq_len // BLOCK_SIZE) for seq_len in seq_lens)
+    assert gained["headinfer:loaded_bytes_total"] == pages * streamed * BLOCK_SIZE * token_bytes
+    assert gained["headinfer:steps_total"] == max_tokens
+    assert gained["headinfer:transfer_seconds_total"] > 0
+    assert 0 < after["headinfer:host_tier_used_bytes"] <= after["headinfer:host_tier_bytes"]
+    # vLLM's own metrics still count (headinfer merges the metrics of every process)
+    prompt_tokens = [name for name in gained if name.startswith("vllm:prompt_tokens_total")]
+    assert prompt_tokens and sum(gained[name] for name in prompt_tokens) == prompt_len
