@@ -27,7 +27,9 @@ def main() -> int:
     print(f"tiny Llama in {model}; prompts of {[len(p) for p in prompts]} tokens", flush=True)
 
     stock = run_in_subprocess({**spec, "engine": {**ENGINE, "kv_cache_memory_bytes": 64 << 20}})
-    settings = {"headinfer": {"cpu_kv_cache_gib": CPU_KV_CACHE_GIB}}
+    # cpu_attention off: stream head groups through the staging ring as on CUDA (on vLLM's CPU
+    # platform the default attends the host tier in place, with no staging ring to show).
+    settings = {"headinfer": {"cpu_kv_cache_gib": CPU_KV_CACHE_GIB, "cpu_attention": "off"}}
     ours = run_in_subprocess({**spec, "engine": {**ENGINE, "attention_backend": "headinfer",
                                                  "additional_config": settings}})
     for line in ours["log"].splitlines():

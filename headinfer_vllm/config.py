@@ -50,6 +50,18 @@ class HeadInferConfig:
 
     The staging ring holds ``prefetch_depth + 1`` head groups."""
 
+    cpu_attention: str = "auto"
+    """Whether the CPU attends the KV where it lies in host memory: ``auto``, ``all`` or ``off``.
+
+    On vLLM's CPU platform, ``auto`` and ``all`` keep the whole KV in one tier
+    that the decode tokens attend in place, through headinfer's C++ kernel
+    (built once, on first use, with the system's C++ compiler and OpenMP;
+    cached under ``~/.cache/headinfer_vllm``): no staging copies. ``off``
+    streams head groups through staging buffers, as on CUDA. On CUDA, ``auto``
+    is ``off`` for now (splitting a step between PCIe streaming and CPU
+    attention is not built yet) and ``all`` is refused. The transformers
+    cache ignores it."""
+
     def __post_init__(self) -> None:
         if not self.cpu_kv_cache_gib > 0:
             raise ValueError(
@@ -67,6 +79,11 @@ class HeadInferConfig:
         if self.prefetch_depth < 1:
             raise ValueError(
                 f"headinfer: prefetch_depth must be >= 1, got {self.prefetch_depth!r}"
+            )
+        if self.cpu_attention not in CPU_ATTENTION_CHOICES:
+            raise ValueError(
+                f"headinfer: cpu_attention must be one of {', '.join(CPU_ATTENTION_CHOICES)}, "
+                f"got {self.cpu_attention!r}"
             )
 
     @property
@@ -106,9 +123,14 @@ class HeadInferConfig:
 
 
 _FLOAT_FIELDS = {"cpu_kv_cache_gib", "gpu_kv_cache_gib"}
+CPU_ATTENTION_CHOICES = ("auto", "all", "off")
 
 
 def _parse(name: str, value: Any, origin: str) -> Any:
+    if name == "cpu_attention":
+        if not isinstance(value, str):
+            raise ValueError(f"headinfer: {origin} must be one of {', '.join(CPU_ATTENTION_CHOICES)}, got {value!r}")
+        return value.strip().lower()
     if value is None or (isinstance(value, str) and value.lower() in ("none", "auto")):
         if name in ("gpu_kv_cache_gib", "head_group_size"):
             return None

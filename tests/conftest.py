@@ -1,5 +1,13 @@
+import os
+
 import pytest
 import torch
+
+# vLLM's CPU platform attends the KV in place by default (cpu_attention=auto). The suite runs the
+# streamed path there instead (staging buffers, loads, write-back: the design CUDA runs), which CI
+# can only check on the CPU; tests of the in-place path ask for it in their settings, which take
+# precedence. Engines started in subprocesses inherit this.
+os.environ.setdefault("HEADINFER_CPU_ATTENTION", "off")
 
 CUDA = torch.cuda.is_available()
 

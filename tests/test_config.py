@@ -28,6 +28,8 @@ def test_settings_override_environment():
         ({"head_group_size": 1.5}, "must be an integer"),
         ({"prefetch_depth": "x"}, "must be an integer"),
         ({"cpu_kv_cache": 1}, "unknown setting 'cpu_kv_cache'"),
+        ({"cpu_attention": "gpu"}, "cpu_attention must be one of auto, all, off"),
+        ({"cpu_attention": 1}, "setting 'cpu_attention' must be one of auto, all, off"),
     ],
 )
 def test_bad_settings_are_refused_with_their_name(settings, message):

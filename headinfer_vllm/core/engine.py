@@ -46,9 +46,11 @@ class StreamedAttention:
         allow_flash: bool = True,
         flash_version: int | None = None,
         layers: Sequence[LayerAttention] | None = None,
+        cpu_kernel: bool = False,
     ) -> None:
         """``flash_version``: the FlashAttention version to call on CUDA (vLLM's own choice); None probes.
-        ``layers``: each layer's attention variant, in layer order; None: plain causal attention everywhere."""
+        ``layers``: each layer's attention variant, in layer order; None: plain causal attention everywhere.
+        ``cpu_kernel``: on the CPU, attend decode tokens with headinfer's C++ kernel (:class:`CpuKernel`)."""
         layout = store.layout
         if num_query_heads % layout.num_kv_heads:
             raise ValueError(
@@ -68,6 +70,7 @@ class StreamedAttention:
             query_per_kv=num_query_heads // layout.num_kv_heads, allow_flash=allow_flash,
             flash_version=flash_version,
             sinks_dtypes={variant.sinks.dtype for variant in self.layers if variant.sinks is not None},
+            cpu_kernel=cpu_kernel,
         )
         self._streamed_windows = {
             layer: variant.sliding_window

@@ -14,7 +14,7 @@ holds, then ``end_layer()``:
 - ``variant``: the layer's sliding window, soft-cap and sinks
   (:class:`LayerAttention`); sinks are read at every ``begin_layer``.
 
-Two kernels, chosen once per device and dtype:
+Three kernels, chosen once per device and dtype:
 
 - ``flash`` (:class:`FlashKernel`): the FlashAttention that the CUDA vLLM
   wheel bundles reads the paged unit through the page table, for the whole
@@ -26,6 +26,10 @@ Two kernels, chosen once per device and dtype:
   ``scaled_dot_product_attention`` over its gathered K/V (the keys of its
   windows only), or, in layers with soft-capping or sinks, with explicit
   scores one precision above the cache's.
+- ``cpu`` (:class:`CpuKernel`; on the CPU, when asked for): decode tokens
+  through headinfer's C++ kernel (:mod:`headinfer_vllm.core.cpu_attention`),
+  which reads the pages where they lie, every decode request of the step in
+  one call per unit; prefill chunks as ``sdpa``.
 """
 
 from __future__ import annotations
@@ -258,6 +262,65 @@ class TorchKernel:
         return gather_index
 
 
+class CpuKernel(TorchKernel):
+    """Decode tokens through the C++ kernel over the pages in place; prefill chunks as :class:`TorchKernel`."""
+
+    name = "cpu"
+
+    def __init__(self, *, scale: float, query_per_kv: int, dtype: torch.dtype) -> None:
+        from headinfer_vllm.core import cpu_attention
+
+        super().__init__(scale=scale, query_per_kv=query_per_kv, dtype=dtype, expand_grouped_heads=False)
+        cpu_attention.library()  # builds it now (cached): a missing compiler stops start-up, not a step
+        self._decode_attention = cpu_attention.decode_attention_units
+        self._decode_rows = torch.empty(0, dtype=torch.int64)
+        """shape: [R], int64: the batch row of each decode request's token."""
+        self._decode_requests = torch.empty(0, dtype=torch.int64)
+        self._decode_seq_lens = torch.empty(0, dtype=torch.int32)
+        self._decode_tables: dict[PageTable, torch.Tensor] = {}
+        """Per page table, ``[R, max_blocks]`` int32: its rows of the decode requests."""
+        self._decode_query = self._decode_out = torch.empty(0)
+        """shape: [R, num_query_heads, D]: this layer's decode queries and outputs."""
+        self._kernel_sinks: torch.Tensor | None = None
+
+    def begin_step(self, plan: StepPlan) -> None:
+        super().begin_step(plan)
+        self._decodes = []  # decode tokens go through the C++ kernel instead
+        decode = [index for index, request in enumerate(plan.requests) if request.query_len == 1]
+        self._decode_requests = torch.tensor(decode, dtype=torch.int64)
+        self._decode_rows = torch.tensor([plan.requests[index].query_start for index in decode], dtype=torch.int64)
+        self._decode_seq_lens = plan.seq_lens[self._decode_requests].to(torch.int32).contiguous()
+        self._decode_tables = {}
+
+    def begin_layer(self, query: torch.Tensor, out: torch.Tensor, variant: LayerAttention) -> None:
+        super().begin_layer(query, out, variant)
+        if self._decode_rows.numel():
+            self._decode_query = query.index_select(0, self._decode_rows)
+            self._decode_out = torch.zeros_like(self._decode_query)
+            sinks = variant.sinks
+            self._kernel_sinks = None if sinks is None else sinks.to(torch.float32).contiguous()
+
+    def attend(self, first_head: int, unit: PageViews, table: PageTable) -> None:
+        for index, request in self._prefills:
+            self._attend_prefill(index, request, first_head, unit.head_rows, unit.pages.shape[3], table)
+        if not self._decode_rows.numel():
+            return
+        block_table = self._decode_tables.get(table)
+        if block_table is None:
+            block_table = table.block_table.index_select(0, self._decode_requests).to(torch.int32).contiguous()
+            self._decode_tables[table] = block_table
+        variant = self._variant
+        self._decode_attention(
+            self._decode_query, [(first_head, unit.pages)], block_table, self._decode_seq_lens, self.scale,
+            query_per_kv=self.query_per_kv, out=self._decode_out, sliding_window=variant.sliding_window or 0,
+            logits_soft_cap=variant.logits_soft_cap or 0.0, sinks=self._kernel_sinks,
+        )
+
+    def end_layer(self) -> None:
+        if self._decode_rows.numel():
+            self._out.index_copy_(0, self._decode_rows, self._decode_out)
+
+
 def decode_batches(requests: tuple[RequestSpan, ...], max_padding: float = 2.0) -> list[list[int]]:
     """Decode requests (query length 1) in batches, each request padded to at most ``max_padding``
     times its length; each batch in batch order. Similar lengths make one batch."""
@@ -319,6 +382,7 @@ def select_kernel(
     allow_flash: bool = True,
     flash_version: int | None = None,
     sinks_dtypes: Collection[torch.dtype] = (),
+    cpu_kernel: bool = False,
 ) -> AttentionKernel:
     """The fastest exact kernel for this device, dtype, page size and head size; chosen once.
 
@@ -327,8 +391,11 @@ def select_kernel(
     or bf16, pages of a multiple of 16 tokens, and a head size that is a
     multiple of 8 up to 256; attention sinks (``sinks_dtypes``: the dtypes of
     the layers' sinks, empty without any) need version 3 or later, and
-    bfloat16 sinks (what its ``s_aux`` takes). Anything else runs on torch.
+    bfloat16 sinks (what its ``s_aux`` takes). Anything else runs on torch,
+    on the CPU with headinfer's C++ decode kernel if ``cpu_kernel``.
     """
+    if cpu_kernel and device.type == "cpu":
+        return CpuKernel(scale=scale, query_per_kv=query_per_kv, dtype=dtype)
     flash_fits = (
         allow_flash
         and device.type == "cuda"

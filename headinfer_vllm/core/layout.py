@@ -125,8 +125,12 @@ def plan_capacity(
     device_bytes: int | None,
     head_group_size: int | None,
     prefetch_depth: int,
+    in_place: bool = False,
 ) -> CapacityPlan:
     """Choose head group size, residency count and block count from budgets.
+
+    ``in_place``: the KV is attended where it lies (on the CPU): every unit in
+    one tier of ``host_bytes``, no staging buffers, the device budget unused.
 
     Capacity is set by the host budget: ``num_blocks = host_bytes //
     (streamed_units * unit_page_bytes)``. The device must hold
@@ -144,6 +148,15 @@ def plan_capacity(
             num_layers, num_kv_heads, head_dim, block_size, num_blocks, group, dtype
         )
 
+    if in_place:
+        layout = layout_for(head_group_size or num_kv_heads, 0)
+        num_blocks = host_bytes // (layout.num_units * layout.unit_page_bytes)
+        if num_blocks < 1:
+            raise ValueError(
+                f"headinfer: the host budget of {host_bytes / 2**30:.4f} GiB holds no block; one block of "
+                f"every head needs {layout.num_units * layout.unit_page_bytes / 2**30:.4f} GiB"
+            )
+        return CapacityPlan(dataclasses.replace(layout, num_blocks=num_blocks), layout.num_units, 0)
     num_buffers = prefetch_depth + 1
     groups = [head_group_size] if head_group_size else sorted(divisors(num_kv_heads), reverse=True)
     if device_bytes is None:

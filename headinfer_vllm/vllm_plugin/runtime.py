@@ -23,6 +23,7 @@ from headinfer_vllm.core.device_memory import check_device_budget
 from headinfer_vllm.vllm_plugin.metrics import HeadInferMetrics
 from headinfer_vllm.vllm_plugin.settings import (
     SETTINGS_KEY,
+    attends_in_place,
     capacity_for,
     numa_node_count,
     parallel_ranks,
@@ -105,6 +106,7 @@ class HeadInferRuntime:
             store, num_query_heads=heads.pop(), scale=scales.pop(), prefetch_depth=config.prefetch_depth,
             flash_version=flash_attn_version(vllm_config, capacity.layout.head_dim),
             layers=[layers[name].impl.variant for name in sorted(layer_names, key=layer_index)],
+            cpu_kernel=attends_in_place(config),
         )
         self._plan: StepPlan | None = None
         self._last_layer = len(layer_names) - 1

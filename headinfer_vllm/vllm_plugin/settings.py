@@ -133,7 +133,19 @@ def _plan_largest_stage(vllm_config: VllmConfig, config: HeadInferConfig) -> Cap
         device_bytes=config.gpu_kv_cache_bytes,
         head_group_size=config.head_group_size,
         prefetch_depth=config.prefetch_depth,
+        in_place=attends_in_place(config),
     )
+
+
+def current_platform_is_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def attends_in_place(config: HeadInferConfig) -> bool:
+    """Whether the CPU attends the whole KV where it lies (``cpu_attention``: on vLLM's CPU platform)."""
+    return config.cpu_attention != "off" and current_platform_is_cpu()
 
 
 def stage_capacity(engine: CapacityPlan, num_layers: int, device_budget: bool) -> CapacityPlan:
@@ -158,7 +170,7 @@ def capacity_for(vllm_config: VllmConfig, config: HeadInferConfig, stage: int | 
         stage = pipeline_stage(vllm_config.parallel_config)
     return stage_capacity(
         engine_capacity(vllm_config, config), stage_layer_counts(vllm_config)[stage],
-        device_budget=config.gpu_kv_cache_bytes is not None,
+        device_budget=config.gpu_kv_cache_bytes is not None or attends_in_place(config),
     )
 
 
@@ -418,6 +430,11 @@ def apply_settings(vllm_config: VllmConfig) -> None:
     if isinstance(additional, dict) and APPLIED_KEY in additional:
         return
     reasons = refusals(vllm_config)
+    if settings_of(vllm_config).cpu_attention == "all" and not current_platform_is_cpu():
+        reasons.append(
+            "cpu_attention='all' is not supported on this platform yet: splitting decode attention between "
+            "the GPU and the CPU is not built; use cpu_attention 'auto' or 'off'"
+        )
     if reasons:
         raise ValueError(f"headinfer: {'; '.join(reasons)}")
     config = settings_of(vllm_config)

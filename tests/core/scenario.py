@@ -46,6 +46,8 @@ class Scenario:
     seed: int = 0
     layers: Sequence[LayerAttention] | None = None
     """Each layer's attention variant; None: plain everywhere."""
+    cpu_kernel: bool = False
+    """Decode tokens through the C++ CPU kernel (on the CPU)."""
     reference: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None
     """``(layer, query, keys, values, scale)`` -> float64 output, as :func:`dense_attention`; None: it."""
 
@@ -77,6 +79,7 @@ class Scenario:
         self.attention = StreamedAttention(
             self.store, num_query_heads=self.num_kv_heads * self.query_per_kv,
             scale=self.head_dim**-0.5, prefetch_depth=self.prefetch_depth, layers=self.layers,
+            cpu_kernel=self.cpu_kernel,
         )
         self.keys = [self._random(self.num_layers, 0, self.num_kv_heads, self.head_dim) for _ in seq_lens]
         self.values = [self._random(self.num_layers, 0, self.num_kv_heads, self.head_dim) for _ in seq_lens]

@@ -68,3 +68,17 @@ def test_store_never_exceeds_device_budget():
     with pytest.raises(ValueError, match="budget"):
         HeadPageStore(layout, resident_units=frozenset({(0, 0)}), num_staging_buffers=2,
                       device="cpu", device_budget_bytes=3 * layout.unit_bytes - 1)
+
+
+def test_in_place_keeps_every_unit_in_one_tier_without_staging():
+    """Attended where it lies (the CPU): one unit per layer of all KV heads, the whole budget is the KV."""
+    result = plan_capacity(**SHAPE, host_bytes=16 * 100 * PAGE + PAGE, device_bytes=8 * PAGE,
+                           head_group_size=None, prefetch_depth=1, in_place=True)
+    assert result.layout.head_group_size == 4
+    assert result.layout.num_blocks == 100
+    assert result.num_resident_units == result.layout.num_units == 4
+    assert result.num_staging_buffers == 0 and result.num_streamed_units == 0
+    assert result.device_bytes == 16 * 100 * PAGE
+    with pytest.raises(ValueError, match="holds no block"):
+        plan_capacity(**SHAPE, host_bytes=PAGE, device_bytes=None, head_group_size=None, prefetch_depth=1,
+                      in_place=True)

@@ -140,6 +140,25 @@ def test_variants_match_the_reference(device, dtype, query_per_kv, head_dim, hea
     assert run_steps(scenario, [FIRST, SECOND], HISTORY) <= TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize(("dtype", "query_per_kv", "head_dim", "head_group_size", "residency", "pattern"), CASES)
+def test_cpu_kernel_matches_the_reference(dtype, query_per_kv, head_dim, head_group_size, residency, pattern):
+    """The same steps with decode tokens through the C++ kernel, reading the pages in place."""
+    from headinfer_vllm.core import cpu_attention
+
+    if not cpu_attention.is_available():
+        pytest.skip("no C++ compiler with OpenMP for the CPU kernel")
+    num_units = 4 * (4 // head_group_size)
+    scenario = variant_scenario(
+        pattern, device="cpu", dtype=dtype, query_per_kv=query_per_kv, head_dim=head_dim,
+        head_group_size=head_group_size,
+        num_resident_units={"none": 0, "partial": num_units // 2, "all": num_units}[residency],
+        seed=head_dim + 7 * query_per_kv + 31 * head_group_size,
+    )
+    scenario.cpu_kernel = True
+    assert run_steps(scenario, [FIRST, SECOND], HISTORY) <= TOLERANCE[dtype]
+    assert scenario.attention.kernel_name == "cpu"
+
+
 def test_a_window_off_by_one_is_caught():
     """The half-precision check is sharp enough to see a window one token too wide."""
     scenario = variant_scenario("gemma2", dtype=torch.bfloat16, query_per_kv=2)

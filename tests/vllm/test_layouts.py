@@ -57,7 +57,7 @@ def prompts(seed: int) -> list[list[list[int]]]:
     return [first, [shared + tokens(30)]]
 
 
-def engine(backend: str) -> dict:
+def engine(backend: str, in_place: bool = False) -> dict:
     common = dict(
         dtype="float32", max_model_len=1024, block_size=BLOCK_SIZE, enforce_eager=True, seed=0,
         enable_chunked_prefill=True, max_num_batched_tokens=128, long_prefill_token_threshold=64,
@@ -65,16 +65,20 @@ def engine(backend: str) -> dict:
     )
     if backend == "stock":
         return {**common, "kv_cache_memory_bytes": 64 << 20}
-    settings = {"headinfer": {"cpu_kv_cache_gib": NUM_BLOCKS * BYTES_PER_BLOCK / 2**30}}
+    settings = {"headinfer": {"cpu_kv_cache_gib": NUM_BLOCKS * BYTES_PER_BLOCK / 2**30,
+                              "cpu_attention": "auto" if in_place else "off"}}
     return {**common, "attention_backend": "headinfer", "additional_config": settings}
 
 
-@pytest.fixture(scope="module", params=list(LAYOUTS))
+@pytest.fixture(scope="module", params=[*LAYOUTS, "gemma2-in-place", "gpt_oss-in-place"])
 def runs(request, tmp_path_factory):
-    model = save_tiny_model(tmp_path_factory.mktemp(request.param), request.param)
-    spec = {"model": str(model), "batches": prompts(seed=len(request.param)), "max_tokens": 10, "logprobs": 3}
-    results = {backend: run_in_subprocess({**spec, "engine": engine(backend)}) for backend in ("stock", "headinfer")}
-    return {**results, "family": request.param}
+    """``-in-place``: the CPU platform's default, the KV attended where it lies by the C++ kernel."""
+    family, in_place = request.param.removesuffix("-in-place"), request.param.endswith("-in-place")
+    model = save_tiny_model(tmp_path_factory.mktemp(request.param), family)
+    spec = {"model": str(model), "batches": prompts(seed=len(family)), "max_tokens": 10, "logprobs": 3}
+    results = {backend: run_in_subprocess({**spec, "engine": engine(backend, in_place)})
+               for backend in ("stock", "headinfer")}
+    return {**results, "family": family, "kernel": "cpu" if in_place else "sdpa"}
 
 
 def test_tokens_and_logprobs_match_stock_backend(runs):
@@ -87,5 +91,6 @@ def test_headinfer_ran_with_each_layers_variant_and_reused_the_prefix(runs):
     store_lines = [line for line in log.splitlines() if "worker store ready" in line]
     assert store_lines, log[-4000:]
     layout = LAYOUTS[runs["family"]]
-    assert store_lines[0].rstrip().endswith(f"kernel sdpa; {layout}" if layout else "kernel sdpa"), store_lines
+    kernel = f"kernel {runs['kernel']}"
+    assert store_lines[0].rstrip().endswith(f"{kernel}; {layout}" if layout else kernel), store_lines
     assert runs["headinfer"]["outputs"][-1]["cached_tokens"] > 0

@@ -39,7 +39,7 @@ def prompts(seed: int) -> list[list[list[int]]]:
     return [first, second]
 
 
-def engine(backend: str, compiled: bool = False) -> dict:
+def engine(backend: str, compiled: bool = False, in_place: bool = False) -> dict:
     common = dict(
         dtype="float32", max_model_len=4096, block_size=BLOCK_SIZE, enforce_eager=not compiled, seed=0,
         enable_chunked_prefill=True, max_num_batched_tokens=512, long_prefill_token_threshold=128,
@@ -48,20 +48,23 @@ def engine(backend: str, compiled: bool = False) -> dict:
     if backend == "stock":
         return {**common, "num_gpu_blocks_override": NUM_BLOCKS, "kv_cache_memory_bytes": 64 << 20}
     cpu_gib = (NUM_BLOCKS + 0.5) * BYTES_PER_BLOCK / 2**30
-    settings = {"headinfer": {"cpu_kv_cache_gib": cpu_gib}}
+    settings = {"headinfer": {"cpu_kv_cache_gib": cpu_gib, "cpu_attention": "auto" if in_place else "off"}}
     return {**common, "attention_backend": "headinfer", "additional_config": settings}
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "llama-compiled"])
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "llama-compiled", "llama-in-place"])
 def runs(request, tmp_path_factory):
-    """``-compiled``: vLLM's torch.compile path (``enforce_eager=False``) for both backends."""
-    family, compiled = request.param.removesuffix("-compiled"), request.param.endswith("-compiled")
+    """``-compiled``: vLLM's torch.compile path (``enforce_eager=False``) for both backends.
+    ``-in-place``: headinfer's default on the CPU platform, the KV attended where it lies (C++ kernel)."""
+    family = request.param.removesuffix("-compiled").removesuffix("-in-place")
+    compiled, in_place = request.param.endswith("-compiled"), request.param.endswith("-in-place")
     model = save_tiny_model(tmp_path_factory.mktemp(request.param), family)
     spec = {"model": str(model), "batches": prompts(seed=len(family)), "max_tokens": 12, "logprobs": 3}
-    return {
-        backend: run_in_subprocess({**spec, "engine": engine(backend, compiled)})
+    results = {
+        backend: run_in_subprocess({**spec, "engine": engine(backend, compiled, in_place)})
         for backend in ("stock", "headinfer")
     }
+    return {**results, "in_place": in_place}
 
 
 def test_tokens_and_logprobs_match_stock_backend(runs):
@@ -78,6 +81,10 @@ def test_run_exercised_preemption_and_prefix_caching(runs):
 
 def test_device_tier_is_small_and_kv_is_streamed(runs):
     tiers = runs["headinfer"]["tiers"]
+    if runs["in_place"]:  # one tier, read in place by the CPU kernel: nothing streamed, no staging
+        assert tiers["streamed_units"] == 0 and tiers["device_bytes"] == NUM_BLOCKS * BYTES_PER_BLOCK
+        assert "kernel cpu" in runs["headinfer"]["log"]
+        return
     assert tiers["num_blocks"] == NUM_BLOCKS
     assert tiers["streamed_units"] == UNITS
     total_kv = NUM_BLOCKS * BYTES_PER_BLOCK
