@@ -57,6 +57,9 @@ import torch
 
 from headinfer_vllm.core import cpu_attention
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine_facts import cpu_model, usable_cores
+
 LLAMA3_8B = dict(num_query_heads=32, num_kv_heads=8, head_dim=128)
 GB = 1e9
 MIB = 1 << 20
@@ -90,24 +93,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, name, smoke if args.smoke else full)
     args.no_build_time = args.no_build_time or args.smoke
     return args
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as lines:
-            for line in lines:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def seconds(function) -> float:

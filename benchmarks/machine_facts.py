@@ -220,10 +220,36 @@ def torch_sdpa_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return F.scaled_dot_product_attention(query, key, value)
 
 
+class HeadinferCpuDecode:
+    """headinfer's C++ kernel (``core.cpu_attention``) over pages of 256 tokens, laid out once per K/V
+    (outside the timing), the page store's layout ``[N, 2, B, H, D]``."""
+
+    BLOCK = 256
+
+    def __init__(self) -> None:
+        self._paged: tuple | None = None
+
+    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        from headinfer_vllm.core.cpu_attention import decode_attention
+
+        kv_heads, context, head_dim = key.shape[1:]
+        if self._paged is None or self._paged[0] is not key:
+            pages = -(-context // self.BLOCK)
+            padded = torch.zeros(2, pages * self.BLOCK, kv_heads, head_dim, dtype=key.dtype)
+            padded[0, :context], padded[1, :context] = key[0].transpose(0, 1), value[0].transpose(0, 1)
+            store = padded.view(2, pages, self.BLOCK, kv_heads, head_dim).transpose(0, 1).contiguous()
+            table = torch.arange(pages, dtype=torch.int32)[None]
+            self._paged = (key, store, table, torch.tensor([context], dtype=torch.int32))
+        _, store, table, seq_lens = self._paged
+        q = query.reshape(1, -1, head_dim)  # [1, query heads, D], KV head h serving rows h * group ..
+        return decode_attention(q, store, table, seq_lens, head_dim**-0.5)
+
+
 CPU_KERNELS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "torch_sdpa": torch_sdpa_decode,
+    "headinfer_cpu": HeadinferCpuDecode(),
 }
-"""CPU decode attention kernels measured; the project's own CPU kernel goes here once it exists."""
+"""CPU decode attention kernels measured (a kernel that cannot run here is reported with its error)."""
 
 
 def cpu_attention(context: int, repeats: int) -> dict:
@@ -243,9 +269,16 @@ def cpu_attention(context: int, repeats: int) -> dict:
         "kernels": {},
     }
     with torch.inference_mode():
+        reference = torch_sdpa_decode(query.float(), key.float(), value.float()).reshape(1, -1, head_dim)
         for name, kernel in CPU_KERNELS.items():
-            seconds = median_seconds(lambda kernel=kernel: kernel(query, key, value), repeats)
-            result["kernels"][name] = {"ms_per_token": 1e3 * seconds, "kv_read_gbps": kv_bytes / seconds / GB}
+            try:
+                error = (kernel(query, key, value).float().reshape(1, -1, head_dim) - reference).abs().max().item()
+                seconds = median_seconds(lambda kernel=kernel: kernel(query, key, value), repeats)
+            except Exception as failure:  # e.g. no C++ compiler on this machine for headinfer's kernel
+                result["kernels"][name] = {"error": f"{type(failure).__name__}: {failure}"[:500]}
+                continue
+            result["kernels"][name] = {"ms_per_token": 1e3 * seconds, "kv_read_gbps": kv_bytes / seconds / GB,
+                                       "max_abs_error_vs_float32": error}
     return result
 
 

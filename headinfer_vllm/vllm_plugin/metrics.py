@@ -32,8 +32,9 @@ Transfer time: on CUDA, the span of each step's copies on the copy stream
 buffers included), read from CUDA events once they completed (never waiting
 for them); off CUDA, where transfers are synchronous, their wall time.
 
-Offline ``LLM`` runs without ``PROMETHEUS_MULTIPROC_DIR`` record into the
-process's default registry (``prometheus_client.REGISTRY``).
+An offline ``LLM`` records them too, in its worker process's default
+registry (``prometheus_client.REGISTRY``), file-backed in the same temporary
+directory.
 """
 
 from __future__ import annotations
