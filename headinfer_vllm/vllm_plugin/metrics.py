@@ -47,6 +47,8 @@ import tempfile
 from headinfer_vllm.core.transfer import Traffic
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+OWNER_ENV = "HEADINFER_PROMETHEUS_OWNER"
+"""The process that set ``PROMETHEUS_MULTIPROC_DIR`` up for headinfer (its pid)."""
 
 logger = logging.getLogger("headinfer_vllm")
 
@@ -64,16 +66,21 @@ def collect_from_all_processes() -> None:
     processes, and file-backed values for the metrics this process creates
     from now on (vLLM creates its own when the engine client starts, after
     this). Nothing changes where the directory is already set (by the user,
-    or by vLLM for several API servers). Can go when vLLM merges the metrics of
+    or by vLLM for several API servers), unless headinfer set it in another
+    process: then this engine gets a directory of its own. Can go when vLLM merges the metrics of
     its engine processes with one API server too.
     """
     global _directory
-    if os.environ.get(MULTIPROCESS_ENV):
+    owner = os.environ.get(OWNER_ENV)
+    if os.environ.get(MULTIPROCESS_ENV) and owner in (None, str(os.getpid())):
         return
+    # Unset, or inherited from another process that ran headinfer (a script that built an offline LLM,
+    # then started a server): a directory of its own, so no other process's files mix in.
     from prometheus_client import values
 
     _directory = tempfile.TemporaryDirectory(prefix="headinfer-prometheus-")
     os.environ[MULTIPROCESS_ENV] = _directory.name
+    os.environ[OWNER_ENV] = str(os.getpid())
     values.ValueClass = values.MultiProcessValue()
     logger.debug("headinfer: Prometheus metrics of all processes go to %s", _directory.name)
 
