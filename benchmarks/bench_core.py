@@ -10,6 +10,12 @@ Measures, for each context length:
   time of a decode step beside it: the time the calls take to return, before
   waiting for the device (on CPU, the whole time). Host time above the bound
   means the step is bound by Python and op dispatch, not by the link;
+- the decode step split between PCIe and CPU attention in the host tier
+  (:mod:`headinfer_vllm.core.cpu_split`): the load and CPU-kernel rates the
+  planner measures, its share, the split decode time against PCIe-only (same
+  store, same run), every unit on the CPU, and the split's roofline (KV bytes
+  over the two rates summed). On CPU (``--smoke``) half the units go to the
+  kernel, which checks the path, not its speed;
 - operations per decode step: aten ops (every ``aten::`` event, nested ones
   included) that ``torch.profiler`` records over one step, for the step plan
   (``build_step_plan``) and per layer (``begin_step`` and ``forward``);
@@ -30,6 +36,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -38,7 +45,8 @@ from pathlib import Path
 
 import torch
 
-from headinfer_vllm.core import HeadPageStore, KVLayout, StepPlan, StreamedAttention, build_step_plan
+from headinfer_vllm.core import HeadPageStore, KVLayout, StepPlan, StreamedAttention, build_step_plan, cpu_split
+from headinfer_vllm.core.cpu_attention import is_available as cpu_kernel_available
 from headinfer_vllm.core.host_memory import free_host_bytes
 
 LLAMA3_8B = dict(num_query_heads=32, num_kv_heads=8, head_dim=128, dtype="bfloat16")
@@ -172,6 +180,7 @@ def measure_context(args, shapes, device, context, chunk, link) -> dict:
         result[f"prefill_{mode}_ms_per_layer"] = 1e3 * prefill.seconds(args.repeats)[0] / args.layers
         if mode == "streamed":
             result.update(measure_decode(Step(engine, context, 1, shapes, device), args, device))
+            result.update(measure_split(engine, shapes, device, args, context, streamed_bytes_per_layer))
             result["decode_bound_ms_per_layer"] = 1e3 * streamed_bytes_per_layer / (link["h2d_gbps"] * 1e9)
             result["device_tier_bytes"] = engine.store.device_bytes
             result["kernel"] = engine.kernel_name
@@ -180,6 +189,8 @@ def measure_context(args, shapes, device, context, chunk, link) -> dict:
         del engine, prefill
     result["prefill_ratio"] = result["prefill_resident_ms_per_layer"] / result["prefill_streamed_ms_per_layer"]
     result["decode_over_bound"] = result["decode_streamed_ms_per_layer"] / result["decode_bound_ms_per_layer"]
+    if "decode_split_ms_per_layer" in result:
+        result["split_speedup"] = result["decode_streamed_ms_per_layer"] / result["decode_split_ms_per_layer"]
     result["decode_host_over_bound"] = result["decode_host_ms_per_layer"] / result["decode_bound_ms_per_layer"]
     return result
 
@@ -201,6 +212,39 @@ def measure_decode(step: Step, args, device: torch.device) -> dict:
     }
 
 
+def measure_split(engine: StreamedAttention, shapes, device, args, context: int, layer_bytes: int) -> dict:
+    """Decode split between PCIe and the CPU kernel, over the streamed engine's store, against it."""
+    if not cpu_kernel_available():
+        return {"split": "no C++ compiler with OpenMP: CPU attention unavailable"}
+    store, threads = engine.store, len(os.sched_getaffinity(0))
+    query_per_kv = shapes["num_query_heads"] // shapes["num_kv_heads"]
+    cpu_rate = cpu_split.measure_cpu_rate(store, query_per_kv=query_per_kv, num_threads=threads)
+    result: dict = {"split_cpu_threads": threads, "split_cpu_gbps": cpu_rate / 1e9}
+    if device.type == "cuda":
+        h2d_rate = cpu_split.measure_h2d_rate(store)
+        plan = cpu_split.plan_decode_split(store, "auto", num_threads=threads, h2d_bytes_per_s=h2d_rate,
+                                           cpu_bytes_per_s=cpu_rate)
+        if plan is None:  # measure the balanced share even where auto would not split
+            count = max(1, cpu_split.balanced_cpu_units(len(store.streamed_units), h2d_rate, cpu_rate))
+            groups = {layer: store.streamed_groups(layer) for layer in range(store.layout.num_layers)}
+            plan = cpu_split.DecodeSplit(cpu_split.spread_over_layers(groups, count), threads, h2d_rate, cpu_rate)
+        result["split_load_gbps"] = h2d_rate / 1e9
+        result["split_bound_ms_per_layer"] = 1e3 * layer_bytes / (h2d_rate + cpu_rate)
+        result["split_predicted_speedup"] = plan.predicted_speedup(len(store.streamed_units))
+    else:
+        groups = {layer: store.streamed_groups(layer) for layer in range(store.layout.num_layers)}
+        plan = cpu_split.DecodeSplit(cpu_split.spread_over_layers(groups, len(store.streamed_units) // 2), threads)
+    every = cpu_split.plan_decode_split(store, "all", num_threads=threads, h2d_bytes_per_s=None, cpu_bytes_per_s=None)
+    for name, split in (("split", plan), ("cpu_all", every)):
+        split_engine = StreamedAttention(store, num_query_heads=shapes["num_query_heads"],
+                                         scale=store.layout.head_dim**-0.5, decode_split=split)
+        total = Step(split_engine, context, 1, shapes, device).seconds(args.repeats)[0]
+        result[f"decode_{name}_ms_per_layer"] = 1e3 * total / args.layers
+    result["split_cpu_units"] = plan.num_cpu_units
+    result["split_units"] = len(store.streamed_units)
+    return result
+
+
 def plot(results: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -216,6 +260,11 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     right.plot(contexts, [r["decode_streamed_ms_per_layer"] for r in results], "s-", label="all streamed")
     right.plot(contexts, [r["decode_host_ms_per_layer"] for r in results], "^:", label="host time (calls)")
     right.plot(contexts, [r["decode_bound_ms_per_layer"] for r in results], "k--", label="H2D bound")
+    if all("decode_split_ms_per_layer" in r for r in results):
+        right.plot(contexts, [r["decode_split_ms_per_layer"] for r in results], "D-", label="split PCIe + CPU")
+        right.plot(contexts, [r["decode_cpu_all_ms_per_layer"] for r in results], "v-", label="all on the CPU")
+    if all("split_bound_ms_per_layer" in r for r in results):
+        right.plot(contexts, [r["split_bound_ms_per_layer"] for r in results], "k:", label="split bound")
     right.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="ms per layer", title="decode")
     for axis in (left, right):
         axis.legend()
@@ -269,7 +318,9 @@ def main() -> int:
             f"context {context}: decode {result['decode_streamed_ms_per_layer']:.3f} ms/layer, "
             f"H2D bound {result['decode_bound_ms_per_layer']:.3f}, host {result['decode_host_ms_per_layer']:.3f}; "
             f"{result['decode_aten_ops_per_step']} aten ops per step ({args.layers} layers); "
-            f"prefill resident/streamed {result['prefill_ratio']:.2f}",
+            f"prefill resident/streamed {result['prefill_ratio']:.2f}; split decode "
+            f"{result.get('decode_split_ms_per_layer', float('nan')):.3f} ms/layer "
+            f"({result.get('split_speedup', float('nan')):.2f}x PCIe-only)",
             flush=True,
         )
         results.append(result)

@@ -33,7 +33,7 @@ declare -A FILES=(
 declare -A WHAT=(
   [facts]="machine facts: GPU, driver, torch, cores, host RAM; pinned H2D, D2H and both-ways bandwidth; host memory bandwidth (all cores); CPU attention KV read rate"
   [tests]="CUDA tests: pytest -m cuda, tests/core and tests/hf"
-  [bench_core]="bench_core, Llama-3-8B layer shapes, 32K/128K/512K: prefill streamed vs resident, decode vs the H2D bound, host time and aten ops per step, device memory"
+  [bench_core]="bench_core, Llama-3-8B layer shapes, 32K/128K/512K: prefill streamed vs resident, decode vs the H2D bound, decode split between PCIe and CPU attention vs PCIe-only (measured rates, roofline), host time and aten ops per step, device memory"
   [bench_hf]="bench_hf, Llama-3-8B random bf16 on 24 GiB: standard cache's longest context (45 s search), headinfer at 32K and 128K, then its longest in the time left"
 )
 HF_TOTAL=$((LIMIT[bench_hf] - 30))  # bench_hf's own --total-time: imports and exit fit in the rest

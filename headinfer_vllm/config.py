@@ -53,14 +53,26 @@ class HeadInferConfig:
     cpu_attention: str = "auto"
     """Whether the CPU attends the KV where it lies in host memory: ``auto``, ``all`` or ``off``.
 
+    The CPU side runs headinfer's C++ kernel (built once, on first use, with
+    the system's C++ compiler and OpenMP; cached under ``~/.cache/headinfer_vllm``).
     On vLLM's CPU platform, ``auto`` and ``all`` keep the whole KV in one tier
-    that the decode tokens attend in place, through headinfer's C++ kernel
-    (built once, on first use, with the system's C++ compiler and OpenMP;
-    cached under ``~/.cache/headinfer_vllm``): no staging copies. ``off``
-    streams head groups through staging buffers, as on CUDA. On CUDA, ``auto``
-    is ``off`` for now (splitting a step between PCIe streaming and CPU
-    attention is not built yet) and ``all`` is refused. The transformers
-    cache ignores it."""
+    that the decode tokens attend in place: no staging copies; ``off`` streams
+    head groups through staging buffers, as on CUDA. On CUDA, decode-only
+    steps can split the streamed head groups between PCIe and the CPU, which
+    attends its share in the host tier while the GPU streams the rest:
+    ``auto`` measures the H2D and CPU-kernel rates at start-up and splits so
+    that both finish together, where that predicts decode at least 1.1x
+    faster (logged either way); ``all`` gives the CPU every streamed group;
+    ``off`` streams them all. Steps with a prefill chunk always stream. The
+    transformers cache ignores it."""
+
+    cpu_threads: int = 0
+    """Threads of the CPU attention kernel (count, >= 0).
+
+    ``0`` chooses: on CUDA, the cores this process may run on, divided among
+    the engine's ranks on this host (vLLM's GPU workers set torch to one
+    thread, so torch's count is no guide there); on vLLM's CPU platform,
+    torch's thread count, which vLLM's CPU worker binds to its cores."""
 
     def __post_init__(self) -> None:
         if not self.cpu_kv_cache_gib > 0:
@@ -80,6 +92,8 @@ class HeadInferConfig:
             raise ValueError(
                 f"headinfer: prefetch_depth must be >= 1, got {self.prefetch_depth!r}"
             )
+        if self.cpu_threads < 0:
+            raise ValueError(f"headinfer: cpu_threads must be >= 0 (0: auto), got {self.cpu_threads!r}")
         if self.cpu_attention not in CPU_ATTENTION_CHOICES:
             raise ValueError(
                 f"headinfer: cpu_attention must be one of {', '.join(CPU_ATTENTION_CHOICES)}, "

@@ -12,6 +12,8 @@ import re
 import subprocess
 import sys
 
+from headinfer_vllm.core import cpu_attention
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
 ORDER = ["facts", "tests", "bench_core", "bench_hf"]
@@ -69,6 +71,8 @@ def test_a_dry_run_brings_back_every_file_though_a_step_fails(tmp_path):
     assert facts["cpu_attention"]["kernels"]["torch_sdpa"]["kv_read_gbps"] > 0
     core = json.loads((tmp_path / "bench_core.json").read_text())["results"][0]
     assert core["decode_aten_ops_per_step"] > 0 and core["decode_host_ms_per_layer"] > 0
+    if cpu_attention.is_available():  # the split's path, half the units on the CPU kernel
+        assert 0 < core["split_cpu_units"] < core["split_units"] and core["decode_split_ms_per_layer"] > 0
     hf = json.loads((tmp_path / "bench_hf.json").read_text())
     assert hf["setups"]["dynamic"]["longest_context"] > 0
     assert hf["setups"]["headinfer"]["longest_context"] > 0

@@ -12,6 +12,10 @@ loads); per layer it calls :meth:`forward`, which:
    scheduler loaded ahead of time, adds the new tokens if it was loaded
    before step 1, attends, and hands the buffer back.
 
+With a :class:`DecodeSplit`, decode-only steps leave some streamed groups of
+each layer to the CPU, which attends them in the host tier while the GPU
+streams the rest (:mod:`headinfer_vllm.core.cpu_split`).
+
 GQA: KV head ``h`` serves query heads ``h * q_per_kv .. (h + 1) * q_per_kv``.
 
 Each layer may have its own sliding window, soft-cap and sinks
@@ -25,6 +29,7 @@ from collections.abc import Sequence
 
 import torch
 
+from headinfer_vllm.core.cpu_split import CpuDecodeOffload, DecodeSplit
 from headinfer_vllm.core.kernels import select_kernel
 from headinfer_vllm.core.page_store import HeadPageStore
 from headinfer_vllm.core.plan import StepPlan
@@ -47,10 +52,14 @@ class StreamedAttention:
         flash_version: int | None = None,
         layers: Sequence[LayerAttention] | None = None,
         cpu_kernel: bool = False,
+        cpu_threads: int | None = None,
+        decode_split: DecodeSplit | None = None,
     ) -> None:
         """``flash_version``: the FlashAttention version to call on CUDA (vLLM's own choice); None probes.
         ``layers``: each layer's attention variant, in layer order; None: plain causal attention everywhere.
-        ``cpu_kernel``: on the CPU, attend decode tokens with headinfer's C++ kernel (:class:`CpuKernel`)."""
+        ``cpu_kernel``: on the CPU, attend decode tokens with headinfer's C++ kernel (:class:`CpuKernel`),
+        with ``cpu_threads`` threads (None: torch's count).
+        ``decode_split``: the streamed groups that the CPU attends in decode-only steps (None: none)."""
         layout = store.layout
         if num_query_heads % layout.num_kv_heads:
             raise ValueError(
@@ -71,6 +80,7 @@ class StreamedAttention:
             flash_version=flash_version,
             sinks_dtypes={variant.sinks.dtype for variant in self.layers if variant.sinks is not None},
             cpu_kernel=cpu_kernel,
+            cpu_threads=cpu_threads,
         )
         self._streamed_windows = {
             layer: variant.sliding_window
@@ -78,6 +88,31 @@ class StreamedAttention:
             if store.streamed_groups(layer)
         }
         """Sliding window of each layer with streamed units."""
+        self._offload = None
+        self._cpu_units: frozenset[tuple[int, int]] = frozenset()
+        if decode_split is not None and decode_split.cpu_groups:
+            unknown = {(layer, group) for layer, groups in decode_split.cpu_groups.items() for group in groups}
+            unknown -= set(store.streamed_units)
+            if unknown:
+                raise ValueError(f"headinfer: units {sorted(unknown)} are not streamed and cannot go to the CPU")
+            self._offload = CpuDecodeOffload(
+                store, decode_split, query_per_kv=num_query_heads // layout.num_kv_heads, scale=scale,
+                layers=self.layers,
+            )
+            self._cpu_units = frozenset(
+                (layer, group) for layer, groups in decode_split.cpu_groups.items() for group in groups
+            )
+        self._gpu_groups = {
+            split: {
+                layer: tuple(group for group in store.streamed_groups(layer)
+                             if not split or (layer, group) not in self._cpu_units)
+                for layer in range(layout.num_layers)
+            }
+            for split in (False, True)
+        }
+        """Per kind of step (split or not), each layer's groups streamed to the GPU."""
+        self._split = False
+        """Whether this step is split (decode only, with CPU groups)."""
         self._plan: StepPlan | None = None
         self._staging: dict[int, StagingMap] = {}
         """This step's staging map of each layer with streamed units."""
@@ -98,9 +133,13 @@ class StreamedAttention:
             min(plan.num_page_refs, layout.num_blocks) * len(self.store.streamed_units)
             * (layout.unit_bytes // layout.num_blocks)
         )
+        stream = self._current_stream()
+        self._split = self._offload is not None and plan.num_tokens > 0 and plan.max_query_len == 1
         if self.store.streamed_units:
             self._staging = stage_layers(plan, self.store.layout.num_blocks, self._streamed_windows)
-            self.transfers.begin_step(self._staging, self._current_stream())
+            self.transfers.begin_step(self._staging, stream, self._cpu_units if self._split else frozenset())
+        if self._split:
+            self._offload.begin_step(plan)
 
     def forward(
         self,
@@ -135,10 +174,12 @@ class StreamedAttention:
             heads = slice(run.first_group * group_size, run.first_group * group_size + run.views.token_rows.shape[1])
             run.views.token_rows.index_copy_(0, plan.home.new_rows, new_kv[:, heads])
         self.transfers.write_home(layer, new_kv, plan.home.new_rows, stream)
+        if self._split:
+            self._offload.send(layer, query, new_kv, stream)
         self._kernel.begin_layer(query, out, self.layers[layer])
         for run in runs:
             self._kernel.attend(run.first_group * group_size, run.views, plan.home)
-        for group in store.streamed_groups(layer):
+        for group in self._gpu_groups[self._split][layer]:
             staging = self._staging[layer]
             buffer, fresh = self.transfers.acquire((layer, group), stream)
             staged = store.staging_views[buffer]
@@ -148,6 +189,8 @@ class StreamedAttention:
             self._kernel.attend(group * group_size, staged, staging.table)
             self.transfers.release((layer, group), stream)
         self._kernel.end_layer()
+        if self._split:  # after end_layer, which writes every head's decode rows of ``out``
+            self._offload.attend(layer, out)
         return out
 
     def _current_stream(self) -> torch.cuda.Stream | None:

@@ -267,7 +267,8 @@ class CpuKernel(TorchKernel):
 
     name = "cpu"
 
-    def __init__(self, *, scale: float, query_per_kv: int, dtype: torch.dtype) -> None:
+    def __init__(self, *, scale: float, query_per_kv: int, dtype: torch.dtype, num_threads: int | None = None) -> None:
+        """``num_threads``: the C++ kernel's threads; None: torch's count."""
         from headinfer_vllm.core import cpu_attention
 
         super().__init__(scale=scale, query_per_kv=query_per_kv, dtype=dtype, expand_grouped_heads=False)
@@ -282,6 +283,7 @@ class CpuKernel(TorchKernel):
         self._decode_query = self._decode_out = torch.empty(0)
         """shape: [R, num_query_heads, D]: this layer's decode queries and outputs."""
         self._kernel_sinks: torch.Tensor | None = None
+        self._num_threads = num_threads
 
     def begin_step(self, plan: StepPlan) -> None:
         super().begin_step(plan)
@@ -313,7 +315,7 @@ class CpuKernel(TorchKernel):
         self._decode_attention(
             self._decode_query, [(first_head, unit.pages)], block_table, self._decode_seq_lens, self.scale,
             query_per_kv=self.query_per_kv, out=self._decode_out, sliding_window=variant.sliding_window or 0,
-            logits_soft_cap=variant.logits_soft_cap or 0.0, sinks=self._kernel_sinks,
+            logits_soft_cap=variant.logits_soft_cap or 0.0, sinks=self._kernel_sinks, num_threads=self._num_threads,
         )
 
     def end_layer(self) -> None:
@@ -383,6 +385,7 @@ def select_kernel(
     flash_version: int | None = None,
     sinks_dtypes: Collection[torch.dtype] = (),
     cpu_kernel: bool = False,
+    cpu_threads: int | None = None,
 ) -> AttentionKernel:
     """The fastest exact kernel for this device, dtype, page size and head size; chosen once.
 
@@ -392,10 +395,11 @@ def select_kernel(
     multiple of 8 up to 256; attention sinks (``sinks_dtypes``: the dtypes of
     the layers' sinks, empty without any) need version 3 or later, and
     bfloat16 sinks (what its ``s_aux`` takes). Anything else runs on torch,
-    on the CPU with headinfer's C++ decode kernel if ``cpu_kernel``.
+    on the CPU with headinfer's C++ decode kernel if ``cpu_kernel`` (with
+    ``cpu_threads`` threads; None: torch's count).
     """
     if cpu_kernel and device.type == "cpu":
-        return CpuKernel(scale=scale, query_per_kv=query_per_kv, dtype=dtype)
+        return CpuKernel(scale=scale, query_per_kv=query_per_kv, dtype=dtype, num_threads=cpu_threads)
     flash_fits = (
         allow_flash
         and device.type == "cuda"

@@ -78,6 +78,18 @@ class HostLayer:
         self.rows.index_copy_(0, unit_rows, tokens)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Schedule:
+    """The streamed units that a kind of step loads, in order, and where it writes new tokens home."""
+
+    order: tuple[Unit, ...]
+    """Units loaded, in execution order (layer-major); unit ``i`` uses staging buffer ``i % num_buffers``."""
+    position: Mapping[Unit, int]
+    """Index of each unit in ``order``."""
+    host_layers: Mapping[int, HostLayer | None]
+    """Per layer, the host pages of its units in ``order`` (None: none)."""
+
+
 @dataclasses.dataclass
 class Traffic:
     """Running totals of one store's transfers since it was made (for operators' metrics)."""
@@ -112,12 +124,15 @@ class TransferScheduler:
                 f"{prefetch_depth + 1} staging buffers, the store has {num_buffers}"
             )
         self.prefetch_depth = prefetch_depth
-        self._position = {unit: i for i, unit in enumerate(store.streamed_units)}
         host, staging, num_pages = store.host_on_device, store.staging, store.layout.num_blocks
-        self._host_pages = [as_words(host[unit].view(num_pages, -1)) for unit in range(host.shape[0])]
+        self._host_pages = {
+            unit: as_words(host[index].view(num_pages, -1)) for index, unit in enumerate(store.streamed_units)
+        }
         self._staging_pages = [as_words(staging[buffer].view(num_pages, -1)) for buffer in range(num_buffers)]
         # _host_pages: per streamed unit [N, page words]; _staging_pages: per buffer [N, page words]
-        self._host_layers = {layer: self._host_layer(layer) for layer in range(store.layout.num_layers)}
+        self._schedules: dict[frozenset[Unit], Schedule] = {}
+        """Per set of streamed units that a step leaves out (to the CPU), the step's order and host layers."""
+        self._schedule = self._schedule_without(frozenset())
         self._cuda = store.device.type == "cuda"
         if self._cuda:
             self._copy = torch.cuda.Stream(store.device)
@@ -146,9 +161,23 @@ class TransferScheduler:
         self._written_layer = -1
         """Last layer of this step whose new tokens went home."""
 
-    def _host_layer(self, layer: int) -> HostLayer | None:
+    def _schedule_without(self, left_out: frozenset[Unit]) -> Schedule:
+        schedule = self._schedules.get(left_out)
+        if schedule is None:
+            order = tuple(unit for unit in self.store.streamed_units if unit not in left_out)
+            schedule = self._schedules[left_out] = Schedule(
+                order=order,
+                position={unit: position for position, unit in enumerate(order)},
+                host_layers={
+                    layer: self._host_layer(layer, tuple(group for (unit_layer, group) in order if unit_layer == layer))
+                    for layer in range(self.store.layout.num_layers)
+                },
+            )
+        return schedule
+
+    def _host_layer(self, layer: int, groups: tuple[int, ...]) -> HostLayer | None:
+        """The host pages of ``groups`` (streamed, consecutive in the host tier) of ``layer``."""
         store, layout = self.store, self.store.layout
-        groups = store.streamed_groups(layer)
         if not groups:
             return None
         first = store.host_index(layer, groups[0])
@@ -162,9 +191,20 @@ class TransferScheduler:
             index = torch.tensor(groups, device=store.device)
         return HostLayer(rows, len(groups), index, layout.head_group_size)
 
-    def begin_step(self, staging: Mapping[int, StagingMap], stream: torch.cuda.Stream | None) -> None:
+    def begin_step(
+        self,
+        staging: Mapping[int, StagingMap],
+        stream: torch.cuda.Stream | None,
+        left_out: frozenset[Unit] = frozenset(),
+    ) -> None:
         """Start a step (``staging``: the map of each layer with streamed units; ``stream``: the
-        compute stream); issues the first loads at once."""
+        compute stream); issues the first loads at once.
+
+        ``left_out``: streamed units this step neither loads nor writes home (the CPU attends them
+        in the host tier). The compute stream then waits for the copy stream's earlier work, so that
+        what the host reads after its stream's events (those units' pages) was written.
+        """
+        self._schedule = self._schedule_without(left_out)
         self._issued = 0
         self._next = 0
         self._written_layer = -1
@@ -178,6 +218,8 @@ class TransferScheduler:
                 targets[num_loads] = [pages[:num_loads] for pages in self._staging_pages]
             self._loads[layer] = (layer_staging.load_pages, targets[num_loads])
         if self._cuda:
+            if left_out:
+                stream.wait_stream(self._copy)
             self._add_step_span()
             # Loads read the step's indices, made on the compute stream. (This also orders them after
             # work that a step cut short by an exception left behind without ``released`` events.)
@@ -191,7 +233,7 @@ class TransferScheduler:
         self, layer: int, new_kv: torch.Tensor, new_rows: torch.Tensor, stream: torch.cuda.Stream | None
     ) -> None:
         """Write ``new_kv [T * 2, num_kv_heads, D]`` to the host pages of ``layer``'s streamed units at ``new_rows``."""
-        host_layer = self._host_layers[layer]
+        host_layer = self._schedule.host_layers[layer]
         if host_layer is None:
             return
         self._written_layer = layer
@@ -218,9 +260,10 @@ class TransferScheduler:
         Also says whether it is fresh: a stale buffer lacks this step's new
         tokens (see the module docstring).
         """
-        position = self._position[unit]
+        order = self._schedule.order
+        position = self._schedule.position[unit]
         if position != self._next:
-            expected = self.store.streamed_units[self._next] if self._next < len(self._position) else None
+            expected = order[self._next] if self._next < len(order) else None
             raise RuntimeError(
                 f"headinfer: unit {unit} (layer, group) was requested out of order; expected "
                 f"{expected}. Every layer must run once per step, in order"
@@ -233,11 +276,11 @@ class TransferScheduler:
 
     def release(self, unit: Unit, stream: torch.cuda.Stream | None) -> None:
         """After ``unit``'s attention is queued on ``stream``: its buffer may be reloaded."""
-        position = self._position[unit]
+        position = self._schedule.position[unit]
         self._next = position + 1
         if self._cuda:
             self._released[position % self.store.num_staging_buffers].record(stream)
-            if self._next == len(self._position):  # every transfer of the step is queued
+            if self._next == len(self._schedule.order):  # every transfer of the step is queued
                 self._step_span[1].record(self._copy)
                 self._step_span_pending = True
 
@@ -248,7 +291,7 @@ class TransferScheduler:
         self._step_span_pending = False
 
     def _issue_loads_through(self, last_position: int, stream: torch.cuda.Stream | None) -> None:
-        units = self.store.streamed_units
+        units = self._schedule.order
         last_position = min(last_position, len(units) - 1)
         if self._issued > last_position:
             return
@@ -262,7 +305,7 @@ class TransferScheduler:
                 load_pages, targets = self._loads[layer]
                 started = time.perf_counter()
                 with torch.profiler.record_function("headinfer::load"):
-                    torch.index_select(self._host_pages[position], 0, load_pages, out=targets[buffer])
+                    torch.index_select(self._host_pages[units[position]], 0, load_pages, out=targets[buffer])
                 if not self._cuda:
                     self.traffic.transfer_seconds += time.perf_counter() - started
                 if self._cuda:

@@ -18,13 +18,21 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from headinfer_vllm.config import GIB, HeadInferConfig
-from headinfer_vllm.core import HeadPageStore, StepPlan, StreamedAttention, host_memory
+from headinfer_vllm.core import HeadPageStore, StepPlan, StreamedAttention, cpu_attention, host_memory
+from headinfer_vllm.core.cpu_split import (
+    MIN_SPEEDUP,
+    DecodeSplit,
+    measure_cpu_rate,
+    measure_h2d_rate,
+    plan_decode_split,
+)
 from headinfer_vllm.core.device_memory import check_device_budget
 from headinfer_vllm.vllm_plugin.metrics import HeadInferMetrics
 from headinfer_vllm.vllm_plugin.settings import (
     SETTINGS_KEY,
     attends_in_place,
     capacity_for,
+    host_ranks,
     numa_node_count,
     parallel_ranks,
     pipeline_stage,
@@ -102,11 +110,16 @@ class HeadInferRuntime:
         check_device_budget(capacity.device_bytes + vllm_device_bytes, torch.device(device),
                             vllm_config.cache_config.gpu_memory_utilization)
         store = self._allocate_store(capacity, device)
+        query_per_kv = next(iter(heads)) // capacity.layout.num_kv_heads
+        decode_split = None
+        if torch.device(device).type == "cuda" and config.cpu_attention != "off" and store.streamed_units:
+            threads = config.cpu_threads or default_cpu_threads(len(host_ranks(vllm_config)))
+            decode_split = plan_split_at_startup(store, config.cpu_attention, query_per_kv, threads)
         self.attention = StreamedAttention(
             store, num_query_heads=heads.pop(), scale=scales.pop(), prefetch_depth=config.prefetch_depth,
             flash_version=flash_attn_version(vllm_config, capacity.layout.head_dim),
             layers=[layers[name].impl.variant for name in sorted(layer_names, key=layer_index)],
-            cpu_kernel=attends_in_place(config),
+            cpu_kernel=attends_in_place(config), cpu_threads=config.cpu_threads or None, decode_split=decode_split,
         )
         self._plan: StepPlan | None = None
         self._last_layer = len(layer_names) - 1
@@ -163,6 +176,39 @@ class HeadInferRuntime:
         self.attention.forward(index, query, key, value, output)
         if index == self._last_layer:
             self.metrics.record(self.attention.transfers.traffic)
+
+
+def default_cpu_threads(ranks_on_host: int) -> int:
+    """The cores this process may run on, shared among the engine's ranks on this host (at least 1)."""
+    return max(1, len(os.sched_getaffinity(0)) // max(1, ranks_on_host))
+
+
+def plan_split_at_startup(store: HeadPageStore, mode: str, query_per_kv: int, num_threads: int) -> DecodeSplit | None:
+    """Measure the H2D and CPU-kernel rates on ``store`` and plan the decode split of ``cpu_attention=mode``.
+
+    ``all`` without a working C++ compiler stops start-up with the build's
+    error; ``auto`` then streams every unit, and says so.
+    """
+    try:
+        cpu_attention.library()
+    except RuntimeError as error:
+        if mode == "all":
+            raise
+        logger.warning("headinfer: CPU attention unavailable, decode streams every unit over PCIe: %s",
+                       str(error).splitlines()[0])
+        return None
+    h2d = measure_h2d_rate(store)
+    cpu = measure_cpu_rate(store, query_per_kv=query_per_kv, num_threads=num_threads)
+    split = plan_decode_split(store, mode, num_threads=num_threads, h2d_bytes_per_s=h2d, cpu_bytes_per_s=cpu)
+    if split is None:
+        logger.info(
+            "headinfer: decode streams every unit over PCIe (cpu_attention=auto): H2D loads %.1f GB/s, CPU "
+            "attention %.1f GB/s with %d threads would make decode less than %.1fx faster", h2d / 1e9, cpu / 1e9,
+            num_threads, MIN_SPEEDUP,
+        )
+    else:
+        logger.info("headinfer: decode split (cpu_attention=%s): %s", mode, split.describe(len(store.streamed_units)))
+    return split
 
 
 def describe_variants(layers) -> str:

@@ -430,11 +430,6 @@ def apply_settings(vllm_config: VllmConfig) -> None:
     if isinstance(additional, dict) and APPLIED_KEY in additional:
         return
     reasons = refusals(vllm_config)
-    if settings_of(vllm_config).cpu_attention == "all" and not current_platform_is_cpu():
-        reasons.append(
-            "cpu_attention='all' is not supported on this platform yet: splitting decode attention between "
-            "the GPU and the CPU is not built; use cpu_attention 'auto' or 'off'"
-        )
     if reasons:
         raise ValueError(f"headinfer: {'; '.join(reasons)}")
     config = settings_of(vllm_config)

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from headinfer_vllm.core import HeadPageStore, KVLayout, LayerAttention, StreamedAttention, build_step_plan
+from headinfer_vllm.core.cpu_split import DecodeSplit
 from headinfer_vllm.core.residency import SpreadAcrossLayers
 
 
@@ -48,6 +49,8 @@ class Scenario:
     """Each layer's attention variant; None: plain everywhere."""
     cpu_kernel: bool = False
     """Decode tokens through the C++ CPU kernel (on the CPU)."""
+    cpu_groups: dict[int, tuple[int, ...]] | None = None
+    """Per layer, the streamed groups that the CPU attends in decode-only steps (:class:`DecodeSplit`)."""
     reference: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None
     """``(layer, query, keys, values, scale)`` -> float64 output, as :func:`dense_attention`; None: it."""
 
@@ -80,6 +83,7 @@ class Scenario:
             self.store, num_query_heads=self.num_kv_heads * self.query_per_kv,
             scale=self.head_dim**-0.5, prefetch_depth=self.prefetch_depth, layers=self.layers,
             cpu_kernel=self.cpu_kernel,
+            decode_split=None if self.cpu_groups is None else DecodeSplit(self.cpu_groups, num_threads=2),
         )
         self.keys = [self._random(self.num_layers, 0, self.num_kv_heads, self.head_dim) for _ in seq_lens]
         self.values = [self._random(self.num_layers, 0, self.num_kv_heads, self.head_dim) for _ in seq_lens]

@@ -1,0 +1,311 @@
+"""Decode steps split between PCIe streaming and CPU attention in place.
+
+A decode step reads every streamed unit's pages once. Streamed over PCIe, a
+unit costs ``bytes / h2d_rate``; attended by the CPU where it lies in the host
+tier (:mod:`headinfer_vllm.core.cpu_attention`), ``bytes / cpu_rate``. Both
+run at once, so giving the CPU a share ``cpu_rate / (cpu_rate + h2d_rate)`` of
+the units makes them finish together, and a step takes the time of the larger
+part instead of all of it::
+
+    PCIe-only:  |== S units over PCIe ==============|
+    split:      |== S - C units over PCIe ==|            GPU: streamed + resident units
+                |== C units on the CPU =====|            CPU: in the host tier, no copy
+
+Per layer of a decode-only step (:class:`CpuDecodeOffload`)::
+
+    compute stream:  q, k, v --> D2H (CPU heads' queries, new K/V) --> streamed attention --> H2D outputs
+                                   \\ queries_ready                                         /
+    host:                           wait --> new K/V into the host tier --> C++ kernel ----
+
+The host waits once per layer, for its queries; the GPU work of the layer is
+queued before that wait, so both sides run together. Steps with a prefill
+chunk stream every unit (prefill stays on the GPU).
+
+The rates are measured when the engine starts (:func:`measure_h2d_rate`,
+:func:`measure_cpu_rate`) and the share planned once (:func:`plan_decode_split`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from headinfer_vllm.core.page_store import HeadPageStore, consecutive_runs
+from headinfer_vllm.core.plan import StepPlan
+from headinfer_vllm.core.transfer import as_words
+from headinfer_vllm.core.variants import LayerAttention
+
+MIN_SPEEDUP = 1.1
+"""``auto`` splits only when the plan predicts decode steps at least this much faster."""
+MEASURE_BYTES = 256 << 20
+"""Bytes read per timed run of a start-up measurement (at most the store's pages)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSplit:
+    """Which streamed units the CPU attends in decode-only steps, and the rates that chose them."""
+
+    cpu_groups: Mapping[int, tuple[int, ...]]
+    """Per layer, the streamed head groups that the CPU attends (consecutive, the layer's last
+    streamed ones); layers without any are absent."""
+    num_threads: int
+    """OpenMP threads of the CPU kernel."""
+    h2d_bytes_per_s: float | None = None
+    """Measured host-to-device rate of a load (None: not measured)."""
+    cpu_bytes_per_s: float | None = None
+    """Measured KV read rate of the CPU kernel (None: not measured)."""
+
+    @property
+    def num_cpu_units(self) -> int:
+        return sum(len(groups) for groups in self.cpu_groups.values())
+
+    def predicted_speedup(self, num_streamed: int) -> float | None:
+        """Decode attention time PCIe-only over split, from the rates (None without them)."""
+        if not self.h2d_bytes_per_s or not self.cpu_bytes_per_s or not num_streamed:
+            return None
+        return predicted_speedup(num_streamed, self.num_cpu_units, self.h2d_bytes_per_s, self.cpu_bytes_per_s)
+
+    def describe(self, num_streamed: int) -> str:
+        """``12 of 32 streamed units on the CPU in decode steps (H2D 48.1 GB/s, CPU 31.0 GB/s with 16
+        threads: 1.6x faster than PCIe only)``."""
+        rates = ""
+        if self.h2d_bytes_per_s and self.cpu_bytes_per_s:
+            rates = (f" (H2D {self.h2d_bytes_per_s / 1e9:.1f} GB/s, CPU {self.cpu_bytes_per_s / 1e9:.1f} GB/s "
+                     f"with {self.num_threads} threads: {self.predicted_speedup(num_streamed):.2f}x "
+                     "the PCIe-only decode, predicted)")
+        return f"{self.num_cpu_units} of {num_streamed} streamed units on the CPU in decode steps{rates}"
+
+
+def predicted_speedup(num_streamed: int, num_cpu: int, h2d_bytes_per_s: float, cpu_bytes_per_s: float) -> float:
+    """PCIe-only time over split time for ``num_cpu`` of ``num_streamed`` equal units."""
+    split = max((num_streamed - num_cpu) / h2d_bytes_per_s, num_cpu / cpu_bytes_per_s)
+    return (num_streamed / h2d_bytes_per_s) / split
+
+
+def balanced_cpu_units(num_streamed: int, h2d_bytes_per_s: float, cpu_bytes_per_s: float) -> int:
+    """The count of units for the CPU that minimizes the split time (both sides finish together)."""
+    share = cpu_bytes_per_s / (cpu_bytes_per_s + h2d_bytes_per_s)
+    below = int(num_streamed * share)
+    return min(
+        (below, min(below + 1, num_streamed)),
+        key=lambda count: max((num_streamed - count) / h2d_bytes_per_s, count / cpu_bytes_per_s),
+    )
+
+
+def spread_over_layers(streamed_groups: Mapping[int, Sequence[int]], count: int) -> dict[int, tuple[int, ...]]:
+    """``count`` units for the CPU, spread evenly over the layers: each layer's last streamed groups.
+
+    Round-robin over the layers, one more group of each per round, so every
+    layer keeps GPU work to overlap with its CPU work for as long as possible.
+    """
+    available = {layer: list(groups) for layer, groups in streamed_groups.items() if groups}
+    if not 0 <= count <= sum(len(groups) for groups in available.values()):
+        raise ValueError(f"headinfer: cannot give {count} of {sum(map(len, available.values()))} streamed units "
+                         "to the CPU")
+    chosen: dict[int, list[int]] = {layer: [] for layer in available}
+    while count:
+        for layer, groups in available.items():
+            if count and len(chosen[layer]) < len(groups):
+                chosen[layer].insert(0, groups[len(groups) - 1 - len(chosen[layer])])
+                count -= 1
+    return {layer: tuple(groups) for layer, groups in chosen.items() if groups}
+
+
+def plan_decode_split(
+    store: HeadPageStore,
+    mode: str,
+    *,
+    num_threads: int,
+    h2d_bytes_per_s: float | None,
+    cpu_bytes_per_s: float | None,
+) -> DecodeSplit | None:
+    """The split for ``mode`` (``all``: every streamed unit on the CPU; ``auto``: balanced from the rates,
+    None when it predicts less than :data:`MIN_SPEEDUP`; ``off``: None)."""
+    streamed = {layer: store.streamed_groups(layer) for layer in range(store.layout.num_layers)}
+    num_streamed = len(store.streamed_units)
+    if mode == "off" or not num_streamed:
+        return None
+    if mode == "all":
+        count = num_streamed
+    elif mode == "auto":
+        if not h2d_bytes_per_s or not cpu_bytes_per_s:
+            raise ValueError("headinfer: cpu_attention 'auto' needs both rates measured")
+        count = balanced_cpu_units(num_streamed, h2d_bytes_per_s, cpu_bytes_per_s)
+        if not count or predicted_speedup(num_streamed, count, h2d_bytes_per_s, cpu_bytes_per_s) < MIN_SPEEDUP:
+            return None
+    else:
+        raise ValueError(f"headinfer: cpu_attention must be 'auto', 'all' or 'off', got {mode!r}")
+    return DecodeSplit(spread_over_layers(streamed, count), num_threads, h2d_bytes_per_s, cpu_bytes_per_s)
+
+
+# Start-up measurements ---------------------------------------------------------------------
+
+
+def measure_h2d_rate(store: HeadPageStore, repeats: int = 5) -> float:
+    """Bytes per second of a load as the transfer scheduler issues it (``index_select`` of whole pages
+    from the mapped host tier into a staging buffer); the median of ``repeats`` timed runs."""
+    if not store.streamed_units or store.device.type != "cuda":
+        raise ValueError("headinfer: measuring H2D needs streamed units on a CUDA device")
+    num_blocks = store.layout.num_blocks
+    page_bytes = store.layout.unit_bytes // num_blocks
+    num_pages = max(1, min(num_blocks, MEASURE_BYTES // page_bytes))
+    source = as_words(store.host_on_device[0].view(num_blocks, -1))
+    target = as_words(store.staging[0].view(num_blocks, -1))[:num_pages]
+    pages = torch.arange(num_pages, device=store.device)
+    times = []
+    for _ in range(repeats + 1):  # the first run warms up
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.index_select(source, 0, pages, out=target)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return num_pages * page_bytes / statistics.median(times[1:])
+
+
+def measure_cpu_rate(store: HeadPageStore, *, query_per_kv: int, num_threads: int, repeats: int = 5) -> float:
+    """KV bytes per second that the CPU kernel reads from the host tier, attending one layer's
+    streamed units for one request over (at most :data:`MEASURE_BYTES` of) their pages."""
+    from headinfer_vllm.core import cpu_attention
+
+    layer = store.streamed_units[0][0] if store.streamed_units else None
+    if layer is None:
+        raise ValueError("headinfer: measuring the CPU kernel needs streamed units")
+    layout = store.layout
+    units = [(group * layout.head_group_size, store.host_unit(layer, group)) for group in store.streamed_groups(layer)]
+    page_bytes = layout.unit_bytes // layout.num_blocks
+    num_pages = max(1, min(layout.num_blocks, MEASURE_BYTES // (page_bytes * len(units))))
+    query = torch.zeros(1, layout.num_kv_heads * query_per_kv, layout.head_dim, dtype=layout.dtype)
+    out = torch.empty_like(query)
+    block_table = torch.arange(num_pages, dtype=torch.int32)[None]
+    seq_lens = torch.tensor([num_pages * layout.block_size], dtype=torch.int32)
+    times = []
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        cpu_attention.decode_attention_units(query, units, block_table, seq_lens, 1.0, query_per_kv=query_per_kv,
+                                             out=out, num_threads=num_threads)
+        times.append(time.perf_counter() - started)
+    return num_pages * page_bytes * len(units) / statistics.median(times[1:])
+
+
+# The per-layer work ------------------------------------------------------------------------
+
+
+class CpuDecodeOffload:
+    """Attends the CPU's units of each layer in a decode-only step, from the host tier in place."""
+
+    def __init__(
+        self,
+        store: HeadPageStore,
+        split: DecodeSplit,
+        *,
+        query_per_kv: int,
+        scale: float,
+        layers: Sequence[LayerAttention],
+    ) -> None:
+        from headinfer_vllm.core import cpu_attention
+
+        cpu_attention.library()  # builds it now (cached): a missing compiler stops start-up, not a step
+        self._decode_attention = cpu_attention.decode_attention_units
+        self.store, self.split, self.query_per_kv, self.scale = store, split, query_per_kv, scale
+        self.layers = tuple(layers)
+        group_size = store.layout.head_group_size
+        self._kv_heads: dict[int, slice] = {}
+        """Per layer with CPU groups, its KV heads attended by the CPU (consecutive)."""
+        self._units: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        """Per layer, ``(first KV head within the CPU heads, host pages [N, 2, B, G, D])`` per CPU group."""
+        for layer, groups in split.cpu_groups.items():
+            if len(consecutive_runs(list(groups))) != 1:
+                raise ValueError(f"headinfer: the CPU groups of layer {layer} must be consecutive, got {groups}")
+            first = groups[0] * group_size
+            self._kv_heads[layer] = slice(first, (groups[-1] + 1) * group_size)
+            self._units[layer] = [(group * group_size - first, store.host_unit(layer, group)) for group in groups]
+        self._cuda = store.device.type == "cuda"
+        self._queries_ready = torch.cuda.Event() if self._cuda else None
+        self._sinks: dict[int, torch.Tensor] = {}
+        """Per layer with sinks, its CPU heads' sinks ``[heads * q_per_kv]`` as float32 on the host, copied
+        each step (as the other kernels read them each layer)."""
+        self._buffers: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        """Per (requests, KV heads): host buffers of the queries, new K/V and outputs (pinned on CUDA)."""
+        self._block_table = self._new_rows = self._seq_lens = torch.empty(0)
+        self._num_requests = 0
+
+    def cpu_groups(self, layer: int) -> tuple[int, ...]:
+        return self.split.cpu_groups.get(layer, ())
+
+    def begin_step(self, plan: StepPlan) -> None:
+        """Queue the copies of this decode-only step's block table, new-token rows and sinks to the host
+        (on the current stream).
+
+        They are ready when layer 0's queries are (same stream, queued before).
+        """
+        self._num_requests = len(plan.requests)
+        self._block_table = self._to_host(plan.home.block_table)
+        self._new_rows = self._to_host(plan.home.new_rows)
+        self._seq_lens = torch.tensor([request.seq_len for request in plan.requests], dtype=torch.int32)
+        per_kv = self.query_per_kv
+        self._sinks = {
+            layer: self._to_host(sinks[heads.start * per_kv : heads.stop * per_kv].float())
+            for layer, heads in self._kv_heads.items()
+            if (sinks := self.layers[layer].sinks) is not None
+        }
+
+    def send(self, layer: int, query: torch.Tensor, new_kv: torch.Tensor, stream: torch.cuda.Stream | None) -> None:
+        """Queue the copies of ``layer``'s CPU heads' queries ``query [>= R, Hq, D]`` and new K/V
+        ``new_kv [2R, Hkv, D]`` to the host, on the compute stream."""
+        heads = self._kv_heads.get(layer)
+        if heads is None:
+            return
+        queries, new_tokens, _ = self._buffers_for(heads)
+        requests, per_kv = self._num_requests, self.query_per_kv
+        queries.copy_(query[:requests, heads.start * per_kv : heads.stop * per_kv], non_blocking=True)
+        new_tokens.copy_(new_kv[:, heads], non_blocking=True)
+        if self._queries_ready is not None:
+            self._queries_ready.record(stream)
+
+    def attend(self, layer: int, out: torch.Tensor) -> None:
+        """Wait for ``layer``'s queries, write its new K/V into the CPU units' host pages, attend them,
+        and queue the outputs' copy into ``out [>= R, Hq, D]`` (on the current stream)."""
+        heads = self._kv_heads.get(layer)
+        if heads is None:
+            return
+        queries, new_tokens, outputs = self._buffers_for(heads)
+        if self._queries_ready is not None:
+            # The one host wait of the layer. The previous layer's output copy ran before it (same stream).
+            self._queries_ready.synchronize()
+        group_size = self.store.layout.head_group_size
+        for first_head, pages in self._units[layer]:
+            rows = pages.view(-1, group_size, pages.shape[-1])  # [N * 2 * B, G, D] token rows
+            rows.index_copy_(0, self._new_rows, new_tokens[:, first_head : first_head + group_size])
+        variant = self.layers[layer]
+        self._decode_attention(
+            queries, self._units[layer], self._block_table, self._seq_lens, self.scale,
+            query_per_kv=self.query_per_kv, out=outputs, sliding_window=variant.sliding_window or 0,
+            logits_soft_cap=variant.logits_soft_cap or 0.0, sinks=self._sinks.get(layer),
+            num_threads=self.split.num_threads,
+        )
+        per_kv = self.query_per_kv
+        out[: self._num_requests, heads.start * per_kv : heads.stop * per_kv].copy_(outputs, non_blocking=True)
+
+    def _buffers_for(self, heads: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        key = (self._num_requests, heads.stop - heads.start)
+        buffers = self._buffers.get(key)
+        if buffers is None:
+            layout, requests, kv_heads = self.store.layout, *key
+            shape = (requests, kv_heads * self.query_per_kv, layout.head_dim)
+            queries = torch.empty(shape, dtype=layout.dtype, pin_memory=self._cuda)
+            new_tokens = torch.empty((2 * requests, kv_heads, layout.head_dim), dtype=layout.dtype,
+                                     pin_memory=self._cuda)
+            buffers = self._buffers[key] = (queries, new_tokens, torch.zeros_like(queries))
+        return buffers
+
+    def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` on the host, contiguous: on CUDA a copy queued on the current stream into pinned memory."""
+        if not self._cuda:
+            return tensor.contiguous()
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        return host.copy_(tensor, non_blocking=True)

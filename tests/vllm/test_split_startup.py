@@ -1,0 +1,71 @@
+"""The worker's decode-split decision at start-up (``cpu_attention`` on CUDA), with the rates stubbed.
+
+The measurements need CUDA; the decision, its log line and its refusals run here on a CPU store.
+"""
+
+import logging
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from headinfer_vllm.core import cpu_attention
+from headinfer_vllm.vllm_plugin import runtime
+from tests.core.scenario import Scenario
+
+pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture
+def rates(monkeypatch):
+    """The stubbed measurements, in bytes per second; a test may change them."""
+    rates = {"h2d": 40e9, "cpu": 20e9}
+    monkeypatch.setattr(runtime, "measure_h2d_rate", lambda store: rates["h2d"])
+    monkeypatch.setattr(runtime, "measure_cpu_rate", lambda store, **kwargs: rates["cpu"])
+    return rates
+
+
+@pytest.fixture
+def store(rates):
+    scenario = Scenario(num_layers=4, num_kv_heads=4, num_resident_units=4)
+    scenario.build([40])
+    return scenario.store
+
+
+@pytest.mark.skipif(not cpu_attention.is_available(), reason="no C++ compiler with OpenMP")
+def test_auto_balances_the_measured_rates_and_logs_it(store, caplog):
+    with caplog.at_level(logging.INFO, logger="headinfer_vllm"):
+        split = runtime.plan_split_at_startup(store, "auto", query_per_kv=2, num_threads=3)
+    # 12 streamed units, CPU half as fast as the link: 4 on the CPU, decode 1.5x faster.
+    assert split.num_cpu_units == 4 and split.num_threads == 3
+    assert split.cpu_groups == {0: (3,), 1: (3,), 2: (3,), 3: (3,)}
+    assert "4 of 12 streamed units on the CPU in decode steps (H2D 40.0 GB/s, CPU 20.0 GB/s with 3 threads: " \
+           "1.50x" in caplog.text
+
+
+@pytest.mark.skipif(not cpu_attention.is_available(), reason="no C++ compiler with OpenMP")
+def test_auto_keeps_pcie_when_the_cpu_is_too_slow(store, rates, caplog):
+    rates["cpu"] = 1e9
+    with caplog.at_level(logging.INFO, logger="headinfer_vllm"):
+        assert runtime.plan_split_at_startup(store, "auto", query_per_kv=2, num_threads=1) is None
+    assert "decode streams every unit over PCIe (cpu_attention=auto)" in caplog.text
+    assert runtime.plan_split_at_startup(store, "all", query_per_kv=2, num_threads=1).num_cpu_units == 12
+
+
+def test_without_a_compiler_auto_streams_and_all_refuses(store, monkeypatch, caplog):
+    def no_compiler():
+        raise RuntimeError("headinfer: CPU attention needs a C++ compiler with OpenMP and none was found")
+
+    monkeypatch.setattr(cpu_attention, "library", no_compiler)
+    with caplog.at_level(logging.WARNING, logger="headinfer_vllm"):
+        assert runtime.plan_split_at_startup(store, "auto", query_per_kv=2, num_threads=1) is None
+    assert "CPU attention unavailable, decode streams every unit over PCIe" in caplog.text
+    with pytest.raises(RuntimeError, match=r"needs a C\+\+ compiler"):
+        runtime.plan_split_at_startup(store, "all", query_per_kv=2, num_threads=1)
+
+
+def test_default_threads_share_the_cores_among_ranks(monkeypatch):
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert runtime.default_cpu_threads(1) == 16
+    assert runtime.default_cpu_threads(4) == 4
+    assert runtime.default_cpu_threads(32) == 1
