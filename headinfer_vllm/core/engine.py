@@ -88,19 +88,17 @@ class StreamedAttention:
             if store.streamed_groups(layer)
         }
         """Sliding window of each layer with streamed units."""
-        self._offload = None
-        self._cpu_units: frozenset[tuple[int, int]] = frozenset()
-        if decode_split is not None and decode_split.cpu_groups:
-            unknown = {(layer, group) for layer, groups in decode_split.cpu_groups.items() for group in groups}
-            unknown -= set(store.streamed_units)
-            if unknown:
-                raise ValueError(f"headinfer: units {sorted(unknown)} are not streamed and cannot go to the CPU")
+        groups_of = decode_split.cpu_groups.items() if decode_split is not None else ()
+        self._cpu_units = frozenset((layer, group) for layer, groups in groups_of for group in groups)
+        """Streamed units that the CPU attends in decode-only steps."""
+        if self._cpu_units - set(store.streamed_units):
+            raise ValueError(f"headinfer: units {sorted(self._cpu_units - set(store.streamed_units))} are not "
+                             "streamed and cannot go to the CPU")
+        self._offload: CpuDecodeOffload | None = None
+        if self._cpu_units:
             self._offload = CpuDecodeOffload(
                 store, decode_split, query_per_kv=num_query_heads // layout.num_kv_heads, scale=scale,
                 layers=self.layers,
-            )
-            self._cpu_units = frozenset(
-                (layer, group) for layer, groups in decode_split.cpu_groups.items() for group in groups
             )
         self._gpu_groups = {
             split: {

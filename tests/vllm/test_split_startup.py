@@ -26,6 +26,18 @@ def rates(monkeypatch):
 
 
 @pytest.fixture
+def log(caplog):
+    """headinfer's log records: its logger does not propagate once the plugin has loaded (compat.share_vllm_logging)."""
+    logger = logging.getLogger("headinfer_vllm")
+    logger.addHandler(caplog.handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+    logger.setLevel(level)
+
+
+@pytest.fixture
 def store(rates):
     scenario = Scenario(num_layers=4, num_kv_heads=4, num_resident_units=4)
     scenario.build([40])
@@ -33,33 +45,30 @@ def store(rates):
 
 
 @pytest.mark.skipif(not cpu_attention.is_available(), reason="no C++ compiler with OpenMP")
-def test_auto_balances_the_measured_rates_and_logs_it(store, caplog):
-    with caplog.at_level(logging.INFO, logger="headinfer_vllm"):
-        split = runtime.plan_split_at_startup(store, "auto", query_per_kv=2, num_threads=3)
+def test_auto_balances_the_measured_rates_and_logs_it(store, log):
+    split = runtime.plan_split_at_startup(store, "auto", query_per_kv=2, num_threads=3)
     # 12 streamed units, CPU half as fast as the link: 4 on the CPU, decode 1.5x faster.
     assert split.num_cpu_units == 4 and split.num_threads == 3
     assert split.cpu_groups == {0: (3,), 1: (3,), 2: (3,), 3: (3,)}
     assert "4 of 12 streamed units on the CPU in decode steps (H2D 40.0 GB/s, CPU 20.0 GB/s with 3 threads: " \
-           "1.50x" in caplog.text
+           "1.50x" in log.text
 
 
 @pytest.mark.skipif(not cpu_attention.is_available(), reason="no C++ compiler with OpenMP")
-def test_auto_keeps_pcie_when_the_cpu_is_too_slow(store, rates, caplog):
+def test_auto_keeps_pcie_when_the_cpu_is_too_slow(store, rates, log):
     rates["cpu"] = 1e9
-    with caplog.at_level(logging.INFO, logger="headinfer_vllm"):
-        assert runtime.plan_split_at_startup(store, "auto", query_per_kv=2, num_threads=1) is None
-    assert "decode streams every unit over PCIe (cpu_attention=auto)" in caplog.text
+    assert runtime.plan_split_at_startup(store, "auto", query_per_kv=2, num_threads=1) is None
+    assert "decode streams every unit over PCIe (cpu_attention=auto)" in log.text
     assert runtime.plan_split_at_startup(store, "all", query_per_kv=2, num_threads=1).num_cpu_units == 12
 
 
-def test_without_a_compiler_auto_streams_and_all_refuses(store, monkeypatch, caplog):
+def test_without_a_compiler_auto_streams_and_all_refuses(store, monkeypatch, log):
     def no_compiler():
         raise RuntimeError("headinfer: CPU attention needs a C++ compiler with OpenMP and none was found")
 
     monkeypatch.setattr(cpu_attention, "library", no_compiler)
-    with caplog.at_level(logging.WARNING, logger="headinfer_vllm"):
-        assert runtime.plan_split_at_startup(store, "auto", query_per_kv=2, num_threads=1) is None
-    assert "CPU attention unavailable, decode streams every unit over PCIe" in caplog.text
+    assert runtime.plan_split_at_startup(store, "auto", query_per_kv=2, num_threads=1) is None
+    assert "CPU attention unavailable, decode streams every unit over PCIe" in log.text
     with pytest.raises(RuntimeError, match=r"needs a C\+\+ compiler"):
         runtime.plan_split_at_startup(store, "all", query_per_kv=2, num_threads=1)
 
