@@ -234,9 +234,6 @@ class CpuDecodeOffload:
         self._block_table = self._new_rows = self._seq_lens = torch.empty(0)
         self._num_requests = 0
 
-    def cpu_groups(self, layer: int) -> tuple[int, ...]:
-        return self.split.cpu_groups.get(layer, ())
-
     def begin_step(self, plan: StepPlan) -> None:
         """Queue the copies of this decode-only step's block table, new-token rows and sinks to the host
         (on the current stream).
