@@ -19,7 +19,10 @@ metric                                    type     meaning
 ``headinfer:transfer_seconds_total``      counter  time spent transferring (see below)
 ``headinfer:steps_total``                 counter  model steps that ran attention
 ``headinfer:units``                       gauge    (layer, head group) units by ``placement``:
-                                                   ``resident`` on the device, ``streamed``
+                                                   ``resident`` on the device, ``streamed``,
+                                                   and ``cpu_decode``: the streamed units that
+                                                   the CPU attends in decode-only steps (CUDA,
+                                                   ``cpu_attention``)
 ``headinfer:host_tier_bytes``             gauge    host memory allocated for the KV (pinned on
                                                    CUDA)
 ``headinfer:host_tier_used_bytes``        gauge    host-tier bytes of the pages the last step's
@@ -136,6 +139,7 @@ class HeadInferMetrics:
             units = Gauge("headinfer:units", "(layer, head group) units of the KV by placement.",
                           ["placement"], multiprocess_mode="livesum")
             self.resident_units, self.streamed_units = units.labels("resident"), units.labels("streamed")
+            self.cpu_decode_units = units.labels("cpu_decode")
             self.host_tier_bytes = Gauge(
                 "headinfer:host_tier_bytes", "Host memory allocated for the KV cache.", multiprocess_mode="livesum")
             self.host_tier_used_bytes = Gauge(
@@ -144,10 +148,12 @@ class HeadInferMetrics:
                 multiprocess_mode="livesum")
         self._recorded = Traffic()
 
-    def describe_store(self, *, resident_units: int, streamed_units: int, host_bytes: int) -> None:
-        """Set the gauges of a new page store."""
+    def describe_store(self, *, resident_units: int, streamed_units: int, cpu_decode_units: int,
+                       host_bytes: int) -> None:
+        """Set the gauges of a new page store (``cpu_decode_units``: of the streamed ones)."""
         self.resident_units.set(resident_units)
         self.streamed_units.set(streamed_units)
+        self.cpu_decode_units.set(cpu_decode_units)
         self.host_tier_bytes.set(host_bytes)
         self._recorded = Traffic()
 

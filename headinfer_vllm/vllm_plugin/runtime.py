@@ -128,6 +128,7 @@ class HeadInferRuntime:
         self.metrics.describe_store(
             resident_units=layout.num_layers * layout.num_groups - len(store.streamed_units),
             streamed_units=len(store.streamed_units), host_bytes=store.host_bytes,
+            cpu_decode_units=decode_split.num_cpu_units if decode_split is not None else 0,
         )
         HeadInferRuntime.live.add(self)
         logger.info(

@@ -232,6 +232,7 @@ def test_metrics_count_one_requests_traffic(server):
     streamed = after["headinfer:units{placement=streamed}"]
     assert streamed > 0 and after["headinfer:units{placement=resident}"] >= 0
     assert streamed + after["headinfer:units{placement=resident}"] == 6 * 4  # layers x KV heads
+    assert after["headinfer:units{placement=cpu_decode}"] == 0  # the split is CUDA's
     assert after["headinfer:host_tier_bytes"] > 0
     token_bytes = 2 * HEAD_DIM * FLOAT32_BYTES  # K and V of one head
     assert gained["headinfer:written_bytes_total"] == (prompt_len + max_tokens - 1) * streamed * token_bytes
