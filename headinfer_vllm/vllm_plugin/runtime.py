@@ -213,7 +213,8 @@ def plan_split_at_startup(store: HeadPageStore, mode: str, query_per_kv: int, nu
 
 
 def describe_variants(layers) -> str:
-    """``; sliding window 4096 in 24 of 48 layers, soft-cap 50.0, sinks in 24 layers``, or ""."""
+    """``; sliding window 4096 in 24 of 48 layers, sinks in 24 of 48 layers, windowed layers keep every page,
+    50% of the host tier (...)``, or ""."""
     parts = []
     for name, values in (
         ("sliding window", [layer.sliding_window for layer in layers]),
@@ -226,6 +227,10 @@ def describe_variants(layers) -> str:
         distinct = sorted(set(present))
         shown = "" if name == "sinks" else " " + "/".join(str(value) for value in distinct)
         parts.append(f"{name}{shown} in {len(present)} of {len(layers)} layers")
+    windowed = sum(layer.sliding_window is not None for layer in layers)
+    if windowed:  # one block table for all layers (compat.as_full_attention_spec): no page leaves the tier
+        parts.append(f"windowed layers keep every page, {windowed / len(layers):.0%} of the host tier "
+                     "(they read only the pages in their window)")
     return "; " + ", ".join(parts) if parts else ""
 
 

@@ -26,16 +26,17 @@ pytestmark = pytest.mark.vllm
 
 BLOCK_SIZE = 32  # vLLM's stock backend gives windowed layers blocks of at least 32 tokens
 NUM_BLOCKS = 160
+KEPT = ", windowed layers keep every page, {} of the host tier (they read only the pages in their window)"
 LAYOUTS = {
-    "mistral_window": "sliding window 45 in 6 of 6 layers",
-    "phi3": "sliding window 63 in 6 of 6 layers",
-    "gemma2": "sliding window 37 in 3 of 6 layers, soft-cap 10.0 in 6 of 6 layers",
-    "gemma3": "sliding window 50 in 5 of 6 layers",
-    "gpt_oss": "sliding window 40 in 3 of 6 layers, sinks in 6 of 6 layers",
+    "mistral_window": "sliding window 45 in 6 of 6 layers" + KEPT.format("100%"),
+    "phi3": "sliding window 63 in 6 of 6 layers" + KEPT.format("100%"),
+    "gemma2": "sliding window 37 in 3 of 6 layers, soft-cap 10.0 in 6 of 6 layers" + KEPT.format("50%"),
+    "gemma3": "sliding window 50 in 5 of 6 layers" + KEPT.format("83%"),
+    "gpt_oss": "sliding window 40 in 3 of 6 layers, sinks in 6 of 6 layers" + KEPT.format("50%"),
     "qwen3": "",
 }
 """What the worker's log must report of each model's layers (the models' configs; vLLM passes
-Gemma-3 no soft-cap, and gpt-oss windows its even layers)."""
+Gemma-3 no soft-cap, and gpt-oss windows its even layers), and the host tier that windowed layers hold."""
 BYTES_PER_BLOCK = SHAPE["num_hidden_layers"] * SHAPE["num_key_value_heads"] * 2 * BLOCK_SIZE * SHAPE["head_dim"] * 4
 
 
