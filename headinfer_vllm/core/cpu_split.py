@@ -294,10 +294,12 @@ class CpuDecodeOffload:
         if buffers is None:
             layout, requests, kv_heads = self.store.layout, *key
             shape = (requests, kv_heads * self.query_per_kv, layout.head_dim)
+            # Pinned, so that the copies are asynchronous (``*_like`` would not pin).
             queries = torch.empty(shape, dtype=layout.dtype, pin_memory=self._cuda)
             new_tokens = torch.empty((2 * requests, kv_heads, layout.head_dim), dtype=layout.dtype,
                                      pin_memory=self._cuda)
-            buffers = self._buffers[key] = (queries, new_tokens, torch.zeros_like(queries))
+            outputs = torch.zeros(shape, dtype=layout.dtype, pin_memory=self._cuda)
+            buffers = self._buffers[key] = (queries, new_tokens, outputs)
         return buffers
 
     def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
