@@ -222,19 +222,16 @@ def measure_split(engine: StreamedAttention, shapes, device, args, context: int,
     result: dict = {"split_cpu_threads": threads, "split_cpu_gbps": cpu_rate / 1e9}
     if device.type == "cuda":
         h2d_rate = cpu_split.measure_h2d_rate(store)
-        plan = cpu_split.plan_decode_split(store, "auto", num_threads=threads, h2d_bytes_per_s=h2d_rate,
-                                           cpu_bytes_per_s=cpu_rate)
-        if plan is None:  # measure the balanced share even where auto would not split
-            count = max(1, cpu_split.balanced_cpu_units(len(store.streamed_units), h2d_rate, cpu_rate))
-            groups = {layer: store.streamed_groups(layer) for layer in range(store.layout.num_layers)}
-            plan = cpu_split.DecodeSplit(cpu_split.spread_over_layers(groups, count), threads, h2d_rate, cpu_rate)
+        # The balanced share, measured even where auto would not split.
+        count = max(1, cpu_split.balanced_cpu_units(len(store.streamed_units), h2d_rate, cpu_rate))
+        plan = cpu_split.split_units(store, count, num_threads=threads, h2d_bytes_per_s=h2d_rate,
+                                     cpu_bytes_per_s=cpu_rate)
         result["split_load_gbps"] = h2d_rate / 1e9
         result["split_bound_ms_per_layer"] = 1e3 * layer_bytes / (h2d_rate + cpu_rate)
         result["split_predicted_speedup"] = plan.predicted_speedup(len(store.streamed_units))
     else:
-        groups = {layer: store.streamed_groups(layer) for layer in range(store.layout.num_layers)}
-        plan = cpu_split.DecodeSplit(cpu_split.spread_over_layers(groups, len(store.streamed_units) // 2), threads)
-    every = cpu_split.plan_decode_split(store, "all", num_threads=threads, h2d_bytes_per_s=None, cpu_bytes_per_s=None)
+        plan = cpu_split.split_units(store, len(store.streamed_units) // 2, num_threads=threads)
+    every = cpu_split.split_units(store, len(store.streamed_units), num_threads=threads)
     for name, split in (("split", plan), ("cpu_all", every)):
         split_engine = StreamedAttention(store, num_query_heads=shapes["num_query_heads"],
                                          scale=store.layout.head_dim**-0.5, decode_split=split)

@@ -63,6 +63,11 @@ class DecodeSplit:
     def num_cpu_units(self) -> int:
         return sum(len(groups) for groups in self.cpu_groups.values())
 
+    @property
+    def cpu_units(self) -> frozenset[tuple[int, int]]:
+        """The CPU's units as ``(layer, group)`` pairs."""
+        return frozenset((layer, group) for layer, groups in self.cpu_groups.items() for group in groups)
+
     def predicted_speedup(self, num_streamed: int) -> float | None:
         """Decode attention time PCIe-only over split, from the rates (None without them)."""
         if not self.h2d_bytes_per_s or not self.cpu_bytes_per_s or not num_streamed:
@@ -115,6 +120,19 @@ def spread_over_layers(streamed_groups: Mapping[int, Sequence[int]], count: int)
     return {layer: tuple(groups) for layer, groups in chosen.items() if groups}
 
 
+def split_units(
+    store: HeadPageStore,
+    count: int,
+    *,
+    num_threads: int,
+    h2d_bytes_per_s: float | None = None,
+    cpu_bytes_per_s: float | None = None,
+) -> DecodeSplit:
+    """``count`` of ``store``'s streamed units for the CPU, spread over the layers (:func:`spread_over_layers`)."""
+    streamed = {layer: store.streamed_groups(layer) for layer in range(store.layout.num_layers)}
+    return DecodeSplit(spread_over_layers(streamed, count), num_threads, h2d_bytes_per_s, cpu_bytes_per_s)
+
+
 def plan_decode_split(
     store: HeadPageStore,
     mode: str,
@@ -125,7 +143,6 @@ def plan_decode_split(
 ) -> DecodeSplit | None:
     """The split for ``mode`` (``all``: every streamed unit on the CPU; ``auto``: balanced from the rates,
     None when it predicts less than :data:`MIN_SPEEDUP`; ``off``: None)."""
-    streamed = {layer: store.streamed_groups(layer) for layer in range(store.layout.num_layers)}
     num_streamed = len(store.streamed_units)
     if mode == "off" or not num_streamed:
         return None
@@ -139,7 +156,8 @@ def plan_decode_split(
             return None
     else:
         raise ValueError(f"headinfer: cpu_attention must be 'auto', 'all' or 'off', got {mode!r}")
-    return DecodeSplit(spread_over_layers(streamed, count), num_threads, h2d_bytes_per_s, cpu_bytes_per_s)
+    return split_units(store, count, num_threads=num_threads, h2d_bytes_per_s=h2d_bytes_per_s,
+                       cpu_bytes_per_s=cpu_bytes_per_s)
 
 
 # Start-up measurements ---------------------------------------------------------------------

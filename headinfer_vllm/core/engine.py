@@ -88,8 +88,7 @@ class StreamedAttention:
             if store.streamed_groups(layer)
         }
         """Sliding window of each layer with streamed units."""
-        groups_of = decode_split.cpu_groups.items() if decode_split is not None else ()
-        self._cpu_units = frozenset((layer, group) for layer, groups in groups_of for group in groups)
+        self._cpu_units = decode_split.cpu_units if decode_split is not None else frozenset()
         """Streamed units that the CPU attends in decode-only steps."""
         if self._cpu_units - set(store.streamed_units):
             raise ValueError(f"headinfer: units {sorted(self._cpu_units - set(store.streamed_units))} are not "
