@@ -28,7 +28,10 @@ class HeadInferConfig:
 
     This sets the capacity: the number of tokens the cache can hold is about
     ``cpu_kv_cache_gib`` divided by the KV bytes per token of the streamed
-    heads. Allocated once, up front."""
+    heads. Allocated once, up front. With KV-cache groups (a model with
+    sliding windows under vLLM's hybrid KV-cache manager) the layers of all
+    groups share pages, so the same memory pools more blocks; vLLM sizes that
+    pool from this budget."""
 
     gpu_kv_cache_gib: float | None = None
     """Device memory for resident head pages and staging buffers, in GiB.

@@ -4,7 +4,7 @@ Imports torch only, never vLLM, so it runs and is tested on CPU and CUDA alike.
 """
 
 from headinfer_vllm.core.engine import StreamedAttention
-from headinfer_vllm.core.layout import CapacityPlan, KVLayout, plan_capacity
+from headinfer_vllm.core.layout import CapacityPlan, KVLayout, plan_capacity, plan_residency
 from headinfer_vllm.core.page_store import HeadPageStore
 from headinfer_vllm.core.plan import StepPlan, build_step_plan
 from headinfer_vllm.core.residency import ResidencyPolicy, SpreadAcrossLayers
@@ -21,4 +21,5 @@ __all__ = [
     "StreamedAttention",
     "build_step_plan",
     "plan_capacity",
+    "plan_residency",
 ]

@@ -129,7 +129,7 @@ def split_units(
     cpu_bytes_per_s: float | None = None,
 ) -> DecodeSplit:
     """``count`` of ``store``'s streamed units for the CPU, spread over the layers (:func:`spread_over_layers`)."""
-    streamed = {layer: store.streamed_groups(layer) for layer in range(store.layout.num_layers)}
+    streamed = {layer: store.streamed_groups(layer) for layer in range(store.num_layers)}
     return DecodeSplit(spread_over_layers(streamed, count), num_threads, h2d_bytes_per_s, cpu_bytes_per_s)
 
 

@@ -54,40 +54,57 @@ class StreamedAttention:
         cpu_kernel: bool = False,
         cpu_threads: int | None = None,
         decode_split: DecodeSplit | None = None,
+        layer_groups: Sequence[int] | None = None,
     ) -> None:
         """``flash_version``: the FlashAttention version to call on CUDA (vLLM's own choice); None probes.
         ``layers``: each layer's attention variant, in layer order; None: plain causal attention everywhere.
         ``cpu_kernel``: on the CPU, attend decode tokens with headinfer's C++ kernel (:class:`CpuKernel`),
         with ``cpu_threads`` threads (None: torch's count).
-        ``decode_split``: the streamed groups that the CPU attends in decode-only steps (None: none)."""
+        ``decode_split``: the streamed groups that the CPU attends in decode-only steps (None: none).
+        ``layer_groups``: the KV-cache group of each layer, in layer order: the index of the step plan
+        it attends with (:meth:`begin_step`); None: one group."""
         layout = store.layout
         if num_query_heads % layout.num_kv_heads:
             raise ValueError(
                 f"headinfer: {num_query_heads} query heads are not a multiple of "
                 f"{layout.num_kv_heads} KV heads"
             )
-        self.layers = tuple(layers) if layers is not None else (LayerAttention(),) * layout.num_layers
-        if len(self.layers) != layout.num_layers:
-            raise ValueError(f"headinfer: {len(self.layers)} layer variants for {layout.num_layers} layers")
+        self.layers = tuple(layers) if layers is not None else (LayerAttention(),) * store.num_layers
+        if len(self.layers) != store.num_layers:
+            raise ValueError(f"headinfer: {len(self.layers)} layer variants for {store.num_layers} layers")
+        self.layer_groups = tuple(layer_groups) if layer_groups is not None else (0,) * store.num_layers
+        self.num_groups = max(self.layer_groups, default=0) + 1
+        if len(self.layer_groups) != store.num_layers or sorted(set(self.layer_groups)) != list(range(self.num_groups)):
+            raise ValueError(f"headinfer: layer_groups {self.layer_groups} must give each of the "
+                             f"{store.num_layers} layers a group, numbered from 0")
+        if decode_split is not None and self.num_groups > 1:
+            raise ValueError("headinfer: the decode split does not support several KV-cache groups")
         for variant in self.layers:
             variant.check(num_query_heads)
         self.store = store
         self.scale = scale
         self.transfers = TransferScheduler(store, prefetch_depth)
-        self._kernel = select_kernel(
-            store.device, layout.dtype, layout.block_size, layout.head_dim, scale=scale,
-            query_per_kv=num_query_heads // layout.num_kv_heads, allow_flash=allow_flash,
-            flash_version=flash_version,
-            sinks_dtypes={variant.sinks.dtype for variant in self.layers if variant.sinks is not None},
-            cpu_kernel=cpu_kernel,
-            cpu_threads=cpu_threads,
+        self._kernels = tuple(
+            select_kernel(
+                store.device, layout.dtype, layout.block_size, layout.head_dim, scale=scale,
+                query_per_kv=num_query_heads // layout.num_kv_heads, allow_flash=allow_flash,
+                flash_version=flash_version,
+                sinks_dtypes={variant.sinks.dtype for variant in self.layers if variant.sinks is not None},
+                cpu_kernel=cpu_kernel,
+                cpu_threads=cpu_threads,
+            )
+            for _ in range(self.num_groups)
         )
-        self._streamed_windows = {
-            layer: variant.sliding_window
-            for layer, variant in enumerate(self.layers)
-            if store.streamed_groups(layer)
-        }
-        """Sliding window of each layer with streamed units."""
+        """One kernel per KV-cache group: each keeps its group's per-step state."""
+        self._streamed_windows = [
+            {
+                layer: variant.sliding_window
+                for layer, variant in enumerate(self.layers)
+                if store.streamed_groups(layer) and self.layer_groups[layer] == group
+            }
+            for group in range(self.num_groups)
+        ]
+        """Per KV-cache group, the sliding window of each of its layers with streamed units."""
         self._cpu_units = decode_split.cpu_units if decode_split is not None else frozenset()
         """Streamed units that the CPU attends in decode-only steps."""
         if self._cpu_units - set(store.streamed_units):
@@ -103,37 +120,48 @@ class StreamedAttention:
             split: {
                 layer: tuple(group for group in store.streamed_groups(layer)
                              if not split or (layer, group) not in self._cpu_units)
-                for layer in range(layout.num_layers)
+                for layer in range(store.num_layers)
             }
             for split in (False, True)
         }
         """Per kind of step (split or not), each layer's groups streamed to the GPU."""
         self._split = False
         """Whether this step is split (decode only, with CPU groups)."""
-        self._plan: StepPlan | None = None
+        self._plans: tuple[StepPlan, ...] = ()
+        """This step's plan of each KV-cache group."""
         self._staging: dict[int, StagingMap] = {}
         """This step's staging map of each layer with streamed units."""
 
     @property
     def kernel_name(self) -> str:
-        return self._kernel.name
+        return self._kernels[0].name
 
-    def begin_step(self, plan: StepPlan) -> None:
-        """Adopt this step's plan; the first units start loading now."""
-        if plan.block_size != self.store.layout.block_size:
+    def begin_step(self, plan: StepPlan | Sequence[StepPlan]) -> None:
+        """Adopt this step's plan, or with several KV-cache groups the plan of each group (the same
+        requests and tokens, each over its group's block table); the first units start loading now."""
+        plans = (plan,) if isinstance(plan, StepPlan) else tuple(plan)
+        if len(plans) != self.num_groups:
+            raise ValueError(f"headinfer: {len(plans)} step plans for {self.num_groups} KV-cache groups")
+        if any(group_plan.block_size != self.store.layout.block_size for group_plan in plans):
             raise ValueError("headinfer: the plan's block_size differs from the store's")
-        self._plan = plan
-        self._kernel.begin_step(plan)
-        traffic, layout = self.transfers.traffic, self.store.layout
+        if len({(group_plan.num_tokens, group_plan.requests) for group_plan in plans}) != 1:
+            raise ValueError("headinfer: the KV-cache groups' plans differ in their requests")
+        self._plans = plans
+        for kernel, group_plan in zip(self._kernels, plans, strict=True):
+            kernel.begin_step(group_plan)
+        traffic, layout, store = self.transfers.traffic, self.store.layout, self.store
         traffic.steps += 1
-        traffic.step_host_bytes = (
-            min(plan.num_page_refs, layout.num_blocks) * len(self.store.streamed_units)
-            * (layout.unit_bytes // layout.num_blocks)
+        traffic.step_host_bytes = (layout.unit_bytes // layout.num_blocks) * sum(
+            min(plans[self.layer_groups[layer]].num_page_refs, layout.num_blocks) * len(store.streamed_groups(layer))
+            for layer in range(store.num_layers)
         )
         stream = self._current_stream()
+        plan = plans[0]
         self._split = self._offload is not None and plan.num_tokens > 0 and plan.max_query_len == 1
-        if self.store.streamed_units:
-            self._staging = stage_layers(plan, self.store.layout.num_blocks, self._streamed_windows)
+        if store.streamed_units:
+            self._staging = {}
+            for group_plan, windows in zip(plans, self._streamed_windows, strict=True):
+                self._staging.update(stage_layers(group_plan, layout.num_blocks, windows))
             self.transfers.begin_step(self._staging, stream, self._cpu_units if self._split else frozenset())
         if self._split:
             self._offload.begin_step(plan)
@@ -156,9 +184,9 @@ class StreamedAttention:
 
         Returns ``out``.
         """
-        plan = self._plan
-        if plan is None:
+        if not self._plans:
             raise RuntimeError("headinfer: forward() before begin_step()")
+        plan, kernel = self._plans[self.layer_groups[layer]], self._kernels[self.layer_groups[layer]]
         store, stream = self.store, self._current_stream()
         group_size = store.layout.head_group_size
         if key.shape[0] != plan.num_tokens:
@@ -173,9 +201,9 @@ class StreamedAttention:
         self.transfers.write_home(layer, new_kv, plan.home.new_rows, stream)
         if self._split:
             self._offload.send(layer, query, new_kv, stream)
-        self._kernel.begin_layer(query, out, self.layers[layer])
+        kernel.begin_layer(query, out, self.layers[layer])
         for run in runs:
-            self._kernel.attend(run.first_group * group_size, run.views, plan.home)
+            kernel.attend(run.first_group * group_size, run.views, plan.home)
         for group in self._gpu_groups[self._split][layer]:
             staging = self._staging[layer]
             buffer, fresh = self.transfers.acquire((layer, group), stream)
@@ -183,9 +211,9 @@ class StreamedAttention:
             if not fresh:
                 heads = slice(group * group_size, (group + 1) * group_size)
                 staged.token_rows.index_copy_(0, staging.table.new_rows, new_kv[:, heads])
-            self._kernel.attend(group * group_size, staged, staging.table)
+            kernel.attend(group * group_size, staged, staging.table)
             self.transfers.release((layer, group), stream)
-        self._kernel.end_layer()
+        kernel.end_layer()
         if self._split:  # after end_layer, which writes every head's decode rows of ``out``
             self._offload.attend(layer, out)
         return out

@@ -206,3 +206,51 @@ def _add_resident_units(plan: CapacityPlan, host_bytes: int, device_bytes: int) 
     if all_resident_blocks >= best.layout.num_blocks:
         best = CapacityPlan(dataclasses.replace(layout, num_blocks=all_resident_blocks), units, 0)
     return best
+
+
+def plan_residency(
+    *,
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    num_blocks: int,
+    device_bytes: int | None,
+    head_group_size: int | None,
+    prefetch_depth: int,
+    in_place: bool = False,
+) -> CapacityPlan:
+    """The plan for a block count decided elsewhere (vLLM's, when its hybrid KV-cache manager sizes the
+    block pool): head group size and resident units, as :func:`plan_capacity` chooses them.
+
+    ``num_layers`` counts the store's slots. ``in_place``: every unit in one tier, no staging. Without a
+    device budget nothing is resident; with one, the largest head group whose staging buffers fit, and as
+    many resident units beside them as fit (all, when every unit fits).
+
+    Raises ``ValueError`` when the device budget cannot hold the staging buffers, stating the minimum.
+    """
+
+    def layout_for(group: int) -> KVLayout:
+        return KVLayout(num_layers, num_kv_heads, head_dim, block_size, num_blocks, group, dtype)
+
+    if in_place:
+        layout = layout_for(head_group_size or num_kv_heads)
+        return CapacityPlan(layout, layout.num_units, 0)
+    num_buffers = prefetch_depth + 1
+    if device_bytes is None:
+        return CapacityPlan(layout_for(head_group_size or 1), 0, num_buffers)
+    groups = [head_group_size] if head_group_size else sorted(divisors(num_kv_heads), reverse=True)
+    for group in groups:
+        layout = layout_for(group)
+        if layout.num_units * layout.unit_bytes <= device_bytes:
+            return CapacityPlan(layout, layout.num_units, 0)
+        if num_buffers * layout.unit_bytes <= device_bytes:
+            resident = min(layout.num_units - 1, device_bytes // layout.unit_bytes - num_buffers)
+            return CapacityPlan(layout, resident, num_buffers)
+    minimum = num_buffers * layout_for(min(groups)).unit_bytes
+    raise ValueError(
+        f"headinfer: gpu_kv_cache_gib={device_bytes / 2**30:.4f} GiB cannot hold the staging buffers "
+        f"({num_buffers} head groups of {min(groups)} KV heads over {num_blocks} blocks); the minimum is "
+        f"{minimum / 2**30:.4f} GiB. Raise gpu_kv_cache_gib, lower cpu_kv_cache_gib, or unset gpu_kv_cache_gib"
+    )

@@ -13,7 +13,8 @@
     N blocks, B tokens per block, G KV heads per unit, D head dim,
     S streamed units, P prefetch depth. A resident run is k consecutive
     resident head groups of one layer, stored with their heads side by side
-    so that one kernel call attends them all.
+    so that one kernel call attends them all. Units are per slot: layers
+    that share a slot (``layer_slots``) share its pages.
 
 All tensors are allocated once, here. The device tier is zero-filled (a
 kernel that reads whole pages must never meet NaN past a sequence's end),
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 
@@ -72,10 +74,22 @@ class HeadPageStore:
         num_staging_buffers: int,
         device: torch.device | str,
         device_budget_bytes: int | None = None,
+        layer_slots: Sequence[int] | None = None,
     ) -> None:
+        """``layer_slots``: the slot whose pages each layer uses, in layer order (None: layer ``i`` uses
+        slot ``i``). The layout's ``num_layers`` counts slots; units and residency are per slot.
+
+        Layers may share a slot when their block ids never meet: vLLM's hybrid KV-cache manager gives
+        each KV-cache group its own block table over one shared pool of blocks, and the ``i``-th layer
+        of every group uses the ``i``-th KV tensor.
+        """
         self.layout = layout
         self.device = indexed(device)
-        units = [(layer, group) for layer in range(layout.num_layers) for group in range(layout.num_groups)]
+        self.layer_slots = tuple(range(layout.num_layers)) if layer_slots is None else tuple(layer_slots)
+        if sorted(set(self.layer_slots)) != list(range(layout.num_layers)):
+            raise ValueError(f"headinfer: layer_slots {self.layer_slots} must use each of the "
+                             f"{layout.num_layers} slots")
+        units = [(slot, group) for slot in range(layout.num_layers) for group in range(layout.num_groups)]
         unknown = set(resident_units) - set(units)
         if unknown:
             raise ValueError(f"headinfer: resident units {sorted(unknown)} do not exist")
@@ -85,12 +99,19 @@ class HeadPageStore:
             raise ValueError("headinfer: streamed units need at least 2 staging buffers")
         if not streamed:
             num_staging_buffers = 0
-        self.streamed_units: tuple[Unit, ...] = tuple(streamed)
-        """Streamed units in execution order (layer-major)."""
-        self._host_index = {unit: i for i, unit in enumerate(streamed)}
+        slot_index = {unit: i for i, unit in enumerate(streamed)}
+        self._host_index = {
+            (layer, group): slot_index[slot, group]
+            for layer, slot in enumerate(self.layer_slots) for group in range(layout.num_groups)
+            if (slot, group) in slot_index
+        }
+        """Host-tier index of each streamed ``(layer, group)``: its slot's."""
+        self.streamed_units: tuple[Unit, ...] = tuple(self._host_index)
+        """Streamed ``(layer, group)`` units in execution order (layer-major); layers sharing a slot
+        each have their own."""
         self._streamed_groups = {
             layer: tuple(group for group in range(layout.num_groups) if (layer, group) in self._host_index)
-            for layer in range(layout.num_layers)
+            for layer in range(self.num_layers)
         }
 
         device_bytes = (len(resident) + num_staging_buffers) * layout.unit_bytes
@@ -113,13 +134,14 @@ class HeadPageStore:
         # staging: [P + 1, N, 2, B, G, D]
         # Views by indexing, not iteration: iterating makes views that no_grad callers cannot write.
         self.staging_views = tuple(PageViews.of(self.staging[buffer]) for buffer in range(num_staging_buffers))
-        self._resident_runs = {layer: self._allocate_runs(layer, resident_units) for layer in range(layout.num_layers)}
-        """Per layer, its resident runs in group order."""
+        runs = {slot: self._allocate_runs(slot, resident_units) for slot in range(layout.num_layers)}
+        self._resident_runs = {layer: runs[slot] for layer, slot in enumerate(self.layer_slots)}
+        """Per layer, its slot's resident runs in group order."""
 
-    def _allocate_runs(self, layer: int, resident_units: frozenset[Unit]) -> tuple[ResidentRun, ...]:
-        """Zeroed pages for each run of consecutive resident head groups of ``layer``."""
+    def _allocate_runs(self, slot: int, resident_units: frozenset[Unit]) -> tuple[ResidentRun, ...]:
+        """Zeroed pages for each run of consecutive resident head groups of ``slot``."""
         num_blocks, _, block_size, heads, head_dim = self.layout.unit_shape
-        groups = [group for group in range(self.layout.num_groups) if (layer, group) in resident_units]
+        groups = [group for group in range(self.layout.num_groups) if (slot, group) in resident_units]
         runs = []
         for first, count in consecutive_runs(groups):
             shape = (num_blocks, 2, block_size, count * heads, head_dim)
@@ -133,6 +155,7 @@ class HeadPageStore:
         plan: CapacityPlan,
         device: torch.device | str,
         policy: ResidencyPolicy | None = None,
+        layer_slots: Sequence[int] | None = None,
     ) -> HeadPageStore:
         layout = plan.layout
         policy = policy or SpreadAcrossLayers()
@@ -143,7 +166,13 @@ class HeadPageStore:
             num_staging_buffers=plan.num_staging_buffers,
             device=device,
             device_budget_bytes=plan.device_bytes,
+            layer_slots=layer_slots,
         )
+
+    @property
+    def num_layers(self) -> int:
+        """Layers that attend over the store (``layout.num_layers`` counts their slots)."""
+        return len(self.layer_slots)
 
     @property
     def num_staging_buffers(self) -> int:
@@ -167,6 +196,8 @@ class HeadPageStore:
         return self._streamed_groups[layer]
 
     def is_resident(self, layer: int, group: int) -> bool:
+        if not 0 <= layer < self.num_layers:
+            raise KeyError(f"headinfer: no layer {layer}")
         return (layer, group) not in self._host_index
 
     def resident_unit(self, layer: int, group: int) -> torch.Tensor:

@@ -126,7 +126,7 @@ class TransferScheduler:
         self.prefetch_depth = prefetch_depth
         host, staging, num_pages = store.host_on_device, store.staging, store.layout.num_blocks
         self._host_pages = {
-            unit: as_words(host[index].view(num_pages, -1)) for index, unit in enumerate(store.streamed_units)
+            unit: as_words(host[store.host_index(*unit)].view(num_pages, -1)) for unit in store.streamed_units
         }
         self._staging_pages = [as_words(staging[buffer].view(num_pages, -1)) for buffer in range(num_buffers)]
         # _host_pages: per streamed unit [N, page words]; _staging_pages: per buffer [N, page words]
@@ -148,8 +148,9 @@ class TransferScheduler:
         self._loads: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
         """Per layer with streamed units, this step's pages to load (``[num_loads]``, int64) and,
         per buffer, its first ``num_loads`` pages as words."""
-        self._unit_rows: dict[int, torch.Tensor] = {}
-        """Per count of streamed units in a layer, where this step's new tokens go (``HostLayer.unit_rows``)."""
+        self._unit_rows: dict[tuple[int, int], torch.Tensor] = {}
+        """Per (new-token rows, count of streamed units in a layer), where this step's new tokens go
+        (``HostLayer.unit_rows``)."""
         self.pages_loaded = 0
         """Pages copied to staging buffers this step, summed over the units (load positions, spares included)."""
         self._fresh = [False] * num_buffers
@@ -170,7 +171,7 @@ class TransferScheduler:
                 position={unit: position for position, unit in enumerate(order)},
                 host_layers={
                     layer: self._host_layer(layer, tuple(group for (unit_layer, group) in order if unit_layer == layer))
-                    for layer in range(self.store.layout.num_layers)
+                    for layer in range(self.store.num_layers)
                 },
             )
         return schedule
@@ -237,9 +238,10 @@ class TransferScheduler:
         if host_layer is None:
             return
         self._written_layer = layer
-        unit_rows = self._unit_rows.get(host_layer.num_units)
+        key = (id(new_rows), host_layer.num_units)  # new_rows: one tensor per KV-cache group's plan, held all step
+        unit_rows = self._unit_rows.get(key)
         if unit_rows is None:
-            unit_rows = self._unit_rows[host_layer.num_units] = host_layer.unit_rows(new_rows)
+            unit_rows = self._unit_rows[key] = host_layer.unit_rows(new_rows)
         self.traffic.written_bytes += unit_rows.numel() * self._row_bytes
         if not self._cuda:
             started = time.perf_counter()

@@ -25,6 +25,7 @@ from vllm.v1.attention.backend import (
 )
 
 from headinfer_vllm.core import LayerAttention, StepPlan, build_step_plan
+from headinfer_vllm.vllm_plugin.compat import frees_pages_out_of_window
 from headinfer_vllm.vllm_plugin.runtime import HeadInferRuntime
 from headinfer_vllm.vllm_plugin.settings import ALTERNATIVE
 
@@ -56,14 +57,10 @@ class HeadInferBackend(AttentionBackend):
         vLLM still allocates ``num_blocks * block_size * itemsize`` bytes per
         layer, a ``2 * num_kv_heads * head_dim``-th of the real KV.
 
-        Sliding-window layers are declared as full attention (keeping their
-        window): every layer then shares one KV-cache group and one block
-        table, which the page store plans with, while each layer still
-        attends within its own window and loads only the pages in it.
+        Sliding-window layers keep their spec: vLLM's hybrid KV-cache manager
+        then gives them KV-cache groups of their own (the runtime plans each),
+        unless it is disabled, when vLLM declares them full attention.
         """
-        from headinfer_vllm.vllm_plugin.compat import as_full_attention_spec
-
-        spec = as_full_attention_spec(spec)
         return dataclasses.replace(spec, num_head_slots=1, state_content_bytes=spec.dtype.itemsize)
 
     @classmethod
@@ -103,7 +100,9 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
     def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config, device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.block_size = kv_cache_spec.block_size
-        self.runtime = HeadInferRuntime.get(vllm_config, layer_names, device)
+        self.runtime = HeadInferRuntime.get(vllm_config, device)
+        self.group = self.runtime.add_group(layer_names, windows_free_pages=frees_pages_out_of_window(kv_cache_spec))
+        """This builder's KV-cache group in the runtime."""
         self.exact_host_lengths = vllm_config.speculative_config is None
         """Whether vLLM's host ``seq_lens_cpu_upper_bound`` is exact: it is, except with speculative
         decoding, where it assumes every draft was accepted."""
@@ -131,6 +130,7 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
             block_size=self.block_size,
             device=self.device,
         )
+        self.runtime.set_plan(self.group, plan)
         return HeadInferMetadata(plan=plan, runtime=self.runtime)
 
 

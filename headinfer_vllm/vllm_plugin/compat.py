@@ -7,7 +7,6 @@ do not select ``--attention-backend headinfer``.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 
@@ -197,23 +196,17 @@ def layer_index(layer_name: str) -> int:
     return extract_layer_index(layer_name)
 
 
-def as_full_attention_spec(spec):
-    """A ``SlidingWindowSpec`` as the ``FullAttentionSpec`` with the same window; other specs as they are.
+def headinfer_layer_names(vllm_config) -> list[str]:
+    """This worker's attention layers that headinfer runs, in layer order."""
+    from headinfer_vllm.vllm_plugin.backend import HeadInferImpl
 
-    Why: vLLM's hybrid KV-cache manager gives sliding-window layers a KV-cache
-    group and block table of their own (and frees their blocks that fall out
-    of the window), but headinfer plans one block table for all layers of an
-    engine. A full-attention spec that keeps its window is vLLM's own way of
-    doing this (``disable_hybrid_kv_cache_manager`` makes the same spec), and
-    the attention layers still get their windows. Can go when the runtime
-    plans each KV-cache group on its own (then the windowed layers' freed
-    blocks also leave the host tier).
-    """
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+    context = vllm_config.compilation_config.static_forward_context
+    names = [name for name, module in context.items() if isinstance(getattr(module, "impl", None), HeadInferImpl)]
+    return sorted(names, key=layer_index)
 
-    if not isinstance(spec, SlidingWindowSpec):
-        return spec
-    full_fields = {field.name for field in dataclasses.fields(FullAttentionSpec) if field.init}
-    kept = {field.name: getattr(spec, field.name) for field in dataclasses.fields(spec)
-            if field.init and field.name in full_fields}
-    return FullAttentionSpec(**kept)
+
+def frees_pages_out_of_window(kv_cache_spec) -> bool:
+    """Whether vLLM frees the pages of a KV-cache group with this spec as they leave the window."""
+    from vllm.v1.kv_cache_interface import SlidingWindowSpec
+
+    return isinstance(kv_cache_spec, SlidingWindowSpec)

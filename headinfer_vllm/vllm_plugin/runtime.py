@@ -29,14 +29,15 @@ from headinfer_vllm.core.cpu_split import (
 from headinfer_vllm.core.device_memory import check_device_budget
 from headinfer_vllm.vllm_plugin.metrics import HeadInferMetrics
 from headinfer_vllm.vllm_plugin.settings import (
+    APPLIED_KEY,
     SETTINGS_KEY,
     attends_in_place,
-    capacity_for,
     host_ranks,
     numa_node_count,
     parallel_ranks,
     pipeline_stage,
     vllm_buffer_bytes,
+    worker_capacity,
 )
 
 if TYPE_CHECKING:
@@ -49,49 +50,102 @@ STARTUP_WARNING_S = 120
 
 
 class HeadInferRuntime:
-    """The worker's page store and streamed attention, shared by all layers of one engine."""
+    """The worker's page store and streamed attention, shared by all layers of one engine.
+
+    Each KV-cache group's metadata builder joins it (:meth:`add_group`). The
+    store is built at the first step plan, when every group has joined: vLLM
+    makes all builders before it builds any metadata.
+    """
 
     live: ClassVar[weakref.WeakSet[HeadInferRuntime]] = weakref.WeakSet()
     """Every runtime alive in this process (for inspection and the lifetime tests)."""
     _by_model: ClassVar[weakref.WeakValueDictionary[int, HeadInferRuntime]] = weakref.WeakValueDictionary()
-    """Runtime of each engine, keyed by ``id`` of its first attention module; weak, so a runtime
-    lives exactly as long as a builder holds it."""
+    """Runtime of each engine, keyed by ``id`` of its first headinfer attention module; weak, so a
+    runtime lives exactly as long as a builder holds it."""
 
     @classmethod
-    def get(cls, vllm_config: VllmConfig, layer_names: list[str], device: torch.device) -> HeadInferRuntime:
-        """The runtime of these layers, made on first use.
+    def get(cls, vllm_config: VllmConfig, device: torch.device) -> HeadInferRuntime:
+        """The runtime of this worker's engine, made on first use.
 
         Builders of one engine share it; two engines in one process (same layer
         names, different models) never do.
         """
-        from headinfer_vllm.vllm_plugin.compat import attention_layers
+        from headinfer_vllm.vllm_plugin.compat import attention_layers, headinfer_layer_names
 
-        anchor = attention_layers(vllm_config, layer_names[:1])[layer_names[0]]
+        first = headinfer_layer_names(vllm_config)[0]
+        anchor = attention_layers(vllm_config, [first])[first]
         runtime = cls._by_model.get(id(anchor))
-        if runtime is None or runtime.anchor() is not anchor or runtime.layer_names != frozenset(layer_names):
-            runtime = cls(vllm_config, layer_names, device)
+        if runtime is None or runtime.anchor() is not anchor:
+            runtime = cls(vllm_config, device)
             runtime.anchor = weakref.ref(anchor)
             cls._by_model[id(anchor)] = runtime
         return runtime
 
-    def __init__(self, vllm_config: VllmConfig, layer_names: list[str], device: torch.device) -> None:
+    def __init__(self, vllm_config: VllmConfig, device: torch.device) -> None:
+        self.vllm_config = vllm_config
+        self.device = torch.device(device)
+        self.config = HeadInferConfig.from_sources((vllm_config.additional_config or {})[SETTINGS_KEY], environ={})
+        self.groups: list[tuple[str, ...]] = []
+        """Each KV-cache group's layer names, as vLLM lists them: the ``i``-th layer of each group uses
+        slot ``i`` of the store (as it would the ``i``-th KV tensor)."""
+        self.windows_free_pages = False
+        """Whether some group's windowed layers free their pages as they leave the window."""
+        self.attention: StreamedAttention | None = None
+        """The streamed attention over the store; None until the first step plan."""
+        self.metrics = HeadInferMetrics.get()
+        self._latest: list[StepPlan | None] = []
+        """Each group's last plan, as its builder made it."""
+        self._step_plans: tuple[StepPlan, ...] = ()
+        """The plans of the step running."""
+        HeadInferRuntime.live.add(self)
+
+    def add_group(self, layer_names: list[str], windows_free_pages: bool) -> int:
+        """Join a KV-cache group (its builder's layers); returns its index. Joining again returns the same.
+
+        ``windows_free_pages``: the group's layers are windowed and vLLM frees their pages as they leave
+        the window (a sliding-window KV-cache spec)."""
+        names = tuple(layer_names)
+        self.windows_free_pages |= windows_free_pages
+        if names in self.groups:
+            return self.groups.index(names)
+        if self.attention is not None:
+            raise RuntimeError(f"headinfer: layers {list(names)} joined after the store was built "
+                               "(report this as a bug)")
+        self.groups.append(names)
+        self._latest.append(None)
+        return len(self.groups) - 1
+
+    def set_plan(self, group: int, plan: StepPlan) -> None:
+        """``group``'s plan for the coming step; the first plan builds the store."""
+        if self.attention is None:
+            # Builders run under inference mode; the store outlives the step, as vLLM's own KV tensors do.
+            with torch.inference_mode(False):
+                self._build()
+        self._latest[group] = plan
+
+    def _build(self) -> None:
         from headinfer_vllm.vllm_plugin.compat import attention_layers, flash_attn_version, layer_index
 
-        config = HeadInferConfig.from_sources((vllm_config.additional_config or {})[SETTINGS_KEY], environ={})
-        capacity = capacity_for(vllm_config, config)  # this rank's: its stage's layers, its KV heads
-        if capacity.layout.num_blocks != vllm_config.cache_config.num_gpu_blocks_override:
-            raise RuntimeError(
-                f"headinfer: the worker plans {capacity.layout.num_blocks} blocks of "
-                f"{capacity.layout.block_size} tokens but the engine planned "
-                f"{vllm_config.cache_config.num_gpu_blocks_override}; the block size or the settings "
-                "changed between the engine and its workers (report this as a bug)"
-            )
-        if len(layer_names) != capacity.layout.num_layers:
-            raise ValueError(
-                f"headinfer: {len(layer_names)} attention layers share the KV cache but this pipeline stage "
-                f"has {capacity.layout.num_layers} layers; hybrid models, KV sharing across layers and "
-                "draft layers are not supported"
-            )
+        vllm_config, config, device = self.vllm_config, self.config, self.device
+        layer_names = sorted((name for names in self.groups for name in names), key=layer_index)
+        group_of = {name: group for group, names in enumerate(self.groups) for name in names}
+        slot_of = {name: slot for names in self.groups for slot, name in enumerate(names)}
+        num_slots = max(len(names) for names in self.groups)
+        capacity = worker_capacity(vllm_config, config, num_slots)  # this rank's: its layers, its KV heads
+        if (vllm_config.additional_config or {}).get(APPLIED_KEY) is not None:
+            if capacity.layout.num_blocks != vllm_config.cache_config.num_gpu_blocks_override:
+                raise RuntimeError(
+                    f"headinfer: the worker plans {capacity.layout.num_blocks} blocks of "
+                    f"{capacity.layout.block_size} tokens but the engine planned "
+                    f"{vllm_config.cache_config.num_gpu_blocks_override}; the block size or the settings "
+                    "changed between the engine and its workers (report this as a bug)"
+                )
+            if len(self.groups) != 1 or len(layer_names) != capacity.layout.num_layers:
+                raise ValueError(
+                    f"headinfer: {len(layer_names)} attention layers in {len(self.groups)} KV-cache groups but "
+                    f"this pipeline stage has {capacity.layout.num_layers} layers in one; KV sharing across "
+                    "layers and draft layers are not supported"
+                )
         layers = attention_layers(vllm_config, layer_names)
         scales = {layer.impl.scale for layer in layers.values()}
         heads = {layer.impl.num_heads for layer in layers.values()}
@@ -104,51 +158,53 @@ class HeadInferRuntime:
                 f"{capacity.layout.num_kv_heads}"
             )
         host_memory.check_host_budget(capacity.host_bytes)  # this rank's tier, on the host it runs on
-        self.layer_names = frozenset(layer_names)
-        self.layer_index = {name: i for i, name in enumerate(sorted(layer_names, key=layer_index))}
+        self.layer_index = {name: index for index, name in enumerate(layer_names)}
+        self.layer_groups = tuple(group_of[name] for name in layer_names)
         _, vllm_device_bytes = vllm_buffer_bytes(vllm_config)
-        check_device_budget(capacity.device_bytes + vllm_device_bytes, torch.device(device),
+        check_device_budget(capacity.device_bytes + vllm_device_bytes, device,
                             vllm_config.cache_config.gpu_memory_utilization)
-        store = self._allocate_store(capacity, device)
+        store = self._allocate_store(capacity, device, [slot_of[name] for name in layer_names])
         query_per_kv = next(iter(heads)) // capacity.layout.num_kv_heads
         decode_split = None
-        if torch.device(device).type == "cuda" and config.cpu_attention != "off" and store.streamed_units:
-            threads = config.cpu_threads or default_cpu_threads(len(host_ranks(vllm_config)))
-            decode_split = plan_split_at_startup(store, config.cpu_attention, query_per_kv, threads)
+        if device.type == "cuda" and config.cpu_attention != "off" and store.streamed_units:
+            if len(self.groups) > 1:
+                logger.info("headinfer: decode streams every unit over PCIe: the decode split does not yet "
+                            "support several KV-cache groups")
+            else:
+                threads = config.cpu_threads or default_cpu_threads(len(host_ranks(vllm_config)))
+                decode_split = plan_split_at_startup(store, config.cpu_attention, query_per_kv, threads)
         self.attention = StreamedAttention(
             store, num_query_heads=heads.pop(), scale=scales.pop(), prefetch_depth=config.prefetch_depth,
             flash_version=flash_attn_version(vllm_config, capacity.layout.head_dim),
-            layers=[layers[name].impl.variant for name in sorted(layer_names, key=layer_index)],
+            layers=[layers[name].impl.variant for name in layer_names],
             cpu_kernel=attends_in_place(config), cpu_threads=config.cpu_threads or None, decode_split=decode_split,
+            layer_groups=self.layer_groups,
         )
-        self._plan: StepPlan | None = None
         self._last_layer = len(layer_names) - 1
-        self.metrics = HeadInferMetrics.get()
         layout = capacity.layout
         self.metrics.describe_store(
-            resident_units=layout.num_layers * layout.num_groups - len(store.streamed_units),
-            streamed_units=len(store.streamed_units), host_bytes=store.host_bytes,
+            resident_units=capacity.num_resident_units, streamed_units=capacity.num_streamed_units,
+            host_bytes=store.host_bytes,
             cpu_decode_units=decode_split.num_cpu_units if decode_split is not None else 0,
         )
-        HeadInferRuntime.live.add(self)
         logger.info(
-            "headinfer: worker store ready on %s%s: host tier %.3f GiB%s, device tier %.3f GiB, kernel %s%s",
-            device, rank_description(vllm_config, capacity), store.host_bytes / GIB,
+            "headinfer: worker store ready on %s%s: host tier %.3f GiB%s, device tier %.3f GiB, kernel %s%s%s",
+            device, rank_description(vllm_config, capacity, len(layer_names)), store.host_bytes / GIB,
             " (pinned)" if store.host.is_pinned() else "", store.device_bytes / GIB, self.attention.kernel_name,
-            describe_variants(self.attention.layers),
+            describe_groups(self.groups, layout), describe_variants(self.attention.layers, self.windows_free_pages),
         )
-        if torch.device(device).type == "cuda":
-            report_numa_placement(store.host, torch.device(device))
+        if device.type == "cuda":
+            report_numa_placement(store.host, device)
 
     @staticmethod
-    def _allocate_store(capacity, device: torch.device) -> HeadPageStore:
+    def _allocate_store(capacity, device: torch.device, layer_slots: list[int]) -> HeadPageStore:
         """The page store; pinning a large host tier takes a while, so it is logged and timed."""
         pinned = torch.device(device).type == "cuda"
         if pinned:
             logger.info("headinfer: pinning %.1f GiB of host memory for the host tier (about 1 s per 5-10 GiB)",
                         capacity.host_bytes / GIB)
         started = time.monotonic()
-        store = HeadPageStore.from_plan(capacity, device)
+        store = HeadPageStore.from_plan(capacity, device, layer_slots=layer_slots)
         elapsed = time.monotonic() - started
         if pinned:
             logger.info("headinfer: host tier pinned in %.1f s", elapsed)
@@ -169,11 +225,16 @@ class HeadInferRuntime:
         value: torch.Tensor,
         output: torch.Tensor,
     ) -> None:
-        """One layer of one step; layer 0 (or a new plan) starts a step."""
+        """One layer of one step; layer 0 (or a new plan) starts a step, with every group's latest plan."""
         index = self.layer_index[layer_name]
-        if index == 0 or plan is not self._plan:
-            self.attention.begin_step(plan)
-            self._plan = plan
+        group = self.layer_groups[index]
+        if index == 0 or not self._step_plans or plan is not self._step_plans[group]:
+            plans = tuple(self._latest)
+            if plans[group] is not plan:
+                raise RuntimeError(f"headinfer: {layer_name} runs with a plan that is not its KV-cache group's "
+                                   "latest (report this as a bug)")
+            self.attention.begin_step(plans)
+            self._step_plans = plans
         self.attention.forward(index, query, key, value, output)
         if index == self._last_layer:
             self.metrics.record(self.attention.transfers.traffic)
@@ -212,9 +273,20 @@ def plan_split_at_startup(store: HeadPageStore, mode: str, query_per_kv: int, nu
     return split
 
 
-def describe_variants(layers) -> str:
+def describe_groups(groups: list[tuple[str, ...]], layout) -> str:
+    """``; 6 KV-cache groups sharing 1 slot of 960 blocks``, or "" with one group."""
+    if len(groups) == 1:
+        return ""
+    slots = f"{layout.num_layers} slot{'s' if layout.num_layers > 1 else ''}"
+    return f"; {len(groups)} KV-cache groups sharing {slots} of {layout.num_blocks} blocks"
+
+
+def describe_variants(layers, windows_free_pages: bool = False) -> str:
     """``; sliding window 4096 in 24 of 48 layers, sinks in 24 of 48 layers, windowed layers keep every page,
-    50% of the host tier (...)``, or ""."""
+    50% of the host tier (...)``, or "".
+
+    ``windows_free_pages``: vLLM's hybrid KV-cache manager frees the windowed layers' pages that leave
+    their window (their KV-cache groups' block tables hold only the window's)."""
     parts = []
     for name, values in (
         ("sliding window", [layer.sliding_window for layer in layers]),
@@ -228,13 +300,15 @@ def describe_variants(layers) -> str:
         shown = "" if name == "sinks" else " " + "/".join(str(value) for value in distinct)
         parts.append(f"{name}{shown} in {len(present)} of {len(layers)} layers")
     windowed = sum(layer.sliding_window is not None for layer in layers)
-    if windowed:  # one block table for all layers (compat.as_full_attention_spec): no page leaves the tier
+    if windowed and windows_free_pages:
+        parts.append("windowed layers free their pages as they leave the window")
+    elif windowed:  # one block table for all layers: no page leaves the tier
         parts.append(f"windowed layers keep every page, {windowed / len(layers):.0%} of the host tier "
                      "(they read only the pages in their window)")
     return "; " + ", ".join(parts) if parts else ""
 
 
-def rank_description(vllm_config: VllmConfig, capacity) -> str:
+def rank_description(vllm_config: VllmConfig, capacity, num_layers: int) -> str:
     """`` (rank R: tensor-parallel rank T of TP, pipeline stage S of PP; L layers, H of N KV heads)``, or ""."""
     parallel = vllm_config.parallel_config
     if parallel_ranks(parallel) == 1:
@@ -244,7 +318,7 @@ def rank_description(vllm_config: VllmConfig, capacity) -> str:
     replicated = f", replicated on {tp // total_heads} ranks" if total_heads < tp else ""
     return (
         f" (rank {parallel.rank}: tensor-parallel rank {parallel.rank % tp} of {tp}, pipeline stage "
-        f"{pipeline_stage(parallel)} of {parallel.pipeline_parallel_size}; {layout.num_layers} layers, "
+        f"{pipeline_stage(parallel)} of {parallel.pipeline_parallel_size}; {num_layers} layers, "
         f"{layout.num_kv_heads} of {total_heads} KV heads{replicated})"
     )
 

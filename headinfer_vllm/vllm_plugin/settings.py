@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from headinfer_vllm.config import GIB, HeadInferConfig
-from headinfer_vllm.core import CapacityPlan, host_memory, plan_capacity
+from headinfer_vllm.core import CapacityPlan, host_memory, plan_capacity, plan_residency
 from headinfer_vllm.vllm_plugin.metrics import collect_from_all_processes
 
 if TYPE_CHECKING:
@@ -40,7 +40,8 @@ logger = logging.getLogger("headinfer_vllm")
 SETTINGS_KEY = "headinfer"
 """Key of the plugin's settings in ``--additional-config``."""
 APPLIED_KEY = "headinfer_num_blocks"
-"""Set in ``additional_config`` once the settings are applied (idempotency)."""
+"""Set in ``additional_config`` once the settings are applied (idempotency): the planned block count,
+or None where vLLM sizes the block pool (:func:`uses_kv_cache_groups`)."""
 ALTERNATIVE = "use vLLM's default attention backend (omit --attention-backend) for this model"
 
 LONG_CONTEXT_BLOCK_SIZE = 256
@@ -130,6 +131,47 @@ def _plan_largest_stage(vllm_config: VllmConfig, config: HeadInferConfig) -> Cap
         block_size=vllm_config.cache_config.block_size,
         dtype=model.dtype,
         host_bytes=rank_host_budget(vllm_config, config),
+        device_bytes=config.gpu_kv_cache_bytes,
+        head_group_size=config.head_group_size,
+        prefetch_depth=config.prefetch_depth,
+        in_place=attends_in_place(config),
+    )
+
+
+def uses_kv_cache_groups(vllm_config: VllmConfig) -> bool:
+    """Whether vLLM's hybrid KV-cache manager may give windowed layers KV-cache groups of their own.
+
+    It does for a model that declares a sliding window, unless the user disabled
+    the manager (``--disable-hybrid-kv-cache-manager``); then vLLM plans every
+    layer as full attention over one block table. With groups, the layers of
+    all groups draw blocks from one pool, and vLLM sizes it from
+    ``kv_cache_memory_bytes`` once it knows the groups (:func:`apply_settings`).
+    """
+    if vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
+        return False
+    model = vllm_config.model_config
+    layer_types = getattr(getattr(model, "hf_text_config", None), "layer_types", None) or ()
+    return model.get_sliding_window() is not None or any("sliding" in str(kind) for kind in layer_types)
+
+
+def worker_capacity(vllm_config: VllmConfig, config: HeadInferConfig, num_slots: int) -> CapacityPlan:
+    """This rank's plan for a store of ``num_slots`` slots (its layers, when they share one KV-cache group).
+
+    Where vLLM sizes the block pool (:func:`uses_kv_cache_groups`), its block
+    count (``cache_config.num_gpu_blocks``, set in each worker before the KV
+    cache) is taken and the residency planned around it; otherwise the plan
+    is the engine's (:func:`capacity_for`).
+    """
+    if (vllm_config.additional_config or {}).get(APPLIED_KEY) is not None:
+        return capacity_for(vllm_config, config)
+    model, parallel = vllm_config.model_config, vllm_config.parallel_config
+    return plan_residency(
+        num_layers=num_slots,
+        num_kv_heads=model.get_num_kv_heads(parallel),
+        head_dim=model.get_head_size(),
+        block_size=vllm_config.cache_config.block_size,
+        dtype=model.dtype,
+        num_blocks=vllm_config.cache_config.num_gpu_blocks,
         device_bytes=config.gpu_kv_cache_bytes,
         head_group_size=config.head_group_size,
         prefetch_depth=config.prefetch_depth,
@@ -440,6 +482,31 @@ def apply_settings(vllm_config: VllmConfig) -> None:
     check_budgets(vllm_config, config)
     recommend_numa_binding(vllm_config)
     layout = capacity.layout
+    for name in ("num_gpu_blocks_override", "kv_cache_memory_bytes"):
+        if getattr(cache, name) is not None:
+            logger.warning("headinfer: ignoring %s=%s; the KV capacity comes from cpu_kv_cache_gib",
+                           name, getattr(cache, name))
+    if additional is None:
+        vllm_config.additional_config = additional = {}
+    # Workers rebuild the same plan from the resolved settings, not from their environment.
+    additional[SETTINGS_KEY] = dataclasses.asdict(config)
+    collect_from_all_processes()  # headinfer's counters on /metrics (vllm_plugin.metrics)
+    if uses_kv_cache_groups(vllm_config):
+        # The groups (and so how many layers share a block) are known once the workers report their
+        # layers: vLLM sizes the pool from this budget then, at one element per token and layer of its
+        # placeholder KV for every 2 * KV heads * head dim elements of real KV.
+        cache.num_gpu_blocks_override = None
+        real_per_placeholder = 2 * layout.num_kv_heads * layout.head_dim
+        cache.kv_cache_memory_bytes = rank_host_budget(vllm_config, config) // real_per_placeholder
+        additional[APPLIED_KEY] = None
+        logger.info(
+            "headinfer: the model has sliding windows: vLLM's hybrid KV-cache manager gives windowed layers "
+            "KV-cache groups of their own, whose out-of-window pages leave the host tier; vLLM sizes the "
+            "block pool from cpu_kv_cache_gib=%s once it knows the groups (the workers log the plan; if vLLM "
+            "reports too little KV cache memory for max_model_len, raise cpu_kv_cache_gib)",
+            config.cpu_kv_cache_gib,
+        )
+        return
     usable_tokens = (layout.num_blocks - 1) * layout.block_size  # vLLM keeps one null block
     if usable_tokens < model.max_model_len:
         needed = config.cpu_kv_cache_gib * (model.max_model_len + layout.block_size) / usable_tokens
@@ -448,19 +515,10 @@ def apply_settings(vllm_config: VllmConfig) -> None:
             f"max_model_len is {model.max_model_len}; raise cpu_kv_cache_gib to at least {needed:.3f} "
             "or lower --max-model-len"
         )
-    for name in ("num_gpu_blocks_override", "kv_cache_memory_bytes"):
-        if getattr(cache, name) is not None:
-            logger.warning("headinfer: ignoring %s=%s; the KV capacity comes from cpu_kv_cache_gib",
-                           name, getattr(cache, name))
     # vLLM's own KV tensor shrinks to one element per token and layer
     # (HeadInferBackend.customize_spec); the block count comes from the plan.
     cache.num_gpu_blocks_override = layout.num_blocks
     itemsize = torch.empty((), dtype=model.dtype).element_size()
     cache.kv_cache_memory_bytes = max(1 << 20, layout.num_blocks * layout.block_size * layout.num_layers * itemsize)
-    if additional is None:
-        vllm_config.additional_config = additional = {}
-    # Workers rebuild the same plan from the resolved settings, not from their environment.
-    additional[SETTINGS_KEY] = dataclasses.asdict(config)
     additional[APPLIED_KEY] = layout.num_blocks
-    collect_from_all_processes()  # headinfer's counters on /metrics (vllm_plugin.metrics)
     logger.info("headinfer: %s", describe_parallel(vllm_config, config, capacity))

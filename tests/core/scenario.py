@@ -53,37 +53,50 @@ class Scenario:
     """Per layer, the streamed groups that the CPU attends in decode-only steps (:class:`DecodeSplit`)."""
     reference: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None
     """``(layer, query, keys, values, scale)`` -> float64 output, as :func:`dense_attention`; None: it."""
+    kv_groups: int = 1
+    """KV-cache groups, as vLLM's hybrid manager makes them: layer ``l`` is in group ``l % kv_groups`` and
+    uses slot ``l // kv_groups``; each group has its own block ids, from one pool."""
+
+    def group_of(self, layer: int) -> int:
+        return layer % self.kv_groups
 
     def build(self, seq_lens: list[int]) -> None:
         """Allocate the store with a shuffled block table for ``seq_lens``."""
         generator = torch.Generator().manual_seed(self.seed)
         self.generator = generator
-        pages = [-(-n // self.block_size) for n in seq_lens]
+        pages = [-(-n // self.block_size) for n in seq_lens] * self.kv_groups
         num_blocks = sum(pages) + self.spare_blocks
         # Odd requests get consecutive block ids (long runs); even ones get
         # shuffled ids from the rest of the pool.
         consecutive = sum(pages[1::2])
         shuffled = iter((consecutive + torch.randperm(num_blocks - consecutive, generator=generator)).tolist())
         next_consecutive = iter(range(consecutive))
-        self.block_ids = [
+        block_ids = [
             [next(next_consecutive if index % 2 else shuffled) for _ in range(count)]
             for index, count in enumerate(pages)
         ]
+        requests = len(seq_lens)
+        self.group_block_ids = [block_ids[group * requests : (group + 1) * requests] for group in range(self.kv_groups)]
+        """Per KV-cache group, each request's block ids (disjoint across groups)."""
+        self.block_ids = self.group_block_ids[0]
+        num_slots = -(-self.num_layers // self.kv_groups)
         self.layout = KVLayout(
-            self.num_layers, self.num_kv_heads, self.head_dim, self.block_size,
+            num_slots, self.num_kv_heads, self.head_dim, self.block_size,
             num_blocks, self.head_group_size, self.dtype,
         )
-        resident = SpreadAcrossLayers().select(self.num_layers, self.layout.num_groups, self.num_resident_units)
+        resident = SpreadAcrossLayers().select(num_slots, self.layout.num_groups, self.num_resident_units)
         buffers = self.prefetch_depth + 1
         self.store = HeadPageStore(
             self.layout, resident_units=resident, num_staging_buffers=buffers, device=self.device,
             device_budget_bytes=(self.num_resident_units + buffers) * self.layout.unit_bytes,
+            layer_slots=[layer // self.kv_groups for layer in range(self.num_layers)],
         )
         self.attention = StreamedAttention(
             self.store, num_query_heads=self.num_kv_heads * self.query_per_kv,
             scale=self.head_dim**-0.5, prefetch_depth=self.prefetch_depth, layers=self.layers,
             cpu_kernel=self.cpu_kernel,
             decode_split=None if self.cpu_groups is None else DecodeSplit(self.cpu_groups, num_threads=2),
+            layer_groups=[self.group_of(layer) for layer in range(self.num_layers)],
         )
         self.keys = [self._random(self.num_layers, 0, self.num_kv_heads, self.head_dim) for _ in seq_lens]
         self.values = [self._random(self.num_layers, 0, self.num_kv_heads, self.head_dim) for _ in seq_lens]
@@ -98,9 +111,9 @@ class Scenario:
             values = self._random(self.num_layers, length, self.num_kv_heads, self.head_dim)
             self.keys[request], self.values[request] = keys, values
             for position in range(length):
-                block = self.block_ids[request][position // self.block_size]
                 offset = position % self.block_size
                 for layer in range(self.num_layers):
+                    block = self.group_block_ids[self.group_of(layer)][request][position // self.block_size]
                     for group in range(self.layout.num_groups):
                         heads = slice(group * self.head_group_size, (group + 1) * self.head_group_size)
                         home = self.store.home(layer, group)
@@ -119,26 +132,28 @@ class Scenario:
         for n in query_lens:
             starts.append(starts[-1] + n)
         num_tokens = starts[-1]
-        slots = []
-        for request, (n, seq) in enumerate(zip(query_lens, seq_lens, strict=True)):
-            for position in range(seq - n, seq):
-                block = self.block_ids[request][position // self.block_size]
-                slots.append(block * self.block_size + position % self.block_size)
-        max_pages = max(len(ids) for ids in self.block_ids) + 3
-        # Unused table entries hold junk block ids that must be ignored.
-        table = torch.randint(0, self.layout.num_blocks, (len(query_lens), max_pages), generator=self.generator)
-        for request, ids in enumerate(self.block_ids):
-            table[request, : len(ids)] = torch.tensor(ids)
-        plan = build_step_plan(
-            query_start_loc=torch.tensor(starts),
-            seq_lens=torch.tensor(seq_lens),
-            block_table=table,
-            slot_mapping=torch.tensor(slots + [-1] * padding),
-            block_size=self.block_size,
-            device=self.device,
-        )
-        self.plan = plan
-        self.attention.begin_step(plan)
+        plans = []
+        for group_ids in self.group_block_ids:
+            slots = []
+            for request, (n, seq) in enumerate(zip(query_lens, seq_lens, strict=True)):
+                for position in range(seq - n, seq):
+                    block = group_ids[request][position // self.block_size]
+                    slots.append(block * self.block_size + position % self.block_size)
+            max_pages = max(len(ids) for ids in group_ids) + 3
+            # Unused table entries hold junk block ids that must be ignored.
+            table = torch.randint(0, self.layout.num_blocks, (len(query_lens), max_pages), generator=self.generator)
+            for request, ids in enumerate(group_ids):
+                table[request, : len(ids)] = torch.tensor(ids)
+            plans.append(build_step_plan(
+                query_start_loc=torch.tensor(starts),
+                seq_lens=torch.tensor(seq_lens),
+                block_table=table,
+                slot_mapping=torch.tensor(slots + [-1] * padding),
+                block_size=self.block_size,
+                device=self.device,
+            ))
+        self.plan = plans[0]
+        self.attention.begin_step(plans if self.kv_groups > 1 else plans[0])
         outputs, references = [], []
         reference_of = self.reference or (lambda _layer, *args: dense_attention(*args))
         grown_keys = [[] for _ in query_lens]
@@ -171,9 +186,18 @@ class Scenario:
             torch.cuda.synchronize()
         return torch.stack(outputs), torch.stack(references)
 
+    def assert_every_page_home(self) -> None:
+        """What the store holds in the pages' homes is exactly each sequence, in every layer."""
+        for request in range(len(self.keys)):
+            for layer in range(self.num_layers):
+                keys, values = self.stored_tokens(request, layer)
+                assert torch.equal(keys, self.keys[request][layer]), (request, layer)
+                assert torch.equal(values, self.values[request][layer]), (request, layer)
+
     def stored_tokens(self, request: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of a request as the store holds them in the pages' homes."""
-        return self.store.read_tokens(layer, self.block_ids[request], self.keys[request].shape[1])
+        block_ids = self.group_block_ids[self.group_of(layer)][request]
+        return self.store.read_tokens(layer, block_ids, self.keys[request].shape[1])
 
 
 def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:

@@ -39,11 +39,7 @@ def run_steps(scenario: Scenario, steps=STEPS) -> list[int]:
         error = relative_error(output, reference)
         assert error <= TOLERANCE[scenario.dtype], (query_lens, error)
         loaded.append(scenario.attention.transfers.pages_loaded)
-        for request in range(len(HISTORY)):
-            for layer in range(scenario.num_layers):
-                keys, values = scenario.stored_tokens(request, layer)
-                assert torch.equal(keys, scenario.keys[request][layer])
-                assert torch.equal(values, scenario.values[request][layer])
+        scenario.assert_every_page_home()
     return loaded
 
 

@@ -23,12 +23,7 @@ def run_and_check(scenario: Scenario, tolerance: float) -> None:
     for query_lens in (FIRST, SECOND):
         output, reference = scenario.step(query_lens)
         assert relative_error(output, reference) <= tolerance
-        # Every page made it home: what the store holds is exactly the sequence.
-        for request in range(len(HISTORY)):
-            for layer in range(scenario.num_layers):
-                keys, values = scenario.stored_tokens(request, layer)
-                assert torch.equal(keys, scenario.keys[request][layer])
-                assert torch.equal(values, scenario.values[request][layer])
+        scenario.assert_every_page_home()
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -232,21 +232,22 @@ def tp_prompts(seed: int) -> list[list[list[int]]]:
     return [first, second]
 
 
-def tp_engine(backend: str, bytes_per_block: int) -> dict:
+def tp_engine(backend: str, bytes_per_block: int, stock_blocks: int = TP_NUM_BLOCKS) -> dict:
     common = dict(
         dtype="float32", max_model_len=1024, block_size=BLOCK, enforce_eager=True, seed=0,
         tensor_parallel_size=2, distributed_executor_backend="mp",
         enable_chunked_prefill=True, max_num_batched_tokens=256, enable_prefix_caching=True,
     )
     if backend == "stock":
-        return {**common, "num_gpu_blocks_override": TP_NUM_BLOCKS, "kv_cache_memory_bytes": 32 << 20}
+        return {**common, "num_gpu_blocks_override": stock_blocks, "kv_cache_memory_bytes": 32 << 20}
     settings_ = {"cpu_kv_cache_gib": (TP_NUM_BLOCKS + 0.5) * bytes_per_block / 2**30}
     return {**common, "attention_backend": "headinfer", "additional_config": {"headinfer": settings_}}
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2-one-kv-head"])
+@pytest.fixture(scope="module", params=["llama", "qwen2-one-kv-head", "gemma3"])
 def tp_runs(request, tmp_path_factory):
-    """Stock and headinfer, tensor-parallel 2: 4 KV heads (2 per rank), and 1 KV head (replicated, GQA 8:1)."""
+    """Stock and headinfer, tensor-parallel 2: 4 KV heads (2 per rank), 1 KV head (replicated, GQA 8:1), and
+    Gemma-3's windowed and full layers in KV-cache groups of their own (vLLM's hybrid KV-cache manager)."""
     if (os.cpu_count() or 1) < 2:
         pytest.skip("tensor parallelism on vLLM's CPU platform needs a core per rank")
     family = request.param.split("-")[0]
@@ -258,30 +259,38 @@ def tp_runs(request, tmp_path_factory):
         for name, value in TP_ENV.items():
             patch.setenv(name, os.environ.get(name, value))
         runs = {
-            backend: run_in_subprocess({**spec, "engine": tp_engine(backend, bytes_per_block)})
+            # Gemma-3's six KV-cache groups share one slot: the same budget pools six times the blocks.
+            backend: run_in_subprocess({**spec, "engine": tp_engine(
+                backend, bytes_per_block, TP_NUM_BLOCKS * (LAYERS if family == "gemma3" else 1))})
             for backend in ("stock", "headinfer")
         }
     return request.param, kv_heads, runs
 
 
 def test_tensor_parallel_tokens_and_logprobs_match_stock_backend(tp_runs):
-    _, _, runs = tp_runs
+    name, _, runs = tp_runs
     assert_same_generations(runs["stock"]["outputs"], runs["headinfer"]["outputs"], count=5)
-    for backend in ("stock", "headinfer"):
-        assert runs[backend]["outputs"][-1]["cached_tokens"] > 0, backend  # prefix caching across ranks
+    cached = {backend: runs[backend]["outputs"][-1]["cached_tokens"] for backend in ("stock", "headinfer")}
+    assert cached["headinfer"] == cached["stock"]
+    # Prefix caching across ranks (Gemma-3's sliding-window groups find no hit for these prompts, in either).
+    assert cached["headinfer"] > 0 or name == "gemma3"
 
 
 def test_tensor_parallel_ranks_each_keep_their_own_heads(tp_runs):
     _, kv_heads, runs = tp_runs
     log = runs["headinfer"]["log"]
     per_rank = kv_heads // 2 or 1
-    assert f"per rank (tensor-parallel 2 × pipeline-parallel 1 = 2 ranks; {per_rank} of {kv_heads} KV heads" in log
+    hybrid = tp_runs[0] == "gemma3"  # vLLM sizes the block pool: the engine plans no block count
+    if not hybrid:
+        assert f"per rank (tensor-parallel 2 × pipeline-parallel 1 = 2 ranks; {per_rank} of {kv_heads} KV heads" in log
+        assert f"{TP_NUM_BLOCKS} blocks of {BLOCK} tokens" in log
     for rank in (0, 1):
         line = next(line for line in log.splitlines() if f"(rank {rank}: tensor-parallel rank {rank} of 2" in line)
         assert f"{LAYERS} layers, {per_rank} of {kv_heads} KV heads" in line
         if kv_heads == 1:
             assert "replicated on 2 ranks" in line
-    assert f"{TP_NUM_BLOCKS} blocks of {BLOCK} tokens" in log
+        if hybrid:
+            assert "6 KV-cache groups sharing 1 slot of " in line
 
 
 # Pipeline parallelism end to end: vLLM 0.32's CPU runner fails with it even

@@ -73,11 +73,23 @@ def test_bad_configurations_are_refused_clearly(model, settings, engine, message
         config_for(model, settings, **engine)
 
 
-def test_sliding_window_model_is_accepted(tmp_path):
+def test_sliding_window_model_lets_vllm_size_the_pool_for_its_kv_cache_groups(tmp_path):
+    """With windows, vLLM's hybrid manager knows how many layers share a block only once the workers report
+    their layers: it sizes the pool from kv_cache_memory_bytes, the budget in its placeholder's units."""
     model = str(save_tiny_model(tmp_path, "mistral_window"))
     config = config_for(model, {"cpu_kv_cache_gib": 0.01}, max_model_len=512)
     assert config.attention_config.backend.name == "CUSTOM"
     assert config.model_config.get_sliding_window() is not None
+    assert config.cache_config.num_gpu_blocks_override is None
+    # One placeholder element per token and layer stands for K and V of every KV head.
+    per_element = 2 * SHAPE["num_key_value_heads"] * SHAPE["head_dim"]
+    assert config.cache_config.kv_cache_memory_bytes == int(0.01 * 2**30) // per_element
+
+
+def test_sliding_window_model_without_the_hybrid_manager_gets_the_planned_block_count(tmp_path):
+    model = str(save_tiny_model(tmp_path, "mistral_window"))
+    config = config_for(model, {"cpu_kv_cache_gib": 0.01}, max_model_len=512, disable_hybrid_kv_cache_manager=True)
+    assert config.cache_config.num_gpu_blocks_override == int(0.01 * 2**30) // BYTES_PER_BLOCK
 
 
 def test_stateful_layers_are_refused_before_the_engine_starts(tmp_path):
