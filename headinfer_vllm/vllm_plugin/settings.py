@@ -165,6 +165,11 @@ def worker_capacity(vllm_config: VllmConfig, config: HeadInferConfig, num_slots:
     if (vllm_config.additional_config or {}).get(APPLIED_KEY) is not None:
         return capacity_for(vllm_config, config)
     model, parallel = vllm_config.model_config, vllm_config.parallel_config
+    if vllm_config.cache_config.num_gpu_blocks is None:
+        raise RuntimeError(
+            "headinfer: vLLM gave the worker no block count (cache_config.num_gpu_blocks) for its KV-cache "
+            "groups; pass --disable-hybrid-kv-cache-manager to plan one block table (and report this as a bug)"
+        )
     return plan_residency(
         num_layers=num_slots,
         num_kv_heads=model.get_num_kv_heads(parallel),
@@ -500,7 +505,7 @@ def apply_settings(vllm_config: VllmConfig) -> None:
         cache.kv_cache_memory_bytes = rank_host_budget(vllm_config, config) // real_per_placeholder
         additional[APPLIED_KEY] = None
         logger.info(
-            "headinfer: the model has sliding windows: vLLM's hybrid KV-cache manager gives windowed layers "
+            "headinfer: the model declares sliding windows: vLLM's hybrid KV-cache manager gives windowed layers "
             "KV-cache groups of their own, whose out-of-window pages leave the host tier; vLLM sizes the "
             "block pool from cpu_kv_cache_gib=%s once it knows the groups (the workers log the plan; if vLLM "
             "reports too little KV cache memory for max_model_len, raise cpu_kv_cache_gib)",

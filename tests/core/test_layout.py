@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from headinfer_vllm.core import HeadPageStore, KVLayout, plan_capacity
+from headinfer_vllm.core import HeadPageStore, KVLayout, plan_capacity, plan_residency
 
 SHAPE = dict(num_layers=4, num_kv_heads=4, head_dim=8, block_size=4, dtype=torch.float32)
 PAGE = 2 * 4 * 8 * 4  # bytes of one page of one KV head
@@ -82,3 +82,30 @@ def test_in_place_keeps_every_unit_in_one_tier_without_staging():
     with pytest.raises(ValueError, match="holds no block"):
         plan_capacity(**SHAPE, host_bytes=PAGE, device_bytes=None, head_group_size=None, prefetch_depth=1,
                       in_place=True)
+
+
+def residency(device_pages=None, group=None, in_place=False, num_blocks=100):
+    """A plan for vLLM's block count (KV-cache groups): 4 slots of 4 KV heads."""
+    return plan_residency(
+        **SHAPE, num_blocks=num_blocks, device_bytes=None if device_pages is None else device_pages * PAGE,
+        head_group_size=group, prefetch_depth=1, in_place=in_place,
+    )
+
+
+def test_residency_around_a_given_block_count():
+    streamed = residency()
+    assert (streamed.layout.num_blocks, streamed.layout.head_group_size, streamed.num_resident_units) == (100, 1, 0)
+    assert streamed.host_bytes == 16 * 100 * PAGE and streamed.num_staging_buffers == 2
+    # Device room for the staging buffers of the largest group (4 heads: 2 x 400 pages) and one unit more.
+    partial = residency(device_pages=3 * 400 + 399)
+    assert (partial.layout.head_group_size, partial.num_resident_units, partial.num_staging_buffers) == (4, 1, 2)
+    assert partial.device_bytes <= (3 * 400 + 399) * PAGE
+    every = residency(device_pages=16 * 100)
+    assert every.num_resident_units == every.layout.num_units and every.num_staging_buffers == 0
+    in_place = residency(in_place=True)
+    assert in_place.num_resident_units == in_place.layout.num_units and in_place.device_bytes == 16 * 100 * PAGE
+
+
+def test_residency_refuses_a_device_budget_below_the_staging_buffers():
+    with pytest.raises(ValueError, match=r"2 head groups of 1 KV heads over 100 blocks\); the minimum is"):
+        residency(device_pages=2 * 100 - 1)
