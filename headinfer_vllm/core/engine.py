@@ -21,6 +21,12 @@ GQA: KV head ``h`` serves query heads ``h * q_per_kv .. (h + 1) * q_per_kv``.
 Each layer may have its own sliding window, soft-cap and sinks
 (:class:`LayerAttention`). The streamed units of a layer with a window load
 only the pages that hold keys in some query's window.
+
+KV-cache groups (vLLM's hybrid KV-cache manager): layers may belong to
+groups with block tables of their own over one pool of block ids. Each step
+then has one plan per group, and each layer attends, loads and writes its
+pages through its group's plan; layers of different groups may share a
+slot of pages (``HeadPageStore.layer_slots``), as their block ids never meet.
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@
 starts. It refuses what HeadInfer cannot run, sets long-context defaults the
 user did not choose, plans the capacity from the host budget, checks the
 host has the memory, and tells vLLM's scheduler the block count through
-``num_gpu_blocks_override``.
+``num_gpu_blocks_override`` (for a model with sliding windows under vLLM's
+hybrid KV-cache manager, the memory from which vLLM sizes its pool once it
+knows the KV-cache groups: :func:`uses_kv_cache_groups`).
 
 Parallelism: ``cpu_kv_cache_gib`` is one engine's total across its
 tensor-parallel × pipeline-parallel ranks (as vLLM's ``kv_offloading_size``
