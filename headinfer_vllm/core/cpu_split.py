@@ -225,13 +225,16 @@ class CpuDecodeOffload:
         query_per_kv: int,
         scale: float,
         layers: Sequence[LayerAttention],
+        layer_groups: Sequence[int] | None = None,
     ) -> None:
+        """``layer_groups``: each layer's KV-cache group, the index of its step plan (None: one group)."""
         from headinfer_vllm.core import cpu_attention
 
         cpu_attention.library()  # builds it now (cached): a missing compiler stops start-up, not a step
         self._decode_attention = cpu_attention.decode_attention_units
         self.store, self.split, self.query_per_kv, self.scale = store, split, query_per_kv, scale
         self.layers = tuple(layers)
+        self.layer_groups = tuple(layer_groups) if layer_groups is not None else (0,) * len(self.layers)
         group_size = store.layout.head_group_size
         self._kv_heads: dict[int, slice] = {}
         """Per layer with CPU groups, its KV heads attended by the CPU (consecutive)."""
@@ -250,18 +253,25 @@ class CpuDecodeOffload:
         each step (as the other kernels read them each layer)."""
         self._buffers: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         """Per (requests, KV heads): host buffers of the queries, new K/V and outputs (pinned on CUDA)."""
-        self._block_table = self._new_rows = self._seq_lens = torch.empty(0)
+        self._groups_used = sorted({self.layer_groups[layer] for layer in split.cpu_groups})
+        """The KV-cache groups of the layers with CPU units."""
+        self._block_tables: dict[int, torch.Tensor] = {}
+        """Per KV-cache group used, this step's block table on the host."""
+        self._new_rows: dict[int, torch.Tensor] = {}
+        """Per KV-cache group used, this step's new-token rows on the host."""
+        self._seq_lens = torch.empty(0)
         self._num_requests = 0
 
-    def begin_step(self, plan: StepPlan) -> None:
-        """Queue the copies of this decode-only step's block table, new-token rows and sinks to the host
-        (on the current stream).
+    def begin_step(self, plans: Sequence[StepPlan]) -> None:
+        """Queue the copies of this decode-only step's block tables and new-token rows (those of the KV-cache
+        groups with CPU units; ``plans``: one per group) and sinks to the host (on the current stream).
 
         They are ready when layer 0's queries are (same stream, queued before).
         """
+        plan = plans[0]
         self._num_requests = len(plan.requests)
-        self._block_table = self._to_host(plan.home.block_table)
-        self._new_rows = self._to_host(plan.home.new_rows)
+        self._block_tables = {group: self._to_host(plans[group].home.block_table) for group in self._groups_used}
+        self._new_rows = {group: self._to_host(plans[group].home.new_rows) for group in self._groups_used}
         self._seq_lens = torch.tensor([request.seq_len for request in plan.requests], dtype=torch.int32)
         per_kv = self.query_per_kv
         self._sinks = {
@@ -293,13 +303,13 @@ class CpuDecodeOffload:
         if self._queries_ready is not None:
             # The one host wait of the layer. The previous layer's output copy ran before it (same stream).
             self._queries_ready.synchronize()
-        group_size = self.store.layout.head_group_size
+        group_size, kv_group = self.store.layout.head_group_size, self.layer_groups[layer]
         for first_head, pages in self._units[layer]:
             rows = pages.view(-1, group_size, pages.shape[-1])  # [N * 2 * B, G, D] token rows
-            rows.index_copy_(0, self._new_rows, new_tokens[:, first_head : first_head + group_size])
+            rows.index_copy_(0, self._new_rows[kv_group], new_tokens[:, first_head : first_head + group_size])
         variant = self.layers[layer]
         self._decode_attention(
-            queries, self._units[layer], self._block_table, self._seq_lens, self.scale,
+            queries, self._units[layer], self._block_tables[kv_group], self._seq_lens, self.scale,
             query_per_kv=self.query_per_kv, out=outputs, sliding_window=variant.sliding_window or 0,
             logits_soft_cap=variant.logits_soft_cap or 0.0, sinks=self._sinks.get(layer),
             num_threads=self.split.num_threads,

@@ -83,8 +83,6 @@ class StreamedAttention:
         if len(self.layer_groups) != store.num_layers or sorted(set(self.layer_groups)) != list(range(self.num_groups)):
             raise ValueError(f"headinfer: layer_groups {self.layer_groups} must give each of the "
                              f"{store.num_layers} layers a group, numbered from 0")
-        if decode_split is not None and self.num_groups > 1:
-            raise ValueError("headinfer: the decode split does not support several KV-cache groups")
         for variant in self.layers:
             variant.check(num_query_heads)
         self.store = store
@@ -120,7 +118,7 @@ class StreamedAttention:
         if self._cpu_units:
             self._offload = CpuDecodeOffload(
                 store, decode_split, query_per_kv=num_query_heads // layout.num_kv_heads, scale=scale,
-                layers=self.layers,
+                layers=self.layers, layer_groups=self.layer_groups,
             )
         self._gpu_groups = {
             split: {
@@ -170,7 +168,7 @@ class StreamedAttention:
                 self._staging.update(stage_layers(group_plan, layout.num_blocks, windows))
             self.transfers.begin_step(self._staging, stream, self._cpu_units if self._split else frozenset())
         if self._split:
-            self._offload.begin_step(plan)
+            self._offload.begin_step(plans)
 
     def forward(
         self,

@@ -167,12 +167,8 @@ class HeadInferRuntime:
         query_per_kv = next(iter(heads)) // capacity.layout.num_kv_heads
         decode_split = None
         if device.type == "cuda" and config.cpu_attention != "off" and store.streamed_units:
-            if len(self.groups) > 1:
-                logger.info("headinfer: decode streams every unit over PCIe: the decode split does not yet "
-                            "support several KV-cache groups")
-            else:
-                threads = config.cpu_threads or default_cpu_threads(len(host_ranks(vllm_config)))
-                decode_split = plan_split_at_startup(store, config.cpu_attention, query_per_kv, threads)
+            threads = config.cpu_threads or default_cpu_threads(len(host_ranks(vllm_config)))
+            decode_split = plan_split_at_startup(store, config.cpu_attention, query_per_kv, threads)
         self.attention = StreamedAttention(
             store, num_query_heads=heads.pop(), scale=scales.pop(), prefetch_depth=config.prefetch_depth,
             flash_version=flash_attn_version(vllm_config, capacity.layout.head_dim),

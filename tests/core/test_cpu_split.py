@@ -68,8 +68,11 @@ def test_split_decode_bf16(device):
     run_steps(scenario)
 
 
+@pytest.mark.parametrize("kv_groups", [1, 2])
 @pytest.mark.parametrize("pattern", ["gemma2", "gpt_oss", "windows"])
-def test_split_decode_with_windows_soft_caps_and_sinks(pattern):
+def test_split_decode_with_windows_soft_caps_and_sinks(pattern, kv_groups):
+    """With 2 KV-cache groups (windowed layers 0 and 2 in one, full layers 1 and 3 in the other, layers 2i and
+    2i + 1 sharing slot i), each layer's CPU units attend through its own group's block table."""
     layers = make_layers(pattern, num_query_heads=8, dtype=torch.float32, device="cpu")
     generator = torch.Generator().manual_seed(3)
     for variant in layers:
@@ -77,7 +80,7 @@ def test_split_decode_with_windows_soft_caps_and_sinks(pattern):
             variant.sinks.copy_(torch.randn(variant.sinks.shape, generator=generator))
     scenario = Scenario(
         num_layers=4, query_per_kv=2, layers=layers, cpu_groups={0: (3,), 1: (2, 3), 2: (0, 1, 2, 3), 3: (1, 2, 3)},
-        reference=lambda layer, *args: variant_reference(layers[layer], *args),
+        reference=lambda layer, *args: variant_reference(layers[layer], *args), kv_groups=kv_groups,
     )
     run_steps(scenario)
 
