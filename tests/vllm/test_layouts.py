@@ -26,6 +26,7 @@ pytestmark = pytest.mark.vllm
 BLOCK_SIZE = 32  # vLLM's stock backend gives windowed layers blocks of at least 32 tokens
 NUM_BLOCKS = 160
 FREED = ", windowed layers free their pages as they leave the window"
+KEPT = ", windowed layers keep every page, 83% of the host tier (they read only the pages in their window)"
 LAYOUTS = {
     "mistral_window": "sliding window 45 in 6 of 6 layers" + FREED,
     "phi3": "sliding window 63 in 6 of 6 layers" + FREED,
@@ -62,11 +63,12 @@ def prompts(seed: int) -> list[list[list[int]]]:
     return [first, [shared + tokens(30)]]
 
 
-def engine(backend: str, in_place: bool = False) -> dict:
+def engine(backend: str, in_place: bool = False, one_table: bool = False) -> dict:
+    """``one_table``: vLLM's hybrid KV-cache manager off, every layer over one block table."""
     common = dict(
         dtype="float32", max_model_len=1024, block_size=BLOCK_SIZE, enforce_eager=True, seed=0,
         enable_chunked_prefill=True, max_num_batched_tokens=128, long_prefill_token_threshold=64,
-        enable_prefix_caching=True,
+        enable_prefix_caching=True, disable_hybrid_kv_cache_manager=one_table,
     )
     if backend == "stock":
         return {**common, "kv_cache_memory_bytes": 64 << 20}
@@ -75,15 +77,17 @@ def engine(backend: str, in_place: bool = False) -> dict:
     return {**common, "attention_backend": "headinfer", "additional_config": settings}
 
 
-@pytest.fixture(scope="module", params=[*LAYOUTS, "gemma2-in-place", "gpt_oss-in-place"])
+@pytest.fixture(scope="module", params=[*LAYOUTS, "gemma2-in-place", "gpt_oss-in-place", "gemma3-one-table"])
 def runs(request, tmp_path_factory):
-    """``-in-place``: the CPU platform's default, the KV attended where it lies by the C++ kernel."""
-    family, in_place = request.param.removesuffix("-in-place"), request.param.endswith("-in-place")
+    """``-in-place``: the CPU platform's default, the KV attended where it lies by the C++ kernel.
+    ``-one-table``: ``--disable-hybrid-kv-cache-manager`` in both backends."""
+    family, _, variant = request.param.partition("-")
+    in_place, one_table = variant == "in-place", variant == "one-table"
     model = save_tiny_model(tmp_path_factory.mktemp(request.param), family)
     spec = {"model": str(model), "batches": prompts(seed=len(family)), "max_tokens": 10, "logprobs": 3}
-    results = {backend: run_in_subprocess({**spec, "engine": engine(backend, in_place)})
+    results = {backend: run_in_subprocess({**spec, "engine": engine(backend, in_place, one_table)})
                for backend in ("stock", "headinfer")}
-    return {**results, "family": family, "kernel": "cpu" if in_place else "sdpa"}
+    return {**results, "family": family, "kernel": "cpu" if in_place else "sdpa", "one_table": one_table}
 
 
 def test_tokens_and_logprobs_match_stock_backend(runs):
@@ -98,7 +102,10 @@ def test_headinfer_ran_with_each_layers_variant_and_reused_the_prefix(runs):
     layout = LAYOUTS[runs["family"]]
     kernel = f"kernel {runs['kernel']}"
     groups = ""
-    if runs["family"] in KV_CACHE_GROUPS:
+    if runs["one_table"]:  # every page stays in the host tier; NUM_BLOCKS blocks
+        layout = layout.replace(FREED, KEPT)
+        assert f"{NUM_BLOCKS} blocks of {BLOCK_SIZE} tokens" in log
+    elif runs["family"] in KV_CACHE_GROUPS:
         # The whole budget in the shared slots: NUM_BLOCKS blocks of every layer, pooled.
         num_groups, slots = KV_CACHE_GROUPS[runs["family"]]
         blocks = NUM_BLOCKS * SHAPE["num_hidden_layers"] // slots
@@ -109,4 +116,4 @@ def test_headinfer_ran_with_each_layers_variant_and_reused_the_prefix(runs):
     # sliding-window manager finds no hit for these prompts, with either backend.
     cached = runs["headinfer"]["outputs"][-1]["cached_tokens"]
     assert cached == runs["stock"]["outputs"][-1]["cached_tokens"]
-    assert cached > 0 or runs["family"] in UNIFORM_WINDOW
+    assert cached > 0 or (runs["family"] in UNIFORM_WINDOW and not runs["one_table"])
