@@ -240,3 +240,28 @@ def test_flash_attention_version_is_vllms_choice(model, monkeypatch):
     monkeypatch.setattr(fa_utils, "get_flash_attn_version", vllm_choice)
     assert flash_attn_version(config, 128) == 2
     assert asked == [(128, 128)]
+
+
+def test_gemma3_27b_layout_groups_as_the_readme_says(model):
+    """vLLM's own grouping of Gemma-3 27B's 62 layers (every sixth full, the rest windowed), with headinfer's
+    specs: 7 KV-cache groups of at most 10 layers, so the store has 10 slots (10/62 of one table's pages)."""
+    from vllm.v1.core.kv_cache_utils import get_kv_cache_groups
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+
+    from headinfer_vllm.vllm_plugin.backend import HeadInferBackend
+
+    config = config_for(model, {"cpu_kv_cache_gib": 0.01})
+    config.cache_config.kv_cache_layout = "LBNHC"  # the engine core resolves it at start-up; as it does on CPU
+    common = dict(block_size=BLOCK, num_kv_heads=16, head_size=128, dtype=torch.bfloat16)
+    specs = {
+        f"model.layers.{i}.self_attn.attn": HeadInferBackend.customize_spec(
+            FullAttentionSpec(**common) if (i + 1) % 6 == 0 else SlidingWindowSpec(**common, sliding_window=1024)
+        )
+        for i in range(62)
+    }
+    groups = get_kv_cache_groups(config, specs)
+    assert len(groups) == 7
+    assert max(len(group.layer_names) for group in groups) == 10
+    assert sorted(type(group.kv_cache_spec).__name__ for group in groups) == ["FullAttentionSpec"] + [
+        "SlidingWindowSpec"
+    ] * 6
