@@ -13,10 +13,13 @@
 // (f + h) * Q .. (f + h + 1) * Q - 1 (Q query heads per KV head): one pass over
 // a head's keys serves all of them.
 //
-// Work is split into items (unit, request, head, page range): a long sequence
-// is cut into page ranges (split-K) so that one request keeps every thread
-// busy. Each item runs an online softmax in fp32 over its pages, a tile of at
-// most kTile tokens at a time; items of one split sequence leave
+// Work is split into items (unit, request, head range, page range): a long
+// sequence is cut into page ranges (split-K) so that one request keeps every
+// thread busy. An item attends all the heads of its range over a tile of at
+// most kTile tokens before moving on, so the tile's rows (the heads of a token
+// side by side) are read from memory once, in order; the heads of a unit are
+// cut into ranges only when there would be too few items for the threads.
+// Each head runs an online softmax in fp32; items of one split sequence leave
 // (max, sum, unnormalized output) partials that a second pass merges by
 // log-sum-exp. Pages outside [first key, sequence end) are never read.
 //
@@ -29,6 +32,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX__) || defined(__F16C__) || defined(__FMA__)
@@ -237,6 +241,13 @@ struct Tile {
     keys[num_runs] = key_rows, values[num_runs] = value_rows, lengths[num_runs] = length;
     ++num_runs, num_tokens += length;
   }
+
+  // The same tokens, `elements` further along each row (another head).
+  Tile shifted(int64_t elements) const {
+    Tile tile = *this;
+    for (int run = 0; run < num_runs; ++run) tile.keys[run] += elements, tile.values[run] += elements;
+    return tile;
+  }
 };
 
 // Brings the line at `address` into the L2 cache. Inline assembly on x86: GCC's vectorizer drops
@@ -251,30 +262,35 @@ inline void prefetch_l2(const void* address) {
 
 // The K and V rows of the next tile, prefetched a few at a time while this tile is scored, so that
 // memory and arithmetic overlap (a burst of prefetches would stall the loads that follow it).
+// The rows are `row_bytes` long (the heads an item attends); a tile is scored once per head
+// (`passes`), so each step prefetches 1/passes of a row per key scored.
 template <typename T>
 struct Prefetch {
   const char* rows[kTile];  // K row of each token; its V row follows `values` bytes on
   int num_rows = 0, next = 0;
-  int64_t values = 0, row_bytes = 0, stride = 0;
+  int64_t offset = 0;  // next line of rows[next] to prefetch, in bytes
+  int64_t values = 0, row_bytes = 0, stride = 0, lines_per_key = 1;
 
-  Prefetch(int64_t block_size, int64_t row_stride, int64_t head_dim)
+  Prefetch(int64_t block_size, int64_t row_stride, int64_t row_elements, int64_t passes)
       : values(block_size * row_stride * int64_t(sizeof(T))),
-        row_bytes(head_dim * int64_t(sizeof(T))),
-        stride(row_stride * int64_t(sizeof(T))) {}
+        row_bytes(row_elements * int64_t(sizeof(T))),
+        stride(row_stride * int64_t(sizeof(T))),
+        lines_per_key(std::max<int64_t>(1, ((row_bytes + 63) / 64 + passes - 1) / passes)) {}
 
   void reset(const Tile<T>& tile) {
     num_rows = next = 0;
+    offset = 0;
     for (int run = 0; run < tile.num_runs; ++run)
       for (int t = 0; t < tile.lengths[run]; ++t)
         rows[num_rows++] = reinterpret_cast<const char*>(tile.keys[run]) + t * stride;
   }
 
   void step(int count) {
-    for (const int end = std::min(num_rows, next + count); next < end; ++next) {
-      for (int64_t offset = 0; offset < row_bytes; offset += 64) {
-        prefetch_l2(rows[next] + offset);
-        prefetch_l2(rows[next] + values + offset);
-      }
+    for (int64_t lines = count * lines_per_key; lines > 0 && next < num_rows; --lines) {
+      prefetch_l2(rows[next] + offset);
+      prefetch_l2(rows[next] + values + offset);
+      offset += 64;
+      if (offset >= row_bytes) offset = 0, ++next;
     }
   }
 };
@@ -476,17 +492,18 @@ struct Call {
   const float* sinks;
 };
 
-// The keys of one KV head of one request in pages [first_page, end_page).
+// The keys of KV heads [first_head, first_head + num_heads) of a unit, for one request, in pages
+// [first_page, end_page).
 struct Item {
-  int32_t unit, request, head, split;
+  int32_t unit, request, first_head, num_heads;
   int64_t first_page, end_page;
-  int64_t partial;  // offset of this item's partial (max, sum, acc) in the partials buffer; -1: none
+  int64_t partial;  // offset of this item's partials (one per head, in turn) in the partials buffer; -1: none
 };
 
 // A (unit, request, head) whose keys were split: its items' partials, to merge.
 struct Merge {
   int32_t unit, request, head, num_splits;
-  int64_t first_partial;
+  int64_t first_partial, split_stride;  // split i's partial of this head: first_partial + i * split_stride
 };
 
 struct Keys {
@@ -535,39 +552,47 @@ template <int DT>
 void run_item(const Call& c, const Item& item, Scratch& s, float* partials) {
   using E = Element<DT>;
   using T = typename E::T;
-  const int64_t D = c.head_dim, B = c.block_size, Q = c.query_per_kv;
+  const int64_t D = c.head_dim, B = c.block_size, Q = c.query_per_kv, H = item.num_heads;
   const int64_t heads = c.unit_heads[item.unit];
-  s.queries.resize(Q * D);
-  s.acc.assign(Q * D, 0.0f);
+  // Per head h of the item: queries, accumulators [h * Q * D ..], running max and sum [h * Q ..].
+  s.queries.resize(H * Q * D);
+  s.acc.assign(H * Q * D, 0.0f);
   s.scores.resize(Q * kTile);
-  s.max.assign(Q, -std::numeric_limits<float>::infinity());
-  s.sum.assign(Q, 0.0f);
+  s.max.assign(H * Q, -std::numeric_limits<float>::infinity());
+  s.sum.assign(H * Q, 0.0f);
   const T* query = static_cast<const T*>(c.query) + item.request * c.query_row_stride;
-  for (int q = 0; q < Q; ++q) {
-    const T* row = query + query_head(c, item.unit, item.head, q) * c.query_head_stride;
-    for (int64_t d = 0; d < D; ++d) s.queries[q * D + to_slots<DT>(d, D)] = E::to_float(row[d]) * c.scale;
+  for (int64_t h = 0; h < H; ++h) {
+    for (int q = 0; q < Q; ++q) {
+      const T* row = query + query_head(c, item.unit, int(item.first_head + h), q) * c.query_head_stride;
+      float* slots = s.queries.data() + (h * Q + q) * D;
+      for (int64_t d = 0; d < D; ++d) slots[to_slots<DT>(d, D)] = E::to_float(row[d]) * c.scale;
+    }
   }
   const Keys keys = keys_of(c, item.request);
   const T* pages = static_cast<const T*>(c.unit_pages[item.unit]);
   const int32_t* table = c.block_table + item.request * c.block_table_stride;
   const int64_t row_stride = heads * D, page_elements = 2 * B * row_stride;
-  Prefetch<T> prefetch(B, row_stride, D);
-  auto attend = [&](const Tile<T>& tile) {
+  Prefetch<T> prefetch(B, row_stride, H * D, H);
+  auto attend = [&](const Tile<T>& first_head_tile) {
     float* scores = s.scores.data();
-    for_query_blocks(int(Q), [&](int q, auto block) {
-      score_tile<DT, decltype(block)::value>(s.queries.data() + q * D, D, tile, row_stride, scores + q * kTile,
-                                             prefetch);
-    });
-    prefetch.step(kTile);
-    if (c.logits_soft_cap > 0.0f) {
-      const float cap = c.logits_soft_cap;
-      for (int q = 0; q < Q; ++q)
-        for (int t = 0; t < tile.num_tokens; ++t) scores[q * kTile + t] = cap * std::tanh(scores[q * kTile + t] / cap);
+    for (int64_t h = 0; h < H; ++h) {
+      const Tile<T> tile = first_head_tile.shifted(h * D);
+      const float* queries = s.queries.data() + h * Q * D;
+      float* acc = s.acc.data() + h * Q * D;
+      for_query_blocks(int(Q), [&](int q, auto block) {
+        score_tile<DT, decltype(block)::value>(queries + q * D, D, tile, row_stride, scores + q * kTile, prefetch);
+      });
+      if (c.logits_soft_cap > 0.0f) {
+        const float cap = c.logits_soft_cap;
+        for (int q = 0; q < Q; ++q)
+          for (int t = 0; t < tile.num_tokens; ++t) scores[q * kTile + t] = cap * std::tanh(scores[q * kTile + t] / cap);
+      }
+      softmax_tile(scores, tile.num_tokens, int(Q), D, s.max.data() + h * Q, s.sum.data() + h * Q, acc);
+      for_query_blocks(int(Q), [&](int q, auto block) {
+        accumulate_tile<DT, decltype(block)::value>(scores + q * kTile, tile, row_stride, acc + q * D, D);
+      });
     }
-    softmax_tile(scores, tile.num_tokens, int(Q), D, s.max.data(), s.sum.data(), s.acc.data());
-    for_query_blocks(int(Q), [&](int q, auto block) {
-      accumulate_tile<DT, decltype(block)::value>(scores + q * kTile, tile, row_stride, s.acc.data() + q * D, D);
-    });
+    prefetch.step(kTile);  // whatever the passes left of the next tile
   };
   // Keys [key, end_key) of this item, kTile at a time, in runs that each lie in one page.
   int64_t key = std::max(keys.begin, item.first_page * B);
@@ -576,7 +601,7 @@ void run_item(const Call& c, const Item& item, Scratch& s, float* partials) {
     tile.num_runs = tile.num_tokens = 0;
     while (key < end_key && tile.num_tokens < kTile) {
       const int n = int(std::min({kTile - int64_t(tile.num_tokens), end_key - key, B - key % B}));
-      const T* k_rows = pages + table[key / B] * page_elements + (key % B) * row_stride + item.head * D;
+      const T* k_rows = pages + table[key / B] * page_elements + (key % B) * row_stride + item.first_head * D;
       tile.add(k_rows, k_rows + B * row_stride, n);
       key += n;
     }
@@ -590,22 +615,25 @@ void run_item(const Call& c, const Item& item, Scratch& s, float* partials) {
     prefetch.reset(ahead);
     attend(tiles[i % (kPrefetchTiles + 1)]);
   }
-  if (item.partial < 0) {
-    write_output<DT>(c, item.unit, item.request, item.head, s.max.data(), s.sum.data(), s.acc.data());
-    return;
-  }
-  float* partial = partials + item.partial;
-  for (int q = 0; q < Q; ++q) {
-    partial[q * (D + 2)] = s.max[q];
-    partial[q * (D + 2) + 1] = s.sum[q];
-    std::memcpy(partial + q * (D + 2) + 2, s.acc.data() + q * D, D * sizeof(float));
+  for (int64_t h = 0; h < H; ++h) {
+    const float *max = s.max.data() + h * Q, *sum = s.sum.data() + h * Q, *acc = s.acc.data() + h * Q * D;
+    if (item.partial < 0) {
+      write_output<DT>(c, item.unit, item.request, int(item.first_head + h), max, sum, acc);
+      continue;
+    }
+    float* partial = partials + item.partial + h * partial_floats(c);
+    for (int q = 0; q < Q; ++q) {
+      partial[q * (D + 2)] = max[q];
+      partial[q * (D + 2) + 1] = sum[q];
+      std::memcpy(partial + q * (D + 2) + 2, acc + q * D, D * sizeof(float));
+    }
   }
 }
 
 // Log-sum-exp merge of one head's split partials into the output.
 template <int DT>
 void run_merge(const Call& c, const Merge& merge, Scratch& s, const float* partials) {
-  const int64_t D = c.head_dim, Q = c.query_per_kv, stride = partial_floats(c);
+  const int64_t D = c.head_dim, Q = c.query_per_kv, stride = merge.split_stride;
   s.acc.assign(Q * D, 0.0f);
   s.max.assign(Q, -std::numeric_limits<float>::infinity());
   s.sum.assign(Q, 0.0f);
@@ -642,22 +670,44 @@ int plan(const Call& c, int& num_threads, std::vector<Item>& items, std::vector<
   const int64_t element = c.dtype == kFloat32 ? 4 : 2;
   const int64_t bytes = total_pages * 2 * B * c.head_dim * element;
   num_threads = int(std::max<int64_t>(1, std::min<int64_t>(num_threads, bytes / kMinBytesPerThread)));
-  // Split so that there are about kItemsPerThread items per thread, none under kMinSplitTokens keys.
+  // Split so that there are about kItemsPerThread items per thread, none under kMinSplitTokens keys:
+  // by pages first, whole units at a time; then, where that leaves threads idle, by heads too.
+  const int64_t wanted = int64_t(num_threads) * kItemsPerThread;
   const int64_t min_pages = std::max<int64_t>(1, (kMinSplitTokens + B - 1) / B);
-  const int64_t target = std::max<int64_t>(1, total_pages / (int64_t(num_threads) * kItemsPerThread));
-  const int64_t chunk = std::max(min_pages, target);
+  const int64_t target = std::max<int64_t>(1, total_pages / wanted);  // pages times heads per item
+  auto pages_of = [&](int64_t r) {
+    const Keys keys = keys_of(c, r);
+    return std::pair<int64_t, int64_t>(keys.begin / B, (keys.end + B - 1) / B);
+  };
+  auto page_splits = [&](int64_t pages, int64_t range_heads) -> int64_t {
+    if (num_threads <= 1) return 1;
+    const int64_t per_item = std::max(min_pages, (target + range_heads - 1) / range_heads);
+    return std::max<int64_t>(1, (pages + per_item - 1) / per_item);
+  };
+  int64_t whole_units = 0;
+  for (int u = 0; u < c.num_units; ++u)
+    for (int64_t r = 0; r < c.num_requests; ++r) {
+      const auto [first, end] = pages_of(r);
+      whole_units += page_splits(end - first, c.unit_heads[u]);
+    }
+  const int64_t head_cuts = num_threads > 1 && whole_units < wanted ? (wanted + whole_units - 1) / whole_units : 1;
+  const int64_t floats = partial_floats(c);
   int64_t partial = 0;
   for (int u = 0; u < c.num_units; ++u) {
+    const int64_t heads = c.unit_heads[u], range = std::max<int64_t>(1, (heads + head_cuts - 1) / head_cuts);
     for (int64_t r = 0; r < c.num_requests; ++r) {
-      const Keys keys = keys_of(c, r);
-      const int64_t first = keys.begin / B, end = (keys.end + B - 1) / B, pages = end - first;
-      const int64_t splits = num_threads > 1 ? std::max<int64_t>(1, (pages + chunk - 1) / chunk) : 1;
-      for (int64_t h = 0; h < c.unit_heads[u]; ++h) {
-        if (splits > 1) merges.push_back({u, int32_t(r), int32_t(h), int32_t(splits), partial});
+      const auto [first, end] = pages_of(r);
+      const int64_t pages = end - first;
+      for (int64_t first_head = 0; first_head < heads; first_head += range) {
+        const int64_t range_heads = std::min(range, heads - first_head), splits = page_splits(pages, range_heads);
+        for (int64_t h = 0; splits > 1 && h < range_heads; ++h)
+          merges.push_back({u, int32_t(r), int32_t(first_head + h), int32_t(splits), partial + h * floats,
+                            range_heads * floats});
         for (int64_t i = 0; i < splits; ++i) {
           const int64_t begin = first + pages * i / splits, stop = first + pages * (i + 1) / splits;
-          items.push_back({u, int32_t(r), int32_t(h), int32_t(i), begin, stop, splits > 1 ? partial : -1});
-          if (splits > 1) partial += partial_floats(c);
+          items.push_back({u, int32_t(r), int32_t(first_head), int32_t(range_heads), begin, stop,
+                           splits > 1 ? partial : -1});
+          if (splits > 1) partial += range_heads * floats;
         }
       }
     }
@@ -675,7 +725,8 @@ int run(const Call& c, int num_threads, int64_t* bad_index) {
   const int status = plan(c, num_threads, items, merges, bad_index);
   if (status != kOk) return status;
   int64_t partial_size = 0;
-  for (const Merge& m : merges) partial_size = m.first_partial + m.num_splits * partial_floats(c);
+  for (const Merge& m : merges)
+    partial_size = std::max(partial_size, m.first_partial + (m.num_splits - 1) * m.split_stride + partial_floats(c));
   partials.resize(partial_size);
   const int64_t num_items = int64_t(items.size()), num_merges = int64_t(merges.size());
   const int threads = int(std::max<int64_t>(1, std::min<int64_t>(num_threads, num_items)));
