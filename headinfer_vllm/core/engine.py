@@ -109,6 +109,10 @@ class StreamedAttention:
             for group in range(self.num_groups)
         ]
         """Per KV-cache group, the sliding window of each of its layers with streamed units."""
+        self._streamed_units_per_group = [0] * self.num_groups
+        for layer, group in enumerate(self.layer_groups):
+            self._streamed_units_per_group[group] += len(store.streamed_groups(layer))
+        """Per KV-cache group, the streamed units of its layers (for the step's host-tier bytes)."""
         self._cpu_units = decode_split.cpu_units if decode_split is not None else frozenset()
         """Streamed units that the CPU attends in decode-only steps."""
         if self._cpu_units - set(store.streamed_units):
@@ -156,8 +160,8 @@ class StreamedAttention:
         traffic, layout, store = self.transfers.traffic, self.store.layout, self.store
         traffic.steps += 1
         traffic.step_host_bytes = (layout.unit_bytes // layout.num_blocks) * sum(
-            min(plans[self.layer_groups[layer]].num_page_refs, layout.num_blocks) * len(store.streamed_groups(layer))
-            for layer in range(store.num_layers)
+            min(group_plan.num_page_refs, layout.num_blocks) * units
+            for group_plan, units in zip(plans, self._streamed_units_per_group, strict=True)
         )
         stream = self._current_stream()
         plan = plans[0]

@@ -29,9 +29,9 @@ from headinfer_vllm.core.cpu_split import (
 from headinfer_vllm.core.device_memory import check_device_budget
 from headinfer_vllm.vllm_plugin.metrics import HeadInferMetrics
 from headinfer_vllm.vllm_plugin.settings import (
-    APPLIED_KEY,
     SETTINGS_KEY,
     attends_in_place,
+    engine_planned_blocks,
     host_ranks,
     numa_node_count,
     parallel_ranks,
@@ -132,7 +132,7 @@ class HeadInferRuntime:
         slot_of = {name: slot for names in self.groups for slot, name in enumerate(names)}
         num_slots = max(len(names) for names in self.groups)
         capacity = worker_capacity(vllm_config, config, num_slots)  # this rank's: its layers, its KV heads
-        if (vllm_config.additional_config or {}).get(APPLIED_KEY) is not None:
+        if engine_planned_blocks(vllm_config):
             if capacity.layout.num_blocks != vllm_config.cache_config.num_gpu_blocks_override:
                 raise RuntimeError(
                     f"headinfer: the worker plans {capacity.layout.num_blocks} blocks of "

@@ -156,6 +156,12 @@ def uses_kv_cache_groups(vllm_config: VllmConfig) -> bool:
     return model.get_sliding_window() is not None or any("sliding" in str(kind) for kind in layer_types)
 
 
+def engine_planned_blocks(vllm_config: VllmConfig) -> bool:
+    """Whether :func:`apply_settings` fixed the block count (``num_gpu_blocks_override``); False where vLLM
+    sizes the block pool for its KV-cache groups."""
+    return (vllm_config.additional_config or {}).get(APPLIED_KEY) is not None
+
+
 def worker_capacity(vllm_config: VllmConfig, config: HeadInferConfig, num_slots: int) -> CapacityPlan:
     """This rank's plan for a store of ``num_slots`` slots (its layers, when they share one KV-cache group).
 
@@ -164,7 +170,7 @@ def worker_capacity(vllm_config: VllmConfig, config: HeadInferConfig, num_slots:
     cache) is taken and the residency planned around it; otherwise the plan
     is the engine's (:func:`capacity_for`).
     """
-    if (vllm_config.additional_config or {}).get(APPLIED_KEY) is not None:
+    if engine_planned_blocks(vllm_config):
         return capacity_for(vllm_config, config)
     model, parallel = vllm_config.model_config, vllm_config.parallel_config
     if vllm_config.cache_config.num_gpu_blocks is None:
