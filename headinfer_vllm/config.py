@@ -77,6 +77,17 @@ class HeadInferConfig:
     thread, so torch's count is no guide there); on vLLM's CPU platform,
     torch's thread count, which vLLM's CPU worker binds to its cores."""
 
+    host_memory_check: str = "strict"
+    """What a host budget larger than the host's available memory (``MemAvailable``) does: ``strict`` or ``warn``.
+
+    ``strict`` refuses it before allocating, with an error that names both
+    sizes. ``warn`` logs a warning and allocates anyway: for hosts whose
+    memory grows on demand (VMs with memory ballooning, some containers),
+    where ``MemAvailable`` at start-up is far below what the host can give.
+    Checked by the transformers cache, the vLLM engine (at config time) and
+    each vLLM worker; each logs which mode applied. Environment variable:
+    ``HEADINFER_HOST_MEMORY_CHECK``."""
+
     def __post_init__(self) -> None:
         if not self.cpu_kv_cache_gib > 0:
             raise ValueError(
@@ -97,6 +108,11 @@ class HeadInferConfig:
             )
         if self.cpu_threads < 0:
             raise ValueError(f"headinfer: cpu_threads must be >= 0 (0: auto), got {self.cpu_threads!r}")
+        if self.host_memory_check not in HOST_MEMORY_CHECK_CHOICES:
+            raise ValueError(
+                f"headinfer: host_memory_check must be one of {', '.join(HOST_MEMORY_CHECK_CHOICES)}, "
+                f"got {self.host_memory_check!r}"
+            )
         if self.cpu_attention not in CPU_ATTENTION_CHOICES:
             raise ValueError(
                 f"headinfer: cpu_attention must be one of {', '.join(CPU_ATTENTION_CHOICES)}, "
@@ -141,12 +157,14 @@ class HeadInferConfig:
 
 _FLOAT_FIELDS = {"cpu_kv_cache_gib", "gpu_kv_cache_gib"}
 CPU_ATTENTION_CHOICES = ("auto", "all", "off")
+HOST_MEMORY_CHECK_CHOICES = ("strict", "warn")
+_CHOICE_FIELDS = {"cpu_attention": CPU_ATTENTION_CHOICES, "host_memory_check": HOST_MEMORY_CHECK_CHOICES}
 
 
 def _parse(name: str, value: Any, origin: str) -> Any:
-    if name == "cpu_attention":
+    if name in _CHOICE_FIELDS:
         if not isinstance(value, str):
-            raise ValueError(f"headinfer: {origin} must be one of {', '.join(CPU_ATTENTION_CHOICES)}, got {value!r}")
+            raise ValueError(f"headinfer: {origin} must be one of {', '.join(_CHOICE_FIELDS[name])}, got {value!r}")
         return value.strip().lower()
     if value is None or (isinstance(value, str) and value.lower() in ("none", "auto")):
         if name in ("gpu_kv_cache_gib", "head_group_size"):

@@ -30,11 +30,18 @@ def test_settings_override_environment():
         ({"cpu_kv_cache": 1}, "unknown setting 'cpu_kv_cache'"),
         ({"cpu_attention": "gpu"}, "cpu_attention must be one of auto, all, off"),
         ({"cpu_attention": 1}, "setting 'cpu_attention' must be one of auto, all, off"),
+        ({"host_memory_check": "lenient"}, "host_memory_check must be one of strict, warn"),
     ],
 )
 def test_bad_settings_are_refused_with_their_name(settings, message):
     with pytest.raises(ValueError, match=message):
         HeadInferConfig.from_sources(settings, environ={})
+
+
+def test_host_memory_check_from_its_environment_variable():
+    assert HeadInferConfig().host_memory_check == "strict"
+    config = HeadInferConfig.from_sources(environ={"HEADINFER_HOST_MEMORY_CHECK": " WARN "})
+    assert config.host_memory_check == "warn"
 
 
 def test_bad_environment_value_names_the_variable():

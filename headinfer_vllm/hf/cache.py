@@ -19,13 +19,14 @@ Batch rows are equal-length sequences (no padding). Row ``r`` owns block ids
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import weakref
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from headinfer_vllm.config import HeadInferConfig
+from headinfer_vllm.config import ENV_PREFIX, HeadInferConfig
 from headinfer_vllm.core import HeadPageStore, LayerAttention, StreamedAttention, build_step_plan, plan_capacity
 from headinfer_vllm.core.host_memory import check_host_budget
 from headinfer_vllm.hf.support import ATTN_IMPLEMENTATION, attention_geometry
@@ -125,6 +126,9 @@ class HeadInferCache(Cache):
             each layer's sliding window, soft-cap and sinks, and the scale.
         cpu_kv_cache_gib, gpu_kv_cache_gib, head_group_size, prefetch_depth:
             as in :class:`headinfer_vllm.config.HeadInferConfig`.
+        host_memory_check: ``strict`` or ``warn``, as in
+            :class:`~headinfer_vllm.config.HeadInferConfig`; ``None`` reads
+            ``HEADINFER_HOST_MEMORY_CHECK``, else ``strict``.
         block_size: tokens per page.
         prefill_chunk_size: tokens per forward pass in :meth:`prefill`.
         dtype: KV dtype; defaults to ``config.dtype``.
@@ -141,6 +145,7 @@ class HeadInferCache(Cache):
         gpu_kv_cache_gib: float | None = HeadInferConfig.gpu_kv_cache_gib,
         head_group_size: int | None = HeadInferConfig.head_group_size,
         prefetch_depth: int = HeadInferConfig.prefetch_depth,
+        host_memory_check: str | None = None,
         block_size: int = 256,
         prefill_chunk_size: int = 8192,
         dtype: torch.dtype | None = None,
@@ -154,6 +159,7 @@ class HeadInferCache(Cache):
             gpu_kv_cache_gib=gpu_kv_cache_gib,
             head_group_size=head_group_size,
             prefetch_depth=prefetch_depth,
+            host_memory_check=host_memory_check or _environment_host_memory_check(),
         )
         self.plan = plan_capacity(
             num_layers=self.geometry.num_layers,
@@ -195,7 +201,7 @@ class HeadInferCache(Cache):
             if device.type != self.store.device.type:
                 raise ValueError(f"headinfer: the cache lives on {self.store.device}, the model runs on {device}")
             return
-        check_host_budget(self.plan.host_bytes)
+        check_host_budget(self.plan.host_bytes, self.settings.host_memory_check)
         self.store = HeadPageStore.from_plan(self.plan, device)
         geometry = self.geometry
         if geometry.sinks:
@@ -393,3 +399,8 @@ def _config_dtype(config) -> torch.dtype:
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     return dtype if isinstance(dtype, torch.dtype) else torch.get_default_dtype()
+
+
+def _environment_host_memory_check() -> str:
+    """``HEADINFER_HOST_MEMORY_CHECK`` (the vLLM plugin's variable too), else ``strict``."""
+    return (os.environ.get(ENV_PREFIX + "HOST_MEMORY_CHECK") or HeadInferConfig.host_memory_check).strip().lower()

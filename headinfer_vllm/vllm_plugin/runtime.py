@@ -157,7 +157,7 @@ class HeadInferRuntime:
                 f"headinfer: this rank's attention layers have {sorted(kv_heads)} KV heads but its plan has "
                 f"{capacity.layout.num_kv_heads}"
             )
-        host_memory.check_host_budget(capacity.host_bytes)  # this rank's tier, on the host it runs on
+        host_memory.check_host_budget(capacity.host_bytes, config.host_memory_check)  # this rank's tier, on its host
         self.layer_index = {name: index for index, name in enumerate(layer_names)}
         self.layer_groups = tuple(group_of[name] for name in layer_names)
         _, vllm_device_bytes = vllm_buffer_bytes(vllm_config)

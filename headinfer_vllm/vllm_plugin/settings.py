@@ -410,22 +410,22 @@ def check_budgets(vllm_config: VllmConfig, config: HeadInferConfig) -> None:
     what = "cpu_kv_cache_gib" if engines == 1 else f"cpu_kv_cache_gib × {engines} data-parallel engines"
     if ranks > 1:
         what += f" ({engines * ranks} ranks on this host)"
-    requested, free = engines * (tiers + buffers), host_memory.free_host_bytes()
-    if free is not None and requested > free:
-        raise ValueError(
-            f"headinfer: {what} asks for {requested / GIB:.2f} GiB of host memory but only {free / GIB:.2f} GiB "
-            "is available; lower cpu_kv_cache_gib"
-        )
+    requested = engines * (tiers + buffers)
+    host_memory.check_host_budget(requested, config.host_memory_check, what)
+    free = host_memory.free_host_bytes()
     if free is not None and not long_context_defaults_apply():
         # Off CUDA the device tier is host memory too: it must fit beside the host tiers.
         device = engines * ranks * engine_capacity(vllm_config, config).device_bytes
         if requested + device > free:
             left = max(free - requested, 0) // (engines * ranks)
-            raise ValueError(
+            message = (
                 f"headinfer: gpu_kv_cache_gib={config.gpu_kv_cache_gib} asks for {device / GIB:.2f} GiB, which "
                 f"without CUDA is host memory too, and only {left / GIB:.3f} GiB per rank is left beside the host "
                 f"tier; lower gpu_kv_cache_gib to at most {left / GIB:.3f}, or unset it"
             )
+            if config.host_memory_check == "strict":
+                raise ValueError(message)
+            logger.warning("%s (host_memory_check=warn: going on)", message)
 
 
 def recommend_numa_binding(vllm_config: VllmConfig) -> None:

@@ -106,3 +106,19 @@ def test_attention_not_routed_for_a_layer():
     cache.update(key, key, 0)
     with pytest.raises(RuntimeError, match="attention of layer 0 did not run"):
         cache.update(key, key, 1)
+
+
+def test_host_budget_over_available_memory_refused_unless_the_check_warns(monkeypatch, caplog):
+    """A host whose memory grows on demand reports little MemAvailable: ``warn`` (or its variable) trusts it."""
+    from headinfer_vllm.core import host_memory
+
+    monkeypatch.setattr(host_memory, "free_host_bytes", lambda: 1 << 20)
+    config = tiny_models.model_config("llama")
+    with pytest.raises(ValueError, match=r"cpu_kv_cache_gib asks for .* only 0.00 GiB is available"):
+        HeadInferCache(config, cpu_kv_cache_gib=0.01, device="cpu")
+    cache = HeadInferCache(config, cpu_kv_cache_gib=0.01, host_memory_check="warn", device="cpu")
+    assert cache.store is not None and "host memory check (warn)" in caplog.text
+    monkeypatch.setenv("HEADINFER_HOST_MEMORY_CHECK", "warn")
+    assert HeadInferCache(config, cpu_kv_cache_gib=0.01, device="cpu").store is not None
+    with pytest.raises(ValueError, match="host_memory_check must be one of strict, warn"):
+        HeadInferCache(config, host_memory_check="lenient")

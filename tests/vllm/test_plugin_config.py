@@ -5,6 +5,8 @@ runs the platform hook, exactly as ``LLM(...)`` and ``vllm serve`` do, without
 starting an engine.
 """
 
+import logging
+
 import pytest
 import torch
 
@@ -181,6 +183,23 @@ def test_host_check_counts_every_data_parallel_engine(model, monkeypatch):
     config_for(model, {"cpu_kv_cache_gib": budget / 2**30})  # one engine fits
     with pytest.raises(ValueError, match=r"× 2 data-parallel engines asks for .* GiB"):
         config_for(model, {"cpu_kv_cache_gib": budget / 2**30}, data_parallel_size=2)
+
+
+def test_host_check_warns_instead_where_the_user_trusts_the_host(model, monkeypatch, caplog):
+    """``host_memory_check=warn`` (hosts whose memory grows on demand): the plan goes on, the log says why."""
+    from headinfer_vllm.core import host_memory
+    from headinfer_vllm.vllm_plugin import settings
+
+    budget = 300 * BYTES_PER_BLOCK
+    monkeypatch.setattr(host_memory, "free_host_bytes", lambda: budget // 2)
+    monkeypatch.setattr(settings, "long_context_defaults_apply", lambda: True)  # CUDA: staging is not host memory
+    monkeypatch.setattr(logging.getLogger("headinfer_vllm"), "propagate", True)
+    caplog.set_level(logging.WARNING, logger="headinfer_vllm")
+    with pytest.raises(ValueError, match=r"only .* GiB is available; lower cpu_kv_cache_gib, or set host_memory_che"):
+        config_for(model, {"cpu_kv_cache_gib": budget / 2**30})
+    config = config_for(model, {"cpu_kv_cache_gib": budget / 2**30, "host_memory_check": "warn"})
+    assert config.cache_config.num_gpu_blocks_override == 300
+    assert "host memory check (warn)" in caplog.text
 
 
 def test_host_check_counts_vllm_buffers_that_grow_with_context(model, monkeypatch):
