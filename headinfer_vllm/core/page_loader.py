@@ -8,8 +8,8 @@
 
 ``src_ids`` (and ``dst_rows``) hold ``capacity`` entries, a bound known on the
 host; ``count <= capacity``, a 1-element integer tensor, is known only on the
-device. Nothing past ``count`` is read or written, so padded entries cost no
-traffic and a step moves each distinct page once.
+device. The kernel reads and writes nothing past ``count``, so padded entries
+cost no traffic and a step moves each distinct page once.
 
 Two paths, chosen once per device (:func:`choose_path`) and logged on the
 ``headinfer_vllm`` logger:
@@ -36,10 +36,11 @@ copy-engine ceiling on 4 of 152 SMs). ``benchmarks/bench_page_loader.py``
 measures 4 to 64 CTAs against ``index_select`` and the copy engine.
 
 Tests run the kernel through Triton's interpreter on CPU tensors
-(``TRITON_INTERPRET=1``, set before Triton is imported). The interpreter's
-behaviour differs between Triton versions (how it copies arguments, which
-language features it supports); CI runs Triton 3.9.0 (the version vLLM's CPU
-install leaves), the GPU machine compiles with Triton 3.6.
+(``TRITON_INTERPRET=1``, set before Triton is imported) and compile it for
+sm_90 without a GPU. The interpreter's behaviour differs between Triton
+versions (how it stages tensor arguments, which language features it accepts:
+its loop indices are Python ints, hence ``tl.cast`` over ``.to``). CI has
+Triton 3.9.0; the tests also pass with 3.6.0, which the GPU machine compiles with.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ import functools
 import logging
 
 import torch
+
+from headinfer_vllm.core.host_memory import indexed
 
 logger = logging.getLogger("headinfer_vllm")
 
@@ -174,7 +177,7 @@ class PageLoader:
     """Loads pages on one device through the path :func:`choose_path` picked."""
 
     def __init__(self, device: torch.device | str, path: str = "auto", num_ctas: int = DEFAULT_NUM_CTAS) -> None:
-        self.device = torch.device(device)
+        self.device = indexed(device)
         self.path, self.reason = choose_path(self.device, path)
         self.num_ctas = num_ctas
 
@@ -200,15 +203,16 @@ def self_check(device: torch.device, num_ctas: int = DEFAULT_NUM_CTAS) -> None:
     that is not a whole number of chunks. Raises ``AssertionError`` on a mismatch.
     """
     generator = torch.Generator().manual_seed(0)
-    src = torch.randint(-(2**62), 2**62, (37, 1000), generator=generator).to(device)
+    page_words = 2 * DEFAULT_BLOCK_BYTES // 8 + 40  # int64 words: the chunk size of real pages, and a remainder
+    src = torch.randint(-(2**62), 2**62, (37, page_words), generator=generator).to(device)
     src_ids = torch.randint(0, 37, (24,), generator=generator).to(device)
     dst_rows = torch.randperm(40, generator=generator)[:24].to(device)
     count = torch.tensor([19], device=device)
     for rows in (None, dst_rows):
-        expected = torch.full((40, 1000), -1, dtype=src.dtype, device=device)
+        expected = torch.full((40, page_words), -1, dtype=src.dtype, device=device)
         index_select_pages(src, expected, src_ids, count, rows, read_count=True)
         dst = torch.full_like(expected, -1)
-        copy_pages(src, dst, src_ids, count, rows, num_ctas=num_ctas, block_bytes=4096)
+        copy_pages(src, dst, src_ids, count, rows, num_ctas=num_ctas)
         assert torch.equal(dst, expected), "the kernel's pages differ from index_select's"
 
 
