@@ -51,7 +51,7 @@ import logging
 
 import torch
 
-from headinfer_vllm.core.host_memory import indexed
+from headinfer_vllm.core.host_memory import allocate_host, device_view, indexed
 
 logger = logging.getLogger("headinfer_vllm")
 
@@ -197,14 +197,17 @@ class PageLoader:
 
 
 def self_check(device: torch.device, num_ctas: int = DEFAULT_NUM_CTAS) -> None:
-    """Copy random pages with the kernel on ``device`` and compare with ``index_select`` (syncs once).
+    """Copy random pages from mapped host memory with the kernel on ``device``; compare with ``index_select``.
 
-    Covers duplicates, a count below the capacity, both row modes and a page
-    that is not a whole number of chunks. Raises ``AssertionError`` on a mismatch.
+    Syncs (start-up only). Covers duplicates, a count below the capacity, both row modes and a page
+    that is not a whole number of chunks. Raises ``RuntimeError`` on a mismatch.
     """
     generator = torch.Generator().manual_seed(0)
     page_words = 2 * DEFAULT_BLOCK_BYTES // 8 + 40  # int64 words: the chunk size of real pages, and a remainder
-    src = torch.randint(-(2**62), 2**62, (37, page_words), generator=generator).to(device)
+    # The source as loads see it: host memory, pinned and mapped into the device's address space on CUDA.
+    host = allocate_host((37, page_words), torch.int64, pin=device.type == "cuda")
+    host.copy_(torch.randint(-(2**62), 2**62, (37, page_words), generator=generator))
+    src = device_view(host, device)
     src_ids = torch.randint(0, 37, (24,), generator=generator).to(device)
     dst_rows = torch.randperm(40, generator=generator)[:24].to(device)
     count = torch.tensor([19], device=device)
@@ -213,7 +216,9 @@ def self_check(device: torch.device, num_ctas: int = DEFAULT_NUM_CTAS) -> None:
         index_select_pages(src, expected, src_ids, count, rows, read_count=True)
         dst = torch.full_like(expected, -1)
         copy_pages(src, dst, src_ids, count, rows, num_ctas=num_ctas)
-        assert torch.equal(dst, expected), "the kernel's pages differ from index_select's"
+        if not torch.equal(dst, expected):
+            mode = "compact" if rows is None else "scattered"
+            raise RuntimeError(f"the kernel's pages differ from index_select's ({mode} rows)")
 
 
 def _triton_failure(device: torch.device) -> str | None:

@@ -240,6 +240,43 @@ def test_forced_and_unknown_paths():
         choose_path(torch.device("cpu"), "memcpy")
 
 
+@pytest.mark.parametrize(
+    ("failure", "chosen"),
+    [
+        (None, ("triton", "passed its self-check")),
+        (
+            "Triton does not import (no module)",
+            ("index_select", "the Triton kernel is unusable: Triton does not import (no module)"),
+        ),
+    ],
+)
+def test_auto_path_on_cuda_takes_the_kernel_only_when_it_passes(monkeypatch, caplog, failure, chosen):
+    """The choice's logic, with the check's verdict given (a ``cuda`` device object needs no GPU)."""
+    monkeypatch.setattr(page_loader, "_triton_failure", lambda device: failure)
+    choose_path.cache_clear()
+    try:
+        with caplog.at_level(logging.INFO, logger="headinfer_vllm"):
+            assert choose_path(torch.device("cuda", 0)) == chosen
+        assert [record.getMessage() for record in caplog.records] == [
+            f"headinfer: page loads through {chosen[0]} ({chosen[1]})"
+        ]
+        if failure is not None:
+            with pytest.raises(RuntimeError, match="cannot run on cuda:0: Triton does not import"):
+                choose_path(torch.device("cuda", 0), "triton")
+    finally:
+        choose_path.cache_clear()
+
+
+@pytest.mark.skipif(INTERPRETED or not HAS_TRITON, reason="the main run, with Triton")
+def test_self_check_fails_a_kernel_that_drops_a_page(monkeypatch):
+    def drops_the_last_page(src, dst, src_ids, count, dst_rows=None, **options):
+        index_select_pages(src, dst, src_ids, count - 1, dst_rows)
+
+    monkeypatch.setattr(page_loader, "copy_pages", drops_the_last_page)
+    failure = page_loader._triton_failure(torch.device("cpu"))
+    assert failure == "self-check failed: RuntimeError: the kernel's pages differ from index_select's (compact rows)"
+
+
 @pytest.mark.skipif(INTERPRETED or not HAS_TRITON or torch.cuda.is_available(), reason="CPU run with Triton only")
 def test_forced_triton_without_a_gpu_or_interpreter_says_why():
     choose_path.cache_clear()
