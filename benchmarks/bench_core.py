@@ -64,6 +64,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--head-group-size", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--host-fraction", type=float, default=0.6, help="share of free host memory usable")
+    parser.add_argument("--host-gib", type=float,
+                        help="host memory usable, GiB (stated for hosts whose memory grows on demand; default: "
+                             "--host-fraction of MemAvailable)")
     return parser.parse_args()
 
 
@@ -306,7 +309,8 @@ def main() -> int:
     for context in contexts:
         page = 2 * shapes["head_dim"] * torch.empty((), dtype=getattr(torch, shapes["dtype"])).element_size()
         host_needed = args.layers * shapes["num_kv_heads"] * context * page
-        if host_needed > args.host_fraction * (free_host_bytes() or 0):
+        usable = args.host_gib * 2**30 if args.host_gib else args.host_fraction * (free_host_bytes() or 0)
+        if host_needed > usable:
             print(f"context {context}: needs {host_needed / 2**30:.1f} GiB of host memory; stopping")
             break
         result = measure_context(args, shapes, device, context, min(chunk, context), link)

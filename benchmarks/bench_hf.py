@@ -52,6 +52,7 @@ import sys
 import time
 import traceback
 
+import run_context
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
@@ -580,6 +581,9 @@ def run_setup(
 def main(argv: list[str]) -> dict:
     args = parse_args(argv)
     run_end = None if args.total_time is None else time.monotonic() + args.total_time
+    if math.isfinite(run_context.deadline()):  # gpu_session.sh's plan: the step's allotment binds too
+        step_end = time.monotonic() + run_context.seconds_left()
+        run_end = step_end if run_end is None else min(run_end, step_end)
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("bench_hf: no CUDA device; use --smoke for the CPU run")
     cuda = not args.smoke
@@ -593,6 +597,7 @@ def main(argv: list[str]) -> dict:
     results = {
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "date": date,
+        "commit": run_context.commit(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "model": "tiny Llama (smoke)" if args.smoke else "Llama-3-8B shape, random bf16 weights",

@@ -1,12 +1,24 @@
 #!/usr/bin/env bash
 # The GPU proof, in ONE call of the device tool (timeout_s=600), in the
-# foreground: four steps, most important first, each under its own time limit
-# (the limits and their kill grace sum to at most 540 s; the machine's start
-# is outside the call). A failing or timed-out step does not stop the next.
-# Each step's files are copied to $OUT (default benchmarks/out) as soon as it
-# ends, so a run cut off still brings back what it measured; 8 files at most,
-# all at the top of $OUT: run.log, facts.json, tests.log, bench_core.json,
-# bench_core.png, bench_hf.json, bench_hf.png, bench_hf.md.
+# foreground. This script owns the call's time: ONE plan gives each step an
+# allotment (the allotments and their kill grace sum to at most 540 s; the
+# machine's start is outside the call). Each step stops ITSELF inside its
+# allotment: it gets GPU_SESSION_DEADLINE (benchmarks/run_context.py), does
+# its work most important first and writes its results after each piece, so a
+# slow step returns partial results; `timeout` only backs that up. Measurements
+# that other work adds go inside an existing step's allotment, never in a new
+# step without taking its time from another. A failing step does not stop the
+# next. Each step's files are copied to $OUT (default benchmarks/out) as soon
+# as it ends; 8 files at most, all at the top of $OUT: run.log, facts.json,
+# tests.log, bench_core.json, bench_core.png, bench_hf.json, bench_hf.png,
+# bench_hf.md. Every JSON and run.log name the commit: benchmarks/COMMIT
+# (ignored by git; `git rev-parse HEAD > benchmarks/COMMIT` before the call,
+# sent with carry=["benchmarks/COMMIT"]: the GPU machine gets no .git).
+#
+# Host memory: the GPU machine's RAM grows as it is used (128 GiB in all), so
+# MemAvailable at start says little. The budgets below are stated for a
+# 128 GiB host, and HEADINFER_HOST_MEMORY_CHECK=warn lets headinfer's checks
+# trust them (logged).
 #
 #   bash benchmarks/gpu_session.sh                        # the run (on the GPU machine)
 #   bash benchmarks/gpu_session.sh --plan                 # the steps, their limits and the sum
@@ -15,38 +27,42 @@
 #
 # In --dry-run only, for tests: GPU_SESSION_FAIL=STEP[,STEP] makes those steps
 # fail at once; GPU_SESSION_HANG=STEP[,STEP] makes them hang, deaf to
-# SIGTERM, until their limit (lowered to 1 s) and kill grace (1 s) run out.
+# SIGTERM, until their allotment (lowered to 1 s) and kill grace (1 s) run out.
 #
 # Exit status: 0 if every step run succeeded, 1 otherwise, 2 on bad usage.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 
 PYTHON=${PYTHON:-python3}
-STEPS=(facts tests bench_core bench_hf)
-KILL_AFTER=5   # seconds between a step's SIGTERM at its limit and its SIGKILL
+STEPS=(build facts tests bench_core bench_hf)
+KILL_AFTER=5   # seconds between a step's SIGTERM at its allotment and its SIGKILL
 MAX_TOTAL=540  # seconds: what the steps may take of the call's 600
-declare -A LIMIT=([facts]=25 [tests]=90 [bench_core]=115 [bench_hf]=290)
+MARGIN=8       # seconds of each allotment kept for writing results and exiting: the step's deadline is before it
+HOST_KV_GIB=80 # the host tier of bench_hf's headinfer cache (and bench_core's bound): a 128 GiB host
+declare -A LIMIT=([build]=30 [facts]=30 [tests]=90 [bench_core]=150 [bench_hf]=200)
 declare -A FILES=(
-  [facts]="facts.json" [tests]="tests.log"
+  [build]="" [facts]="facts.json" [tests]="tests.log"
   [bench_core]="bench_core.json bench_core.png" [bench_hf]="bench_hf.json bench_hf.png bench_hf.md"
 )
 declare -A WHAT=(
+  [build]="build the C++ CPU-attention kernel and the page-load kernel (Triton self-check) before anything times them"
   [facts]="machine facts: GPU, driver, torch, cores, host RAM; pinned H2D, D2H and both-ways bandwidth; host memory bandwidth (all cores); CPU attention KV read rate"
   [tests]="CUDA tests: pytest -m cuda, tests/core and tests/hf"
-  [bench_core]="bench_core, Llama-3-8B layer shapes, 32K/128K/512K: prefill streamed vs resident, decode vs the H2D bound, decode split between PCIe and CPU attention vs PCIe-only (measured rates, roofline), host time and aten ops per step, device memory"
-  [bench_hf]="bench_hf, Llama-3-8B random bf16 on 24 GiB: standard cache's longest context (45 s search), headinfer at 32K and 128K, then its longest in the time left"
+  [bench_core]="bench_core, Llama-3-8B layer shapes, in this order: page-load rates (the engine's path vs Triton CTA counts vs index_select vs a copy-engine copy); 128K, 16K, 4K, 512K: prefill streamed vs resident, decode vs the H2D bound, decode split vs PCIe-only; 8 requests sharing a prefix (pages loaded vs distinct); attention with and without a load beside it; one streamed layer at 128K vs a float32 reference"
+  [bench_hf]="bench_hf, Llama-3-8B random bf16 on 24 GiB, host tier ${HOST_KV_GIB} GiB: standard cache's longest context (40 s search), headinfer at 32K and 128K, then its longest in the time left"
 )
-HF_TOTAL=$((LIMIT[bench_hf] - 30))  # bench_hf's own --total-time: imports and exit fit in the rest
 
 command_for() {  # command_for STEP WORK: the step's command line (WORK: the folder its files go to)
   local work
   work=$(printf %q "$2")
   case $1 in
+    build) echo "$PYTHON benchmarks/build_kernels.py" ;;
     facts) echo "$PYTHON benchmarks/machine_facts.py --out $work" ;;
     tests) echo "$PYTHON -m pytest -q -rfE -m cuda -p no:cacheprovider tests/core tests/hf" ;;
-    bench_core) echo "$PYTHON benchmarks/bench_core.py --contexts 32768 131072 524288 --out $work" ;;
-    bench_hf) echo "$PYTHON benchmarks/bench_hf.py --setups dynamic,headinfer --time-budget dynamic=45" \
-      "--total-time $HF_TOTAL --out $work" ;;
+    bench_core) echo "$PYTHON benchmarks/bench_core.py --contexts 131072 16384 4096 524288 --host-gib $HOST_KV_GIB" \
+      "--out $work" ;;
+    bench_hf) echo "$PYTHON benchmarks/bench_hf.py --setups dynamic,headinfer --time-budget dynamic=40" \
+      "--cpu-kv-gib $HOST_KV_GIB --out $work" ;;
   esac
 }
 
@@ -54,6 +70,7 @@ dry_run_command_for() {  # the CPU stand-in of each step: small, but writing the
   local work
   work=$(printf %q "$2")
   case $1 in
+    build) echo "$PYTHON benchmarks/build_kernels.py" ;;
     facts) echo "$PYTHON benchmarks/machine_facts.py --smoke --out $work" ;;
     tests) echo "echo dry-run: the CUDA tests would run here" ;;
     bench_core) echo "$PYTHON benchmarks/bench_core.py --smoke --contexts 512 --layers 2 --repeats 1 --out $work" ;;
@@ -64,10 +81,12 @@ dry_run_command_for() {  # the CPU stand-in of each step: small, but writing the
 
 print_plan() {
   local total=0 index=1 step
-  echo "gpu_session.sh: ${#STEPS[@]} steps in one device call (timeout_s=600), most important first"
+  echo "gpu_session.sh: ${#STEPS[@]} steps in one device call (timeout_s=600); each stops itself $MARGIN s" \
+    "before its allotment ends"
   for step in "${STEPS[@]}"; do
-    printf '  %d. %-10s limit %3d s + %d s kill  %s\n' "$index" "$step" "${LIMIT[$step]}" "$KILL_AFTER" "${WHAT[$step]}"
-    printf '     %-10s files: %s\n' "" "${FILES[$step]}"
+    printf '  %d. %-10s allotment %3d s + %d s kill  %s\n' "$index" "$step" "${LIMIT[$step]}" "$KILL_AFTER" \
+      "${WHAT[$step]}"
+    printf '     %-10s files: %s\n' "" "${FILES[$step]:-(none: its output is in run.log)}"
     total=$((total + LIMIT[$step] + KILL_AFTER))
     index=$((index + 1))
   done
@@ -91,7 +110,8 @@ run_step() {  # run_step STEP WORK OUT DRY: runs one step under its limit, then 
     command=$(command_for "$step" "$work")
   fi
   start=$SECONDS
-  echo "== $(date -u +%FT%TZ) step $step (limit ${limit} s): $command"
+  export GPU_SESSION_DEADLINE=$(($(date +%s) + limit - (limit > 2 * MARGIN ? MARGIN : 0)))
+  echo "== $(date -u +%FT%TZ) step $step (allotment ${limit} s): $command"
   if [ "$step" = tests ]; then  # its log is a file of its own, written as it goes
     eval "timeout -k $kill $limit $command" 2>&1 | tee "$out/tests.log"
   else
@@ -114,8 +134,10 @@ main() {
   work=$(mktemp -d "${TMPDIR:-/tmp}/gpu_session.XXXXXX") || return 1
   trap "rm -rf '$work'" EXIT
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-  echo "== gpu_session.sh$([ "$dry" = 1 ] && echo " --dry-run") $(date -u +%FT%TZ), commit" \
-    "$(git rev-parse --short HEAD 2>/dev/null || echo unknown), files to $out"
+  export HEADINFER_COMMIT HEADINFER_HOST_MEMORY_CHECK=warn
+  HEADINFER_COMMIT=${HEADINFER_COMMIT:-$(cat benchmarks/COMMIT 2>/dev/null || git rev-parse HEAD 2>/dev/null || echo unknown)}
+  echo "== gpu_session.sh$([ "$dry" = 1 ] && echo " --dry-run") $(date -u +%FT%TZ), commit $HEADINFER_COMMIT," \
+    "files to $out"
   print_plan
   declare -gA RESULT=()
   for step in "${STEPS[@]}"; do

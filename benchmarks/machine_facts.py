@@ -5,8 +5,9 @@ stopped by a time limit keeps what it measured):
 
 - ``machine``: GPU name, memory, compute capability, driver and PCIe link;
   torch, CUDA, transformers and triton versions; CPU model, cores and NUMA
-  nodes; host memory (total and available, before and after the measurements:
-  a VM's memory may grow as it is used) and the locked-memory limit.
+  nodes; host memory (total and available, before and after the measurements
+  and around the link test's pinning: a VM's memory may grow as it is used)
+  and the locked-memory limit.
 - ``link``: pinned host-to-device and device-to-host copy bandwidth, each
   direction alone and both at once (two streams), in GB/s (10^9 bytes/s).
 - ``host_memory``: host memory bandwidth with all cores (torch's threads set
@@ -41,6 +42,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import run_context
 import torch
 import torch.nn.functional as F
 
@@ -294,22 +296,29 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "machine_facts",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join(["python", *sys.argv]),
+        "commit": run_context.commit(),
     }
     sections: list[tuple[str, Callable[[], object]]] = [
         ("machine", describe_machine),
         ("threads", lambda: (torch.set_num_threads(usable_cores()), torch.get_num_threads())[1]),
+        ("host_memory_before_pinning", meminfo),
         ("link", lambda: link_bandwidth(args.link_mib, args.repeats) if cuda else None),
+        ("host_memory_after_pinning", meminfo),
         ("host_memory", lambda: host_bandwidth(args.host_mib, args.repeats)),
         ("cpu_attention", lambda: cpu_attention(args.attention_context, args.repeats)),
         ("host_memory_at_end", meminfo),
     ]
     failed = 0
     for name, measure in sections:
-        try:
-            facts[name] = measure()
-        except Exception as error:  # one section's failure must not lose the others
-            facts[name] = {"error": f"{type(error).__name__}: {error}"}
+        if run_context.out_of_time():
+            facts[name] = {"skipped": "the facts step's time allotment ran out"}
             failed += 1
+        else:
+            try:
+                facts[name] = measure()
+            except Exception as error:  # one section's failure must not lose the others
+                facts[name] = {"error": f"{type(error).__name__}: {error}"}
+                failed += 1
         print(f"{name}: {json.dumps(facts[name])}", flush=True)
         path.write_text(json.dumps(facts, indent=2) + "\n")
     print(f"wrote {path}")
