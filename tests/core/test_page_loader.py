@@ -1,10 +1,10 @@
 """Page loads: the Triton kernel (through Triton's interpreter on CPU, compiled on CUDA) and its fallback.
 
 Triton reads ``TRITON_INTERPRET`` when it defines a kernel (and, in some
-versions, when it is imported), so the interpreted tests run in a pytest
-subprocess with ``TRITON_INTERPRET=1`` (:func:`test_kernel_through_interpreter`);
-this process's Triton, if other tests import it, is unaffected. In the main
-run they skip.
+versions, when it is imported), so the ``test_kernel_*`` tests run on CPU in a
+pytest subprocess with ``TRITON_INTERPRET=1`` (:func:`test_interpreter_run`);
+this process's Triton, if other tests import it, is unaffected. On CUDA they
+run compiled, in this process, against the host tier's pinned, mapped memory.
 """
 
 from __future__ import annotations
@@ -31,7 +31,11 @@ from headinfer_vllm.core.page_loader import (
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in test_kernel_through_interpreter's subprocess")
+KERNEL_DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRETED, reason="runs in test_interpreter_run's subprocess")),
+    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(INTERPRETED, reason="compiled, not interpreted")]),
+]
+"""Where ``test_kernel_*`` run: through the interpreter on CPU tensors, compiled on CUDA."""
 SENTINEL = -7
 WORD_DTYPES = [torch.int64, torch.int32, torch.int16, torch.uint8]
 
@@ -55,99 +59,122 @@ def padded(ids: list[int], capacity: int, padding: int) -> torch.Tensor:
     return torch.tensor(ids + [padding] * (capacity - len(ids)), dtype=torch.int64)
 
 
-def test_kernel_through_interpreter():
-    """Runs this file's ``interpreted`` tests in a subprocess with ``TRITON_INTERPRET=1``."""
+def host_tier(host: torch.Tensor, device: str) -> torch.Tensor:
+    """``host`` as loads read it on ``device``: itself on CPU, a pinned copy mapped into the GPU on CUDA."""
+    if device == "cpu":
+        return host
+    pinned = allocate_host(tuple(host.shape), host.dtype, pin=True)
+    pinned.copy_(host)
+    return device_view(pinned, torch.device(device))
+
+
+def load(device: str, src: torch.Tensor, dst: torch.Tensor, src_ids, count, dst_rows=None, **options) -> torch.Tensor:
+    """``dst`` (on CPU) after :func:`copy_pages` on ``device`` (``src``: already there; the rest: CPU tensors)."""
+    dst = dst.to(device)
+    rows = None if dst_rows is None else dst_rows.to(device)
+    copy_pages(src, dst, src_ids.to(device), count.to(device), rows, **options)
+    return dst.cpu()
+
+
+def test_interpreter_run():
+    """Runs this file's ``test_kernel_*`` tests in a subprocess with ``TRITON_INTERPRET=1``."""
     if INTERPRETED:
         pytest.skip("this is the interpreter's run")
     if not HAS_TRITON:
         pytest.skip("Triton is not installed (pip install -e '.[test]')")
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted"]
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "test_kernel_"]
     result = subprocess.run(
         command, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600,
         cwd=Path(__file__).parents[2],
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1], result.stdout[-2000:]
+    assert " passed" in result.stdout.splitlines()[-1], result.stdout[-2000:]
 
 
-@interpreted
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("dtype", WORD_DTYPES)
 @pytest.mark.parametrize("scattered", [False, True])
-def test_interpreted_kernel_matches_entry_by_entry(dtype, scattered):
+def test_kernel_matches_entry_by_entry(device, dtype, scattered):
     """Random ids with duplicates, a count below the capacity, pages of several chunks plus a remainder."""
     page_words = 3 * 64 + 5
-    src = random_words((50, page_words), dtype, seed=1)
+    host = random_words((50, page_words), dtype, seed=1)
     generator = torch.Generator().manual_seed(2)
     ids = [*torch.randint(0, 50, (13,), generator=generator).tolist(), 4, 4]  # duplicates, for certain
     # Ids past the count are out of range: the kernel must never read them.
     src_ids = padded(ids, 20, padding=10**12)
     dst_rows = torch.randperm(32, generator=generator)[:20] if scattered else None
     dst = torch.full((32, page_words), SENTINEL, dtype=dtype)
-    expected = reference(src, dst, src_ids, len(ids), dst_rows)
-    copy_pages(src, dst, src_ids, torch.tensor([len(ids)]), dst_rows, num_ctas=3, block_bytes=64 * dtype.itemsize)
-    assert torch.equal(dst, expected)
+    expected = reference(host, dst, src_ids, len(ids), dst_rows)
+    options = dict(num_ctas=3, block_bytes=64 * dtype.itemsize)
+    loaded = load(device, host_tier(host, device), dst, src_ids, torch.tensor([len(ids)]), dst_rows, **options)
+    assert torch.equal(loaded, expected)
 
 
-@interpreted
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("num_ctas", [1, 4, 64])
 @pytest.mark.parametrize("count_dtype", [torch.int32, torch.int64])
-def test_interpreted_kernel_stops_at_the_count(num_ctas, count_dtype):
-    src = random_words((9, 40), torch.int64, seed=3)
+def test_kernel_stops_at_the_count(device, num_ctas, count_dtype):
+    host = random_words((9, 40), torch.int64, seed=3)
+    src = host_tier(host, device)
     src_ids = padded([8, 0, 8, 3], 7, padding=-(10**12))
     for count in range(5):
         dst = torch.full((7, 40), SENTINEL, dtype=torch.int64)
-        expected = reference(src, dst, src_ids, count)
-        copy_pages(src, dst, src_ids, torch.tensor(count, dtype=count_dtype), num_ctas=num_ctas)
-        assert torch.equal(dst, expected), count
-        assert bool((dst[count:] == SENTINEL).all())
+        expected = reference(host, dst, src_ids, count)
+        loaded = load(device, src, dst, src_ids, torch.tensor(count, dtype=count_dtype), num_ctas=num_ctas)
+        assert torch.equal(loaded, expected), count
+        assert bool((loaded[count:] == SENTINEL).all())
 
 
-@interpreted
-def test_interpreted_kernel_reads_strided_pages():
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_kernel_reads_strided_pages(device):
     """Pages that are rows of a wider tensor (row stride > page words) land in a strided buffer."""
     wide = random_words((12, 100), torch.int32, seed=4)
-    src = wide[:, 10:70]
-    dst = torch.full((6, 90), SENTINEL, dtype=torch.int32)[:, 20:80]
+    src = host_tier(wide, device)[:, 10:70]
     src_ids, dst_rows = padded([11, 2, 2], 5, padding=0), torch.tensor([5, 0, 3, 1, 2])
-    expected = reference(src, dst, src_ids, 3, dst_rows)
-    copy_pages(src, dst, src_ids, torch.tensor([3]), dst_rows, block_bytes=64)
-    assert torch.equal(dst, expected)
+    dst = torch.full((6, 90), SENTINEL, dtype=torch.int32).to(device)
+    expected = reference(wide[:, 10:70], dst[:, 20:80].cpu(), src_ids, 3, dst_rows)
+    rows = dst_rows.to(device)
+    copy_pages(src, dst[:, 20:80], src_ids.to(device), torch.tensor([3], device=device), rows, block_bytes=64)
+    assert torch.equal(dst[:, 20:80].cpu(), expected)
+    assert bool((dst[:, :20] == SENTINEL).all() and (dst[:, 80:] == SENTINEL).all())
 
 
-@interpreted
-def test_interpreted_kernel_addresses_past_2_to_the_31_elements():
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_kernel_addresses_past_2_to_the_31_elements(device):
     """Pages near the end of a tier of more than 2^31 bytes (uint8 words): 64-bit offsets.
 
-    The tier is an uninitialised ``torch.empty``: only the pages written and
-    read take memory, which the test checks.
+    On CPU the tier is an uninitialised ``torch.empty``: only the pages written
+    and read take memory, which the test checks. On CUDA it is pinned and mapped.
     """
     page_words = 4096
     num_pages = (2**31 + 2**22) // page_words
     rss_before = resident_bytes()
-    src = torch.empty((num_pages, page_words), dtype=torch.uint8)
+    host = allocate_host((num_pages, page_words), torch.uint8, pin=device == "cuda")
     last = [num_pages - 1, num_pages - 2, num_pages - 600]
     assert last[-1] * page_words > 2**31
-    src[last] = random_words((3, page_words), torch.uint8, seed=5)
-    src[1] = random_words((page_words,), torch.uint8, seed=6)
+    host[last] = random_words((3, page_words), torch.uint8, seed=5)
+    host[1] = random_words((page_words,), torch.uint8, seed=6)
     src_ids = padded([*last, 1, last[0]], 8, padding=0)
     dst = torch.full((8, page_words), 3, dtype=torch.uint8)
-    expected = reference(src, dst, src_ids, 5)
-    copy_pages(src, dst, src_ids, torch.tensor([5]))
-    assert torch.equal(dst, expected)
-    assert resident_bytes() - rss_before < 2**28, "the load touched the whole tier"
+    expected = reference(host, dst, src_ids, 5)
+    loaded = load(device, device_view(host, torch.device(device)), dst, src_ids, torch.tensor([5]))
+    assert torch.equal(loaded, expected)
+    if device == "cpu":
+        assert resident_bytes() - rss_before < 2**28, "the load touched the whole tier"
 
 
-@interpreted
-def test_interpreted_forced_triton_path_passes_its_self_check_and_loads():
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_kernel_path_forced_passes_its_self_check_and_loads(device):
     choose_path.cache_clear()
-    loader = PageLoader("cpu", path="triton", num_ctas=2)
+    loader = PageLoader(device, path="triton", num_ctas=2)
     assert (loader.path, loader.reason) == ("triton", "forced")
-    src = random_words((5, 16), torch.int64, seed=7)
+    host = random_words((5, 16), torch.int64, seed=7)
     dst = torch.full((4, 16), SENTINEL, dtype=torch.int64)
     src_ids = padded([4, 1], 4, padding=99)
-    expected = reference(src, dst, src_ids, 2)
-    loader.load(src, dst, src_ids, torch.tensor([2]))
-    assert torch.equal(dst, expected)
+    expected = reference(host, dst, src_ids, 2)
+    dst = dst.to(device)
+    loader.load(host_tier(host, device), dst, src_ids.to(device), torch.tensor([2], device=device))
+    assert torch.equal(dst.cpu(), expected)
 
 
 @pytest.mark.parametrize("dtype", WORD_DTYPES)
@@ -285,8 +312,9 @@ def test_forced_triton_without_a_gpu_or_interpreter_says_why():
 
 
 @pytest.mark.skipif(INTERPRETED or not HAS_TRITON, reason="compiles with Triton, outside the interpreter")
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 @pytest.mark.parametrize(("dtype", "vector_load"), [("i64", "ld.global.v2.b64"), ("i32", "ld.global.v4.b32")])
-def test_kernel_compiles_for_sm90_with_16_byte_loads(dtype, vector_load):
+def test_compiles_for_sm90_with_16_byte_loads(dtype, vector_load):
     """Triton's compiler (no GPU needed) emits 16-byte loads and stores for the page chunks."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -304,28 +332,22 @@ def test_kernel_compiles_for_sm90_with_16_byte_loads(dtype, vector_load):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("scattered", [False, True])
-def test_compiled_kernel_loads_from_the_mapped_host_tier(scattered):
+def test_auto_path_on_cuda_is_the_kernel_and_counts_pages_on_the_device():
     device = torch.device("cuda")
     choose_path.cache_clear()
-    assert PageLoader(device).path == ("triton" if HAS_TRITON else "index_select")
-    host = allocate_host((300, 4096 + 8), torch.int64, pin=True)
-    host.copy_(random_words(tuple(host.shape), torch.int64, seed=12))
-    src = device_view(host, device)
-    generator = torch.Generator().manual_seed(13)
-    ids = [*torch.randint(0, 300, (150,), generator=generator).tolist(), 299, 299, 0]
-    src_ids = padded(ids, 200, padding=10**12)
-    dst_rows = torch.randperm(256, generator=generator)[:200] if scattered else None
-    dst = torch.full((256, host.shape[1]), SENTINEL, dtype=torch.int64)
-    expected = reference(host, dst, src_ids, len(ids), dst_rows)
-    dst = dst.to(device)
-    count = torch.tensor([len(ids)], device=device)
+    loader = PageLoader(device)
+    assert loader.path == ("triton" if HAS_TRITON else "index_select")
+    host = random_words((300, 4096 + 8), torch.int64, seed=12)
+    src = host_tier(host, "cuda")
+    ids = [*torch.randint(0, 300, (150,), generator=torch.Generator().manual_seed(13)).tolist(), 299, 0]
+    src_ids, count = padded(ids, 200, padding=0).to(device), torch.tensor([len(ids)], device=device)
     total = torch.zeros(1, dtype=torch.int64, device=device)
-    rows = None if dst_rows is None else dst_rows.to(device)
-    for num_ctas in (1, 16, 200):
-        copy_pages(src, dst, src_ids.to(device), count, rows, num_ctas=num_ctas)
+    dst = torch.empty((200, host.shape[1]), dtype=torch.int64, device=device)
+    for _ in range(3):
+        dst.fill_(SENTINEL)
+        loader.load(src, dst, src_ids, count)
         accumulate_pages(total, count)
-        assert torch.equal(dst.cpu(), expected), num_ctas
+        assert torch.equal(dst[: len(ids)].cpu(), host[ids])
     assert total.item() == 3 * len(ids)
 
 
