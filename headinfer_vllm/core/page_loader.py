@@ -238,7 +238,27 @@ def _triton_failure(device: torch.device) -> str | None:
 def _check(
     src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor, count: torch.Tensor, dst_rows: torch.Tensor | None
 ) -> None:
-    """Raise ``ValueError`` on arguments that would make a load wrong (host metadata only, no sync)."""
+    """Raise ``ValueError`` on arguments that would make a load wrong (host metadata only, no sync).
+
+    Runs per load, so it tests first and describes only on a failure.
+    """
+    device, rows = src.device, src_ids if dst_rows is None else dst_rows
+    fits = (
+        src.dim() == 2 and dst.dim() == 2 and src.shape[1] == dst.shape[1] and src.dtype == dst.dtype
+        and (src.shape[1] <= 1 or src.stride(1) == dst.stride(1) == 1)
+        and src_ids.dim() == 1 and src_ids.dtype == rows.dtype == torch.int64 and rows.shape == src_ids.shape
+        and (dst_rows is not None or src_ids.shape[0] <= dst.shape[0])
+        and count.numel() == 1 and count.dtype in (torch.int32, torch.int64)
+        and dst.device == src_ids.device == rows.device == count.device == device
+    )  # fmt: skip
+    if not fits:
+        raise ValueError("headinfer: bad page load: " + "; ".join(_problems(src, dst, src_ids, count, dst_rows)))
+
+
+def _problems(
+    src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor, count: torch.Tensor, dst_rows: torch.Tensor | None
+) -> list[str]:
+    """What :func:`_check` found wrong, in words."""
     problems = []
     if src.dim() != 2 or dst.dim() != 2 or src.shape[1] != dst.shape[1] or src.dtype != dst.dtype:
         problems.append(f"src {tuple(src.shape)} {src.dtype} and dst {tuple(dst.shape)} {dst.dtype} differ")
@@ -255,8 +275,7 @@ def _check(
         problems.append(f"tensors on several devices: {sorted(map(str, devices))}")
     if dst_rows is None and src_ids.dim() == 1 and src_ids.shape[0] > dst.shape[0]:
         problems.append(f"{src_ids.shape[0]} ids for {dst.shape[0]} rows of dst")
-    if problems:
-        raise ValueError("headinfer: bad page load: " + "; ".join(problems))
+    return problems
 
 
 def _power_of_two_at_most(n: int) -> int:
