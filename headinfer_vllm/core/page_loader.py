@@ -15,8 +15,9 @@ Two paths, chosen once per device (:func:`choose_path`) and logged on the
 ``headinfer_vllm`` logger:
 
 - ``"triton"``: :func:`copy_pages`, a Triton kernel of a few CTAs
-  (``num_ctas``) that loop over the pages with the grid's stride and over a page
-  in chunks of ``BLOCK`` words (``block_bytes`` per chunk: wide vector loads).
+  (``num_ctas``) that loop with the grid's stride over the chunks of the pages
+  (``BLOCK`` words, ``block_bytes`` per chunk: wide vector loads), so that
+  even a one-page load spreads over every CTA.
   It reads ``count`` on the device (no sync) and leaves the other SMs to
   attention and GEMMs, where ``index_select`` launches ~1,000 CTAs that hold
   every SM for the whole transfer. Addresses are 64-bit (a host tier exceeds
@@ -32,8 +33,10 @@ Two paths, chosen once per device (:func:`choose_path`) and logged on the
 
 ``DEFAULT_NUM_CTAS`` (16) is a documented guess, not yet a GPU sweep's result:
 a few SMs are known to saturate a PCIe host link (sglang PR #40278 reaches the
-copy-engine ceiling on 4 of 152 SMs). ``benchmarks/bench_page_loader.py``
-measures 4 to 64 CTAs against ``index_select`` and the copy engine.
+copy-engine ceiling on 4 of 152 SMs), and 16 CTAs keep 16 x 16 KiB of reads in
+flight, above the ~150 KiB that ~55 GB/s over ~2.5 us of mapped-read latency
+needs. ``benchmarks/bench_page_loader.py`` measures 4 to 64 CTAs against
+``index_select`` and the copy engine.
 
 Tests run the kernel through Triton's interpreter on CPU tensors
 (``TRITON_INTERPRET=1``, set before Triton is imported) and compile it for
@@ -89,7 +92,10 @@ def copy_pages(
     if capacity == 0 or page_words == 0:
         return
     block = min(_power_of_two_at_most(block_bytes // dst.element_size()), _power_of_two_at_least(page_words))
-    _kernel()[(min(num_ctas, capacity),)](
+    num_items = capacity * -(-page_words // block)
+    if num_items >= 2**31:
+        raise ValueError(f"headinfer: {capacity} pages of {page_words} words exceed the kernel's 2^31 chunks of work")
+    _kernel()[(min(num_ctas, num_items),)](
         src, dst, src_ids, src_ids if dst_rows is None else dst_rows, count,
         page_words, src.stride(0), dst.stride(0),
         HAS_DST_ROWS=dst_rows is not None, BLOCK=block, num_warps=4,
@@ -298,16 +304,19 @@ def _kernel():
         page_words, src_stride, dst_stride,
         HAS_DST_ROWS: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
-        count = tl.load(count_ptr).to(tl.int32)
-        chunk = tl.arange(0, BLOCK)
-        for entry in range(tl.program_id(0), count, tl.num_programs(0)):
+        # Work items are (entry, chunk of its page) pairs, dealt to the CTAs in turn: even a one-page
+        # load keeps every CTA busy. Items and words within a page are int32 (the host checks the bound).
+        chunks_per_page = tl.cdiv(page_words, BLOCK)
+        num_items = tl.load(count_ptr).to(tl.int32) * chunks_per_page
+        words_of_chunk = tl.arange(0, BLOCK)
+        for item in range(tl.program_id(0), num_items, tl.num_programs(0)):
+            entry = item // chunks_per_page
+            words = (item % chunks_per_page) * BLOCK + words_of_chunk
             src_page = tl.load(src_ids + entry).to(tl.int64)
             dst_row = tl.load(dst_rows + entry).to(tl.int64) if HAS_DST_ROWS else tl.cast(entry, tl.int64)
-            src_base = src + src_page * src_stride  # 64-bit: the host tier exceeds 2^31 elements
-            dst_base = dst + dst_row * dst_stride
-            for start in range(0, page_words, BLOCK):
-                words = start + chunk
-                in_page = words < page_words
-                tl.store(dst_base + words, tl.load(src_base + words, mask=in_page), mask=in_page)
+            in_page = words < page_words
+            # 64-bit page offsets: the host tier exceeds 2^31 elements.
+            page = tl.load(src + src_page * src_stride + words, mask=in_page)
+            tl.store(dst + dst_row * dst_stride + words, page, mask=in_page)
 
     return copy_pages_kernel

@@ -235,6 +235,14 @@ def test_bad_loads_raise(change, message):
         index_select_pages(**arguments)
 
 
+def test_kernel_refuses_more_work_items_than_int32_counts():
+    """Entries times chunks per page must stay below 2^31 (the kernel's item index is int32)."""
+    pages = torch.empty((0, 2**24), dtype=torch.int64)  # 2^24 words: 2^13 chunks of 16 KiB
+    ids = torch.zeros(2**18, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"262144 pages of 16777216 words exceed the kernel's 2\^31 chunks"):
+        copy_pages(pages, pages, ids, torch.tensor([1]), ids)
+
+
 def test_fallback_rejects_a_count_past_the_ids():
     src, dst = torch.zeros(5, 8, dtype=torch.int64), torch.zeros(4, 8, dtype=torch.int64)
     with pytest.raises(ValueError, match=r"outside 0\.\.3"):
