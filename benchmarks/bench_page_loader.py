@@ -1,6 +1,6 @@
 """Page-load rates: the Triton kernel (a sweep over its CTAs) vs ``index_select`` vs the copy engine.
 
-Loads ``--loads`` random distinct pages of ``--page-kib`` KiB from a pinned,
+Loads ``--loads`` (each value a run) random distinct pages of ``--page-kib`` KiB from a pinned,
 device-mapped host tier of ``--tier-pages`` pages into a staging buffer, as
 the transfer scheduler does (:mod:`headinfer_vllm.core.page_loader`), and
 times, in one run, on one stream:
@@ -50,7 +50,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="small shapes on CPU, for CI")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     parser.add_argument("--page-kib", type=int, default=128, help="page size (Llama-3-8B, block 256, one head: 128)")
-    parser.add_argument("--loads", type=int, default=512, help="pages per load (512: one unit at 128K tokens)")
+    parser.add_argument(
+        "--loads", type=int, nargs="+", default=[8, 64, 512], help="pages per load, one run each (512: a unit at 128K)"
+    )
     parser.add_argument("--tier-pages", type=int, default=4096, help="pages of the host tier loads pick from")
     parser.add_argument("--ctas", type=int, nargs="*", default=list(CTA_SWEEP), help="the kernel's CTAs to sweep")
     parser.add_argument("--repeats", type=int, default=20)
@@ -159,43 +161,48 @@ def _triton_version() -> str | None:
     return triton.__version__
 
 
-def plot(report: dict, path: Path) -> None:
+def plot(runs: list[dict], path: Path) -> None:
+    """One panel per load size: GB/s of each row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = report["rows"]
-    labels = [
-        row["path"] + (f" {row['num_ctas']} CTAs" if "num_ctas" in row else "") + (" (2x ids)" if row["padded"] else "")
-        for row in rows
-    ]
-    figure, axis = plt.subplots(figsize=(8, 0.4 * len(rows) + 1.5))
-    axis.barh(labels, [row["gb_per_s"] for row in rows])
-    axis.invert_yaxis()
-    axis.set_xlabel("GB/s (median of one load)")
-    axis.set_title(
-        f"{report['device']}: {report['num_loads']} pages of {report['page_bytes'] // 1024} KiB per load",
-        fontsize=9,
-    )
+    heights = [0.35 * len(run["rows"]) + 1.0 for run in runs]
+    figure, axes = plt.subplots(len(runs), 1, figsize=(8, sum(heights)), height_ratios=heights, squeeze=False)
+    for axis, run in zip(axes[:, 0], runs, strict=True):
+        labels = [_label(row) for row in run["rows"]]
+        axis.barh(labels, [row["gb_per_s"] for row in run["rows"]])
+        axis.invert_yaxis()
+        axis.set_title(f"{run['num_loads']} pages of {run['page_bytes'] // 1024} KiB per load", fontsize=9)
+    axes[-1, 0].set_xlabel("GB/s (median of one load)")
+    figure.suptitle(f"Page loads on {runs[0]['device']}", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
 
+def _label(row: dict) -> str:
+    ctas = f" {row['num_ctas']} CTAs" if "num_ctas" in row else ""
+    return row["path"] + ctas + (" (2x ids)" if row["padded"] else "")
+
+
 def main() -> int:
     args = parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
-    shapes = dict(page_bytes=args.page_kib * 1024, num_loads=args.loads, tier_pages=args.tier_pages)
+    page_bytes, loads, tier_pages, repeats = args.page_kib * 1024, args.loads, args.tier_pages, args.repeats
     if args.smoke:
-        shapes = dict(page_bytes=4096, num_loads=16, tier_pages=64)
-    report = measure_load_rates(device, ctas=args.ctas, repeats=3 if args.smoke else args.repeats, **shapes)
-    report["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    report["smoke"] = args.smoke
+        page_bytes, loads, tier_pages, repeats = 4096, [1, 16], 64, 3
+    runs = []
+    for num_loads in loads:
+        runs.append(measure_load_rates(device, page_bytes, num_loads, tier_pages, args.ctas, repeats))
+        print(f"{num_loads} pages: best num_ctas {runs[-1]['best_num_ctas']}", flush=True)
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     args.out.mkdir(parents=True, exist_ok=True)
+    report = dict(date=date, smoke=args.smoke, runs=runs)
     (args.out / "bench_page_loader.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, args.out / "bench_page_loader.png")
-    print(f"wrote {args.out / 'bench_page_loader.json'}; best num_ctas: {report['best_num_ctas']}")
+    plot(runs, args.out / "bench_page_loader.png")
+    print(f"wrote {args.out / 'bench_page_loader.json'} and .png")
     return 0
 
 
