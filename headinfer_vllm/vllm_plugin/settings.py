@@ -304,7 +304,7 @@ def refusals(vllm_config: VllmConfig) -> list[str]:
         "attention-free models": getattr(model, "is_attention_free", False),
         "Mamba, linear-attention and other stateful layers": getattr(model, "is_hybrid", False)
         or getattr(model, "has_inner_state", False),
-        "a V head size that differs from the K head size": _v_head_size(model) not in (None, model.get_head_size()),
+        "a V head size that differs from the K head size": _v_head_size_differs(model),
     }
     refused = [name for name, present in model_features.items() if present]
     if refused:
@@ -312,10 +312,12 @@ def refusals(vllm_config: VllmConfig) -> list[str]:
     return reasons
 
 
-def _v_head_size(model_config) -> int | None:
-    """The V head size where the model declares one apart from K's (MLA-like layouts), else None."""
+def _v_head_size_differs(model_config) -> bool:
+    """Whether the model declares a V head size apart from K's: MLA-like layouts (``v_head_dim``), or windowed
+    layers of their own sizes (MiMo-V2's ``swa_v_head_dim``, for which vLLM 0.34 would pick another backend)."""
     text_config = getattr(model_config, "hf_text_config", None)
-    return getattr(text_config, "v_head_dim", None)
+    k_sizes = {"v_head_dim": model_config.get_head_size(), "swa_v_head_dim": getattr(text_config, "swa_head_dim", None)}
+    return any(getattr(text_config, name, None) not in (None, k_size) for name, k_size in k_sizes.items())
 
 
 def long_context_defaults_apply() -> bool:

@@ -103,3 +103,24 @@ def test_attention_type_is_named_by_its_value_on_every_release(kind):
     assert compat.attention_type_name(kind.ENCODER) == "encoder"
     assert compat.attention_type_name("encoder") == "encoder"
     assert kind.DECODER == "decoder"  # the backend's comparisons hold on both
+
+
+@pytest.mark.parametrize(
+    "text_config, differs",
+    [
+        ({}, False),
+        ({"v_head_dim": 32}, False),
+        ({"v_head_dim": 16}, True),  # MLA-like
+        ({"swa_head_dim": 64, "swa_v_head_dim": 64}, False),
+        ({"swa_head_dim": 192, "swa_v_head_dim": 128}, True),  # MiMo-V2's windowed layers
+    ],
+)
+def test_v_head_sizes_unlike_k_are_refused_before_vllm_0_34_picks_another_backend(text_config, differs):
+    """vLLM 0.34 gives layers whose V head size differs a backend that can serve them (``supports_head_size_v``;
+    headinfer's says no), so headinfer must refuse such models itself, at config time."""
+    from headinfer_vllm.vllm_plugin.backend import HeadInferBackend
+    from headinfer_vllm.vllm_plugin.settings import _v_head_size_differs
+
+    model = types.SimpleNamespace(hf_text_config=types.SimpleNamespace(**text_config), get_head_size=lambda: 32)
+    assert _v_head_size_differs(model) is differs
+    assert HeadInferBackend.supports_head_size_v(32, 32) and not HeadInferBackend.supports_head_size_v(192, 128)
