@@ -9,6 +9,7 @@ release in :data:`TESTED_VLLM_VERSIONS` for every vLLM name the plugin uses.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -40,20 +41,14 @@ def untested_vllm_warning(version: str) -> str | None:
     )
 
 
+@functools.cache
 def warn_if_untested_vllm() -> None:
     """Log :func:`untested_vllm_warning` for the running vLLM, once per process."""
-    global _version_checked
-    if _version_checked:
-        return
-    _version_checked = True
     from vllm import __version__
 
     warning = untested_vllm_warning(__version__)
     if warning:
         logger.warning(warning)
-
-
-_version_checked = False
 
 
 def gpu_memory_utilization(cache_config) -> float:

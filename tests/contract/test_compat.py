@@ -27,7 +27,7 @@ def test_the_warning_is_logged_at_start_up_once(monkeypatch):
     import vllm
 
     monkeypatch.setattr(vllm, "__version__", "0.35.0")
-    monkeypatch.setattr(compat, "_version_checked", False)
+    compat.warn_if_untested_vllm.cache_clear()
     lines = []
     handler = logging.Handler()
     handler.emit = lambda record: lines.append((record.levelno, record.getMessage()))
@@ -38,6 +38,7 @@ def test_the_warning_is_logged_at_start_up_once(monkeypatch):
         compat.warn_if_untested_vllm()
     finally:
         logger.removeHandler(handler)
+        compat.warn_if_untested_vllm.cache_clear()
     assert lines == [(logging.WARNING, compat.untested_vllm_warning("0.35.0"))]
 
 
