@@ -16,6 +16,16 @@ the pages), found in blocks ``block_table[r, 0], block_table[r, 1], ...``.
 
 The library is built once per source, compiler, flags and CPU into
 ``$HEADINFER_CACHE_DIR`` (default ``~/.cache/headinfer_vllm``).
+
+Instruction paths (``ISAS``; the build picks the best the compiler and CPU allow,
+:func:`instruction_path` names it and the log says it): ``amx`` (bf16 keys scored
+with AMX tiles, the rest as avx512), ``avx512bf16`` (AVX-512, bf16 keys scored
+with VDPBF16PS), ``avx512`` (AVX-512, elements widened to fp32 in registers),
+``portable`` (8-float vector extensions: AVX2 on x86, NEON on Arm). The AVX-512
+paths serve head dims that are a multiple of 32 (AMX: bf16, blocks of >= 16 tokens,
+<= 16 query heads per KV head); other calls take the portable code of the same
+build. ``$HEADINFER_CPU_ATTENTION_ISA`` (or ``library(isa)``) asks for a lower
+path: tests and benchmarks build each. All accumulate in fp32.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import platform
 import shlex
@@ -37,7 +48,15 @@ import torch
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "cpu_decode_attention.cpp"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 PORTABLE_FLAGS = tuple(flag for flag in FLAGS if flag != "-march=native")
-ABI_VERSION = 1
+ABI_VERSION = 2
+ISAS = ("amx", "avx512bf16", "avx512", "portable")
+"""Instruction paths, fastest first; ``auto`` builds the best this compiler and CPU allow."""
+ISA_ENV = "HEADINFER_CPU_ATTENTION_ISA"
+_NO_AMX = "-DHEADINFER_CPU_ATTENTION_NO_AMX"
+_ISA_DEFINES = {"auto": (), "amx": (), "avx512bf16": (_NO_AMX,),
+                "avx512": (_NO_AMX, "-DHEADINFER_CPU_ATTENTION_NO_BF16_DOT"),
+                "portable": ("-DHEADINFER_CPU_ATTENTION_PORTABLE",)}
+logger = logging.getLogger(__name__)
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 """Page, query and output dtypes the kernel takes, with their code in the C ABI."""
 
@@ -215,16 +234,58 @@ def _check_int32(name: str, tensor: torch.Tensor, dims: int, rows: int) -> None:
 # Building and loading ----------------------------------------------------------------------
 
 
-@functools.cache
-def library() -> ctypes.CDLL:
-    """The compiled kernel, built on first use (seconds) and cached on disk.
+def requested_isa() -> str:
+    """``$HEADINFER_CPU_ATTENTION_ISA`` (one of ``ISAS``), else ``auto``.
 
     Raises:
-        RuntimeError: no C++ compiler, or the build failed (with the compiler's output).
+        ValueError: an unknown name.
     """
-    lib = ctypes.CDLL(str(build()))
+    isa = os.environ.get(ISA_ENV) or "auto"
+    if isa not in _ISA_DEFINES:
+        raise ValueError(f"headinfer: ${ISA_ENV}={isa!r}; choose one of auto, {', '.join(ISAS)}")
+    return isa
+
+
+def library(isa: str | None = None) -> ctypes.CDLL:
+    """The compiled kernel for instruction path ``isa`` (default :func:`requested_isa`), built on
+    first use (seconds) and cached on disk.
+
+    Raises:
+        RuntimeError: no C++ compiler, the build failed (with the compiler's output), or this
+            compiler and CPU cannot take the path asked for.
+    """
+    return _load(isa or requested_isa())
+
+
+def instruction_path(isa: str | None = None) -> str:
+    """The path the library of :func:`library` takes for head dims that are a multiple of 32."""
+    return library(isa).headinfer_cpu_attention_isa().decode()
+
+
+def available_isas() -> list[str]:
+    """The paths this compiler and CPU can build, fastest first (builds each)."""
+    found = []
+    for isa in ISAS:
+        try:
+            library(isa)
+        except RuntimeError:
+            continue
+        found.append(isa)
+    return found
+
+
+@functools.cache
+def _load(isa: str) -> ctypes.CDLL:
+    if isa not in _ISA_DEFINES:
+        raise ValueError(f"headinfer: unknown CPU attention path {isa!r}; choose one of auto, {', '.join(ISAS)}")
+    lib = ctypes.CDLL(str(build(isa)))
     if lib.headinfer_cpu_attention_abi_version() != ABI_VERSION:
         raise RuntimeError("headinfer: the CPU attention library's ABI does not match this Python module")
+    lib.headinfer_cpu_attention_isa.restype = ctypes.c_char_p
+    built = lib.headinfer_cpu_attention_isa().decode()
+    if isa != "auto" and built != isa:
+        raise RuntimeError(f"headinfer: this compiler and CPU cannot build the {isa} CPU attention path ({built})")
+    logger.info("headinfer: CPU attention kernel takes the %s path (%s requested)", built, isa)
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.headinfer_decode_attention.restype = ctypes.c_int
     lib.headinfer_decode_attention.argtypes = [
@@ -264,8 +325,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HEADINFER_CACHE_DIR") or Path.home() / ".cache" / "headinfer_vllm")
 
 
-def build() -> Path:
-    """Path of the compiled library: from the cache, else compiled now (with, then without ``-march=native``)."""
+def build(isa: str = "auto") -> Path:
+    """Path of the compiled library for ``isa`` (see ``ISAS``): from the cache, else compiled now (with, then
+    without ``-march=native``)."""
     compiler = find_compiler()
     if compiler is None:
         raise RuntimeError(
@@ -275,7 +337,7 @@ def build() -> Path:
         )
     source = SOURCE.read_bytes()
     errors = []
-    for flags in (FLAGS, PORTABLE_FLAGS):
+    for flags in (FLAGS + _ISA_DEFINES[isa], PORTABLE_FLAGS + _ISA_DEFINES[isa]):
         path = cache_dir() / f"cpu_decode_attention-{_build_key(source, compiler, flags)}.so"
         if path.exists():
             return path

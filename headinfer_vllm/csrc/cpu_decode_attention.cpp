@@ -23,8 +23,20 @@
 // (max, sum, unnormalized output) partials that a second pass merges by
 // log-sum-exp. Pages outside [first key, sequence end) are never read.
 //
-// Plain C++17 with GCC/Clang vector extensions (8 floats, AVX2 on x86, two
-// NEON registers on Arm) and OpenMP. No torch headers.
+// Instruction paths, chosen at build time (`headinfer_cpu_attention_isa` names the one built):
+//
+//   avx512bf16  AVX-512 (16 floats a register); bf16 keys scored with VDPBF16PS (exact
+//               bf16 products summed in fp32, the query unscaled and the scale applied to
+//               the sums); everything else as avx512. Needs __AVX512BF16__.
+//   avx512      AVX-512F/BW: 32 keys' or values' elements widened to fp32 in registers per
+//               load, fp32 FMAs; scores of 16 (query, key) pairs reduced by one transpose.
+//   portable    GCC/Clang vector extensions of 8 floats (AVX2 on x86, two NEON registers on
+//               Arm): no intrinsics needed.
+//
+// The AVX-512 paths serve head dims that are a multiple of 32; other head dims take the
+// portable code in the same build. -DHEADINFER_CPU_ATTENTION_PORTABLE and
+// -DHEADINFER_CPU_ATTENTION_NO_BF16_DOT turn paths off (tests and benchmarks build each).
+// C++17 and OpenMP; no torch headers.
 
 #include <algorithm>
 #include <cmath>
@@ -37,6 +49,17 @@
 
 #if defined(__AVX__) || defined(__F16C__) || defined(__FMA__)
 #include <immintrin.h>
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(HEADINFER_CPU_ATTENTION_PORTABLE)
+#define HEADINFER_AVX512 1
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__) && !defined(HEADINFER_CPU_ATTENTION_NO_AMX)
+#define HEADINFER_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#elif defined(__AVX512BF16__) && !defined(HEADINFER_CPU_ATTENTION_NO_BF16_DOT)
+#define HEADINFER_AVX512_BF16 1
+#endif
 #endif
 
 namespace {
@@ -127,6 +150,7 @@ struct Element<kFloat32> {
   static float to_float(T x) { return x; }
   static T from_float(float x) { return x; }
   static int slot(int i) { return i; }
+  static int wide_slot(int i) { return i; }
   static void load16(const T* p, f32x8& first, f32x8& second) {
     std::memcpy(&first, p, sizeof first);
     std::memcpy(&second, p + 8, sizeof second);
@@ -139,6 +163,7 @@ struct Element<kBFloat16> {  // even elements, then odd ones: one load, a shift 
   static float to_float(T x) { return bf16_to_float(x); }
   static T from_float(float x) { return float_to_bf16(x); }
   static int slot(int i) { return (i & 1) * 8 + (i >> 1); }
+  static int wide_slot(int i) { return (i & 1) * 16 + (i >> 1); }
   static void load16(const T* p, f32x8& first, f32x8& second) {
     u32x8 pairs;
     std::memcpy(&pairs, p, sizeof pairs);
@@ -153,6 +178,7 @@ struct Element<kFloat16> {
   static float to_float(T x) { return half_to_float(x); }
   static T from_float(float x) { return float_to_half(x); }
   static int slot(int i) { return i; }
+  static int wide_slot(int i) { return i; }
   static f32x8 load8(const T* p) {
 #if defined(__F16C__)
     return (f32x8)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -285,11 +311,12 @@ struct Prefetch {
         rows[num_rows++] = reinterpret_cast<const char*>(tile.keys[run]) + t * stride;
   }
 
-  void step(int count) {
-    for (int64_t lines = count * lines_per_key; lines > 0 && next < num_rows; --lines) {
-      prefetch_l2(rows[next] + offset);
-      prefetch_l2(rows[next] + values + offset);
-      offset += 64;
+  void step(int count) {  // a row's lines at a time, the position in locals
+    for (int64_t lines = count * lines_per_key; lines > 0 && next < num_rows;) {
+      const int64_t n = std::min(lines, (row_bytes - offset + 63) / 64);
+      const char* key = rows[next] + offset;
+      for (int64_t i = 0; i < n; ++i) prefetch_l2(key + 64 * i), prefetch_l2(key + values + 64 * i);
+      lines -= n, offset += 64 * n;
       if (offset >= row_bytes) offset = 0, ++next;
     }
   }
@@ -419,12 +446,215 @@ inline void for_query_blocks(int num_queries, Fn&& fn) {
   if (q < num_queries) fn(q, std::integral_constant<int, 1>());
 }
 
-// Index in slot order of element d of a row of D elements (see Element).
+// Index in slot order of element d of a row of D elements (see Element); `wide`: the AVX-512
+// kernels' order (D a multiple of 32, chunks of 32 elements, see Wide).
 template <int DT>
-inline int64_t to_slots(int64_t d, int64_t D) {
+inline int64_t to_slots(int64_t d, int64_t D, bool wide) {
+  if (wide) return (d & ~int64_t(31)) + Element<DT>::wide_slot(int(d & 31));
   const int64_t chunk = d & ~int64_t(15);
   return chunk + 16 > D ? d : chunk + Element<DT>::slot(int(d & 15));
 }
+
+#if defined(HEADINFER_AVX512)
+// AVX-512 kernels over one tile ---------------------------------------------------------------
+//
+// For head dims that are a multiple of 32. The tile's rows are listed one pointer a token
+// (`Rows`), padded to a multiple of 16 with copies of the first, so that every block of keys is
+// full; the scores of the padding are computed and dropped.
+
+constexpr bool kAvx512 = true;
+
+// Wide<DT>::load32 widens 32 consecutive elements to two registers of 16 floats, element i in
+// wide_slot(i) of (first, second); queries and accumulators are kept in that order.
+template <int DT>
+struct Wide;
+
+template <>
+struct Wide<kFloat32> {
+  static void load32(const float* p, __m512& first, __m512& second) {
+    first = _mm512_loadu_ps(p);
+    second = _mm512_loadu_ps(p + 16);
+  }
+};
+
+template <>
+struct Wide<kBFloat16> {  // even elements, then odd ones: one load, a shift and a mask
+  static void load32(const uint16_t* p, __m512& first, __m512& second) {
+    const __m512i pairs = _mm512_loadu_si512(p);
+    first = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+    second = _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32(int(0xffff0000u))));
+  }
+};
+
+template <>
+struct Wide<kFloat16> {
+  static void load32(const uint16_t* p, __m512& first, __m512& second) {
+    first = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    second = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16)));
+  }
+};
+
+template <typename T>
+struct Rows {
+  int count = 0;  // tokens; the list is padded to a multiple of 16
+  const T* rows[kTile + 16];
+
+  Rows(const T* const* runs, const int* lengths, int num_runs, int64_t stride) {
+    for (int run = 0; run < num_runs; ++run)
+      for (int t = 0; t < lengths[run]; ++t) rows[count++] = runs[run] + t * stride;
+    for (int t = count; t % 16 != 0; ++t) rows[t] = rows[0];
+  }
+};
+
+// Lane i of the result: the sum of the 16 lanes of v[i].
+__attribute__((always_inline)) inline __m512 transpose_sums(const __m512* v) {
+  __m512 pairs[8], quads[4], halves[2];
+  for (int i = 0; i < 8; ++i)  // 128-bit lane j: partial sums of v[2i], v[2i+1], v[2i], v[2i+1]
+    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // 128-bit lane j: partial sums of v[4i] .. v[4i + 3]
+    const __m512d a = _mm512_castps_pd(pairs[2 * i]), b = _mm512_castps_pd(pairs[2 * i + 1]);
+    quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  for (int i = 0; i < 2; ++i)  // lanes (0 + 1), (2 + 3) of quads[2i], then of quads[2i + 1]
+    halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], 0x88),
+                              _mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], 0xdd));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(halves[0], halves[1], 0x88),
+                       _mm512_shuffle_f32x4(halves[0], halves[1], 0xdd));
+}
+
+// scores[q * kTile + t] = query q . key t over the tile, for QB query rows, 16 / QB keys at a time.
+// kDot: bf16 keys against the bf16 query rows `q_bits` (natural order) with VDPBF16PS, sums times
+// `scale`; else the fp32 query rows `q_rows` (wide slot order, scaled) with widened keys.
+template <int DT, int QB, bool kDot>
+inline void score_tile_wide(const float* q_rows, const uint16_t* q_bits, int64_t D, const Rows<typename Element<DT>::T>& keys,
+                            float scale, float* scores, Prefetch<typename Element<DT>::T>& prefetch) {
+  constexpr int TB = 16 / QB;
+  alignas(64) float sums[16];
+  for (int first = 0; first < keys.count; first += TB) {
+    prefetch.step(std::min(TB, keys.count - first));
+    __m512 acc[16];
+    for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 32) {
+      for (int t = 0; t < TB; ++t) {
+        const auto* k = keys.rows[first + t] + d;
+        if constexpr (kDot) {
+#if defined(HEADINFER_AVX512_BF16)
+          const __m512bh k_pairs = (__m512bh)_mm512_loadu_si512(k);
+          for (int q = 0; q < QB; ++q)
+            acc[q * TB + t] = _mm512_dpbf16_ps(acc[q * TB + t], (__m512bh)_mm512_loadu_si512(q_bits + q * D + d), k_pairs);
+#endif
+        } else {
+          __m512 k_first, k_second;
+          Wide<DT>::load32(k, k_first, k_second);
+          for (int q = 0; q < QB; ++q)
+            acc[q * TB + t] = _mm512_fmadd_ps(_mm512_loadu_ps(q_rows + q * D + d + 16), k_second,
+                                              _mm512_fmadd_ps(_mm512_loadu_ps(q_rows + q * D + d), k_first, acc[q * TB + t]));
+        }
+      }
+    }
+    __m512 total = transpose_sums(acc);
+    if constexpr (kDot) total = _mm512_mul_ps(total, _mm512_set1_ps(scale));
+    _mm512_store_ps(sums, total);
+    const int valid = std::min(TB, keys.count - first);
+    for (int q = 0; q < QB; ++q)
+      for (int t = 0; t < valid; ++t) scores[q * kTile + first + t] = sums[q * TB + t];
+  }
+}
+
+#if defined(HEADINFER_AMX)
+// AMX: the scores of 16 keys at a time, S^T [16 keys, Q] += K [16 keys, 32 elements] x Q^T, bf16
+// products summed in fp32, for bf16 pages of blocks of at least 16 tokens and Q <= 16. Tiles: 0 the
+// scores, 1 the keys (16 rows `stride` apart, straight from the page), 2 the queries, packed once
+// per item in pairs (VNNI): pair i of chunk c of query q at [(c * 16 + i) * Q + q].
+
+// Linux lends AMX's tile data to a process that asks for it; null when refused.
+bool amx_permitted() {
+  static const bool permitted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return permitted;
+}
+
+// Loads this thread's tile configuration for Q query heads (other code may have changed it).
+inline void configure_tiles(int Q) {
+  struct alignas(64) {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+  } config{};
+  config.palette = 1;
+  config.rows[0] = 16, config.bytes_per_row[0] = uint16_t(4 * Q);
+  config.rows[1] = 16, config.bytes_per_row[1] = 64;
+  config.rows[2] = 16, config.bytes_per_row[2] = uint16_t(4 * Q);
+  _tile_loadconfig(&config);
+}
+
+// scores[q * kTile + t] = scale * (query q . key t) over the tile. A run shorter than 16 keys is
+// still read 16 rows long: past its end, rows of the same page (a block holds >= 16 keys, then as
+// many values), whose scores are dropped.
+template <typename T>
+inline void score_tile_amx(const uint32_t* query_pairs, int Q, int64_t D, const Tile<T>& tile, int64_t stride,
+                           float scale, float* scores, Prefetch<T>& prefetch) {
+  alignas(64) float sums[16 * 16];
+  for (int run = 0; run < tile.num_runs; ++run) {
+    const int n = tile.lengths[run];
+    for (int first = 0; first < n; first += 16) {
+      const int valid = std::min(16, n - first);
+      prefetch.step(valid);
+      const T* keys = tile.keys[run] + first * stride;
+      _tile_zero(0);
+      for (int64_t d = 0; d < D; d += 32) {
+        _tile_loadd(1, keys + d, stride * int64_t(sizeof(T)));
+        _tile_loadd(2, query_pairs + (d / 32) * 16 * Q, 4 * Q);
+        _tile_dpbf16ps(0, 1, 2);
+      }
+      _tile_stored(0, sums, 4 * Q);
+      for (int q = 0; q < Q; ++q)
+        for (int t = 0; t < valid; ++t) scores[q * kTile + first + t] = sums[t * Q + q] * scale;
+    }
+    scores += n;
+  }
+}
+#endif
+
+// acc[q][d .. d + 32 * NC) += sum_t probs[q * kTile + t] * value t [d ..], sums in registers.
+template <int DT, int QB, int NC>
+inline void accumulate_wide_chunks(const float* probs, const Rows<typename Element<DT>::T>& values, int64_t d,
+                                   float* acc, int64_t D) {
+  __m512 sums[QB][2 * NC];
+  for (int q = 0; q < QB; ++q)
+    for (int j = 0; j < 2 * NC; ++j) sums[q][j] = _mm512_loadu_ps(acc + q * D + d + 16 * j);
+  for (int t = 0; t < values.count; ++t) {
+    __m512 v[2 * NC];
+    for (int c = 0; c < NC; ++c) Wide<DT>::load32(values.rows[t] + d + 32 * c, v[2 * c], v[2 * c + 1]);
+    for (int q = 0; q < QB; ++q) {
+      const __m512 p = _mm512_set1_ps(probs[q * kTile + t]);
+      for (int j = 0; j < 2 * NC; ++j) sums[q][j] = _mm512_fmadd_ps(p, v[j], sums[q][j]);
+    }
+  }
+  for (int q = 0; q < QB; ++q)
+    for (int j = 0; j < 2 * NC; ++j) _mm512_storeu_ps(acc + q * D + d + 16 * j, sums[q][j]);
+}
+
+template <int DT, int QB>
+inline void accumulate_tile_wide(const float* probs, const Rows<typename Element<DT>::T>& values, float* acc,
+                                 int64_t D) {
+  if constexpr (QB > 4) {  // two blocks of 4: 16 accumulators each
+    accumulate_tile_wide<DT, 4>(probs, values, acc, D);
+    accumulate_tile_wide<DT, QB - 4>(probs + 4 * kTile, values, acc + 4 * D, D);
+  } else {
+    constexpr int NC = QB == 4 ? 2 : 4;  // at most 16 accumulators, 8 values
+    int64_t d = 0;
+    for (; d + 32 * NC <= D; d += 32 * NC) accumulate_wide_chunks<DT, QB, NC>(probs, values, d, acc, D);
+    if constexpr (NC >= 4) {
+      if (d + 64 <= D) accumulate_wide_chunks<DT, QB, 2>(probs, values, d, acc, D), d += 64;
+    }
+    if constexpr (NC >= 2) {
+      if (d + 32 <= D) accumulate_wide_chunks<DT, QB, 1>(probs, values, d, acc, D), d += 32;
+    }
+  }
+}
+#else
+constexpr bool kAvx512 = false;
+#endif
 
 // Online softmax over one tile of scores (one row per query head): updates the running max and
 // sum, rescales the accumulators where the max grew, and leaves exp(score - max) in `scores`.
@@ -517,6 +747,29 @@ inline Keys keys_of(const Call& c, int64_t request) {
   return {begin, length};
 }
 
+// Whether the call takes the AVX-512 kernels (else the portable ones).
+bool is_wide(const Call& c) { return kAvx512 && c.head_dim % 32 == 0; }
+
+// Whether its keys are scored with AMX tiles (an item of Q <= 16 query heads per KV head).
+template <int DT>
+bool is_amx(const Call& c) {
+#if defined(HEADINFER_AMX)
+  return DT == kBFloat16 && is_wide(c) && c.query_per_kv <= 16 && c.block_size >= 16 && amx_permitted();
+#else
+  return false;
+#endif
+}
+
+// Whether its keys are scored with VDPBF16PS.
+template <int DT>
+bool is_bf16_dot(const Call& c) {
+#if defined(HEADINFER_AVX512_BF16)
+  return DT == kBFloat16 && is_wide(c);
+#else
+  return false;
+#endif
+}
+
 int64_t query_head(const Call& c, int unit, int head, int q) {
   return (c.unit_first_head[unit] + head) * c.query_per_kv + q;
 }
@@ -529,6 +782,7 @@ template <int DT>
 void write_output(const Call& c, int unit, int request, int head, const float* running_max,
                   const float* running_sum, const float* acc) {
   using T = typename Element<DT>::T;
+  const bool wide = is_wide(c);
   for (int q = 0; q < c.query_per_kv; ++q) {
     const int64_t global = query_head(c, unit, head, q);
     float max = running_max[q], sum = running_sum[q], factor = 1.0f;
@@ -540,12 +794,14 @@ void write_output(const Call& c, int unit, int request, int head, const float* r
     const float weight = sum > 0.0f ? factor / sum : 0.0f;  // no keys: zeros
     T* out = static_cast<T*>(c.out) + request * c.out_row_stride + global * c.out_head_stride;
     for (int64_t d = 0; d < c.head_dim; ++d)
-      out[d] = Element<DT>::from_float(acc[q * c.head_dim + to_slots<DT>(d, c.head_dim)] * weight);
+      out[d] = Element<DT>::from_float(acc[q * c.head_dim + to_slots<DT>(d, c.head_dim, wide)] * weight);
   }
 }
 
 struct Scratch {
   std::vector<float> queries, acc, scores, max, sum;
+  std::vector<uint16_t> query_bits;  // bf16 queries as they are, for VDPBF16PS
+  std::vector<uint32_t> query_pairs;  // bf16 queries in pairs for AMX, see score_tile_amx
 };
 
 template <int DT>
@@ -560,12 +816,36 @@ void run_item(const Call& c, const Item& item, Scratch& s, float* partials) {
   s.scores.resize(Q * kTile);
   s.max.assign(H * Q, -std::numeric_limits<float>::infinity());
   s.sum.assign(H * Q, 0.0f);
+  const bool wide = is_wide(c), bf16_dot = is_bf16_dot<DT>(c), amx = is_amx<DT>(c);
+  if (bf16_dot) s.query_bits.resize(H * Q * D);
+  if (amx) s.query_pairs.resize(H * Q * D / 2);
   const T* query = static_cast<const T*>(c.query) + item.request * c.query_row_stride;
   for (int64_t h = 0; h < H; ++h) {
     for (int q = 0; q < Q; ++q) {
       const T* row = query + query_head(c, item.unit, int(item.first_head + h), q) * c.query_head_stride;
+      if (bf16_dot) {
+        std::memcpy(s.query_bits.data() + (h * Q + q) * D, row, D * sizeof(T));
+        continue;
+      }
+      if (amx) {
+        uint32_t* pairs = s.query_pairs.data() + h * Q * D / 2;
+        for (int64_t i = 0; i < D / 2; ++i) std::memcpy(pairs + i * Q + q, row + 2 * i, sizeof(uint32_t));
+        continue;
+      }
       float* slots = s.queries.data() + (h * Q + q) * D;
-      for (int64_t d = 0; d < D; ++d) slots[to_slots<DT>(d, D)] = E::to_float(row[d]) * c.scale;
+      if (wide) {
+#if defined(HEADINFER_AVX512)
+        const __m512 scale = _mm512_set1_ps(c.scale);
+        for (int64_t d = 0; d < D; d += 32) {  // widened straight into slot order
+          __m512 first, second;
+          Wide<DT>::load32(row + d, first, second);
+          _mm512_storeu_ps(slots + d, _mm512_mul_ps(first, scale));
+          _mm512_storeu_ps(slots + d + 16, _mm512_mul_ps(second, scale));
+        }
+#endif
+        continue;
+      }
+      for (int64_t d = 0; d < D; ++d) slots[to_slots<DT>(d, D, false)] = E::to_float(row[d]) * c.scale;
     }
   }
   const Keys keys = keys_of(c, item.request);
@@ -579,21 +859,53 @@ void run_item(const Call& c, const Item& item, Scratch& s, float* partials) {
       const Tile<T> tile = first_head_tile.shifted(h * D);
       const float* queries = s.queries.data() + h * Q * D;
       float* acc = s.acc.data() + h * Q * D;
-      for_query_blocks(int(Q), [&](int q, auto block) {
-        score_tile<DT, decltype(block)::value>(queries + q * D, D, tile, row_stride, scores + q * kTile, prefetch);
-      });
+      if (wide) {
+#if defined(HEADINFER_AVX512)
+        const Rows<T> keys(tile.keys, tile.lengths, tile.num_runs, row_stride);
+        const uint16_t* bits = s.query_bits.data() + h * Q * D;
+#if defined(HEADINFER_AMX)
+        if (amx) {
+          score_tile_amx(s.query_pairs.data() + h * Q * D / 2, int(Q), D, tile, row_stride, c.scale, scores, prefetch);
+        }
+#endif
+        if (!amx) for_query_blocks(int(Q), [&](int q, auto block) {
+          constexpr int QB = decltype(block)::value;
+          if (bf16_dot) {
+            score_tile_wide<DT, QB, true>(nullptr, bits + q * D, D, keys, c.scale, scores + q * kTile, prefetch);
+          } else {
+            score_tile_wide<DT, QB, false>(queries + q * D, nullptr, D, keys, c.scale, scores + q * kTile, prefetch);
+          }
+        });
+#endif
+      } else {
+        for_query_blocks(int(Q), [&](int q, auto block) {
+          score_tile<DT, decltype(block)::value>(queries + q * D, D, tile, row_stride, scores + q * kTile, prefetch);
+        });
+      }
       if (c.logits_soft_cap > 0.0f) {
         const float cap = c.logits_soft_cap;
         for (int q = 0; q < Q; ++q)
           for (int t = 0; t < tile.num_tokens; ++t) scores[q * kTile + t] = cap * std::tanh(scores[q * kTile + t] / cap);
       }
       softmax_tile(scores, tile.num_tokens, int(Q), D, s.max.data() + h * Q, s.sum.data() + h * Q, acc);
-      for_query_blocks(int(Q), [&](int q, auto block) {
-        accumulate_tile<DT, decltype(block)::value>(scores + q * kTile, tile, row_stride, acc + q * D, D);
-      });
+      if (wide) {
+#if defined(HEADINFER_AVX512)
+        const Rows<T> values(tile.values, tile.lengths, tile.num_runs, row_stride);
+        for_query_blocks(int(Q), [&](int q, auto block) {
+          accumulate_tile_wide<DT, decltype(block)::value>(scores + q * kTile, values, acc + q * D, D);
+        });
+#endif
+      } else {
+        for_query_blocks(int(Q), [&](int q, auto block) {
+          accumulate_tile<DT, decltype(block)::value>(scores + q * kTile, tile, row_stride, acc + q * D, D);
+        });
+      }
     }
     prefetch.step(kTile);  // whatever the passes left of the next tile
   };
+#if defined(HEADINFER_AMX)
+  if (amx) configure_tiles(int(Q));
+#endif
   // Keys [key, end_key) of this item, kTile at a time, in runs that each lie in one page.
   int64_t key = std::max(keys.begin, item.first_page * B);
   const int64_t end_key = std::min(keys.end, item.end_page * B);
@@ -749,7 +1061,21 @@ int run(const Call& c, int num_threads, int64_t* bad_index) {
 extern "C" {
 
 // Bumped when a signature below changes; the Python side checks it.
-int headinfer_cpu_attention_abi_version() { return 1; }
+int headinfer_cpu_attention_abi_version() { return 2; }
+
+// The instruction path this build takes for head dims that are a multiple of 32 (see the top).
+const char* headinfer_cpu_attention_isa() {
+#if defined(HEADINFER_AMX)
+  if (amx_permitted()) return "amx";
+  return "avx512";
+#elif defined(HEADINFER_AVX512_BF16)
+  return "avx512bf16";
+#elif defined(HEADINFER_AVX512)
+  return "avx512";
+#else
+  return "portable";
+#endif
+}
 
 // Decode attention of `num_units` units of one layer (see the top of this file).
 //

@@ -3,6 +3,9 @@
 Every token slot that no request attends (past a sequence's end, before its
 window, in blocks no request owns) holds NaN, so a kernel that reads one
 gives a NaN and fails: the checks prove what is not read as well as what is.
+
+Every test runs on each instruction path this compiler and CPU can build
+(``cpu_attention.available_isas()``: amx, avx512bf16, avx512, portable).
 """
 
 from __future__ import annotations
@@ -17,6 +20,16 @@ from headinfer_vllm.core import cpu_attention
 pytestmark = pytest.mark.skipif(
     cpu_attention.find_compiler() is None, reason="no C++ compiler ($CXX, c++, g++ or clang++) to build the kernel"
 )
+
+ISA_PATHS = cpu_attention.available_isas() if cpu_attention.find_compiler() else []
+
+
+@pytest.fixture(autouse=True, params=ISA_PATHS or ["auto"])
+def isa(request, monkeypatch) -> str:
+    """The instruction path every kernel call of the test takes."""
+    monkeypatch.setenv(cpu_attention.ISA_ENV, request.param)
+    return request.param
+
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 """Largest error over largest |reference|: fp32 accumulation, plus one rounding of the output
@@ -332,6 +345,22 @@ def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="sinks"):
         cpu_attention.decode_attention(case.query, case.pages, case.block_table, case.seq_lens, 1.0,
                                        sinks=torch.zeros(3))
+
+
+def test_the_path_asked_for_is_the_path_taken(isa):
+    assert cpu_attention.instruction_path() == isa
+    assert isa in cpu_attention.ISAS
+
+
+def test_an_unknown_path_is_refused(monkeypatch):
+    monkeypatch.setenv(cpu_attention.ISA_ENV, "sse9")
+    with pytest.raises(ValueError, match="amx, avx512bf16, avx512, portable"):
+        Case([5]).run()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_more_query_heads_than_a_tile_holds(dtype):
+    check(Case([70, 33], heads=2, query_per_kv=20, head_dim=64, dtype=dtype, seed=61))
 
 
 def test_build_is_cached_and_keyed(tmp_path, monkeypatch):
