@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.contexts, args.depths, args.paths = "1024", "50", ",".join(VLLM_PATHS)
     args.contexts = [int(n) for n in args.contexts.split(",")]
     args.depths = [int(n) for n in args.depths.split(",")]
-    args.paths = args.paths.split(",")
+    args.paths = [path for path in args.paths.split(",") if path]  # none: only --gemma-probe
     args.path_contexts = {k: [int(n) for n in v.split(",")] for k, v in (a.split("=") for a in args.path_contexts)}
     args.name = args.name or ("niah_smoke" if args.smoke else "niah")
     if not set(args.paths) <= set(PATHS) or not set(args.path_contexts) <= set(args.paths):
@@ -208,7 +208,7 @@ def run_grid(args, model: RealModel = SMOLLM2) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     haystack = tokenizer("\n\n".join(essays()), add_special_tokens=False)["input_ids"]
     cells = [{"context": c, "depth": d, "prompt": haystack_prompt(tokenizer, haystack, c, d, args.max_tokens)}
-             for c in args.contexts for d in args.depths]
+             for c in args.contexts for d in args.depths] if args.paths else []
     results: dict[str, dict] = {}
     for path in args.paths:
         chosen = [i for i, cell in enumerate(cells) if cell["context"] in args.path_contexts.get(path, args.contexts)]
@@ -267,7 +267,8 @@ def plot(report: dict, path: pathlib.Path) -> None:
             grid[y][x] = entry["retrieval"]
             mark = {"tie": "t", "fail": "x"}.get(entry.get("verdict"), "")
             axis.text(x, y, mark, ha="center", va="center", color="black", fontsize=14, fontweight="bold")
-        image = axis.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, origin="upper", aspect="auto")
+        colours = matplotlib.colormaps["RdYlGn"].with_extremes(bad="lightgrey")
+        image = axis.imshow(grid, cmap=colours, vmin=0, vmax=1, origin="upper", aspect="auto")
         axis.set_xticks(range(len(contexts)), [f"{c // 1024}K" if c % 1024 == 0 else str(c) for c in contexts])
         axis.set_yticks(range(len(depths)), [f"{d}%" for d in depths])
         axis.set_title(name, fontsize=10)
@@ -299,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         report["gemma_probe"] = gemma_probe(args.gemma_probe, args.max_tokens)
     report["wall_s"] = round(time.perf_counter() - started, 1)
     (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
-    plot(report, args.out / f"{args.name}.png")
+    if args.paths:
+        plot(report, args.out / f"{args.name}.png")
     print(json.dumps(report["summary"], indent=1))
     failures = sum(s["failures"] for s in report["summary"].values())
     print(f"{args.out / args.name}.json: {failures} failure(s), {report['wall_s']} s")

@@ -72,6 +72,10 @@ class RealModel:
     """Tokens of context the model was trained for."""
     chat_template: str | None = None
     """Chat template to store with the tokenizer where the GGUF has none."""
+    sliding_window: int | None = None
+    """Window (tokens) of the windowed layers, checked in the converted config; None: full attention only."""
+    layer_pattern: tuple[str, ...] = ()
+    """The converted config's ``layer_types`` must repeat this pattern (checked when given)."""
 
 
 SMOLLM2 = RealModel(
@@ -93,6 +97,8 @@ GEMMA3_270M = RealModel(
     sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     max_context=32768,
     chat_template=GEMMA_CHAT_TEMPLATE,
+    sliding_window=512,
+    layer_pattern=("sliding_attention",) * 5 + ("full_attention",),
 )
 
 MODELS = {model.name: model for model in (SMOLLM2, GEMMA3_270M)}
@@ -188,6 +194,7 @@ def _convert(source: Path, model: RealModel, out: Path) -> None:
         raise ImportError(f"headinfer: reading a GGUF needs the gguf and accelerate packages "
                           f"(pip install -e '.[real]'): {error}") from error
     config = quantized.config
+    check_architecture(config, model)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = torch.float32
@@ -198,6 +205,16 @@ def _convert(source: Path, model: RealModel, out: Path) -> None:
     plain.save_pretrained(out)
     tokenizer.save_pretrained(out)
     plain.generation_config.save_pretrained(out)
+
+
+def check_architecture(config, model: RealModel) -> None:
+    """Refuse a converted config whose windows or pattern of windowed and full layers is not the model's."""
+    if model.layer_pattern:
+        layers = list(config.layer_types)
+        expected = [model.layer_pattern[i % len(model.layer_pattern)] for i in range(len(layers))]
+        if layers != expected or config.sliding_window != model.sliding_window:
+            raise ValueError(f"headinfer: {model.name} converted with layer_types {layers} and sliding_window "
+                             f"{config.sliding_window}; expected {expected} and {model.sliding_window}")
 
 
 def chat_prompt(tokenizer, question: str) -> list[int]:
