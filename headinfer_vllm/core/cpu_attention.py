@@ -132,6 +132,7 @@ def decode_attention_units(
     logits_soft_cap: float = 0.0,
     sinks: torch.Tensor | None = None,
     num_threads: int | None = None,
+    isa: str | None = None,
 ) -> torch.Tensor:
     """Decode attention of several units of one layer in one call: one OpenMP region for them all.
 
@@ -149,6 +150,7 @@ def decode_attention_units(
         query_per_kv: query heads per KV head.
         out: like ``query``; allocated (zeros) if None.
         sinks: None, or shape ``[num_query_heads]``, dtype float32.
+        isa: the instruction path (see ``ISAS``); default :func:`requested_isa`.
 
     Returns:
         ``out``, shape ``[R, num_query_heads, D]``.
@@ -181,7 +183,7 @@ def decode_attention_units(
         raise ValueError(f"headinfer: sinks must be a contiguous CPU float32 tensor [{num_query_heads}]")
     count = len(units)
     bad_index = ctypes.c_int64(-1)
-    status = library().headinfer_decode_attention(
+    status = library(isa).headinfer_decode_attention(
         DTYPES[first_pages.dtype],
         count,
         (ctypes.c_void_p * count)(*(pages.data_ptr() for _, pages in units)),

@@ -563,9 +563,9 @@ inline void score_tile_wide(const float* q_rows, const uint16_t* q_bits, int64_t
 
 #if defined(HEADINFER_AMX)
 // AMX: the scores of 16 keys at a time, S^T [16 keys, Q] += K [16 keys, 32 elements] x Q^T, bf16
-// products summed in fp32, for bf16 pages of blocks of at least 16 tokens and Q <= 16. Tiles: 0 the
-// scores, 1 the keys (16 rows `stride` apart, straight from the page), 2 the queries, packed once
-// per item in pairs (VNNI): pair i of chunk c of query q at [(c * 16 + i) * Q + q].
+// products summed in fp32, for bf16 pages of blocks of at least 16 tokens and Q <= 16. Tiles: 0 and
+// 3 the scores, 1 and 4 the keys (16 rows `stride` apart, straight from the page), 2 the queries,
+// packed once per item in pairs (VNNI): pair i of chunk c of query q at [(c * 16 + i) * Q + q].
 
 // Linux lends AMX's tile data to a process that asks for it; null when refused.
 bool amx_permitted() {
@@ -584,33 +584,49 @@ inline void configure_tiles(int Q) {
   config.rows[0] = 16, config.bytes_per_row[0] = uint16_t(4 * Q);
   config.rows[1] = 16, config.bytes_per_row[1] = 64;
   config.rows[2] = 16, config.bytes_per_row[2] = uint16_t(4 * Q);
+  config.rows[3] = 16, config.bytes_per_row[3] = uint16_t(4 * Q);
+  config.rows[4] = 16, config.bytes_per_row[4] = 64;
   _tile_loadconfig(&config);
 }
 
-// scores[q * kTile + t] = scale * (query q . key t) over the tile. A run shorter than 16 keys is
-// still read 16 rows long: past its end, rows of the same page (a block holds >= 16 keys, then as
-// many values), whose scores are dropped.
+// scores[q * kTile + t] = scale * (query q . key t) over the tile, two groups of 16 keys at a time
+// (tiles 0 and 3 the scores, 1 and 4 the keys: two chains of tile products in flight). A run shorter
+// than 16 keys is still read 16 rows long: past its end, rows of the same page (a block holds >= 16
+// keys, then as many values), whose scores are dropped.
 template <typename T>
 inline void score_tile_amx(const uint32_t* query_pairs, int Q, int64_t D, const Tile<T>& tile, int64_t stride,
                            float scale, float* scores, Prefetch<T>& prefetch) {
-  alignas(64) float sums[16 * 16];
+  struct Group {
+    const T* keys;
+    int first, valid;  // first key's place in the tile, keys that count
+  };
+  Group groups[kTile];
+  int num_groups = 0, place = 0;
   for (int run = 0; run < tile.num_runs; ++run) {
-    const int n = tile.lengths[run];
-    for (int first = 0; first < n; first += 16) {
-      const int valid = std::min(16, n - first);
-      prefetch.step(valid);
-      const T* keys = tile.keys[run] + first * stride;
-      _tile_zero(0);
-      for (int64_t d = 0; d < D; d += 32) {
-        _tile_loadd(1, keys + d, stride * int64_t(sizeof(T)));
-        _tile_loadd(2, query_pairs + (d / 32) * 16 * Q, 4 * Q);
-        _tile_dpbf16ps(0, 1, 2);
-      }
-      _tile_stored(0, sums, 4 * Q);
-      for (int q = 0; q < Q; ++q)
-        for (int t = 0; t < valid; ++t) scores[q * kTile + first + t] = sums[t * Q + q] * scale;
+    for (int first = 0; first < tile.lengths[run]; first += 16)
+      groups[num_groups++] = {tile.keys[run] + first * stride, place + first, std::min(16, tile.lengths[run] - first)};
+    place += tile.lengths[run];
+  }
+  const int64_t row_bytes = stride * int64_t(sizeof(T)), pair_bytes = 4 * Q;
+  alignas(64) float sums[2][16 * 16];
+  for (int g = 0; g < num_groups; g += 2) {
+    const bool two = g + 1 < num_groups;
+    prefetch.step(groups[g].valid + (two ? groups[g + 1].valid : 0));
+    _tile_zero(0);
+    _tile_zero(3);
+    for (int64_t d = 0; d < D; d += 32) {
+      _tile_loadd(2, query_pairs + (d / 32) * 16 * Q, pair_bytes);
+      _tile_loadd(1, groups[g].keys + d, row_bytes);
+      _tile_loadd(4, groups[two ? g + 1 : g].keys + d, row_bytes);
+      _tile_dpbf16ps(0, 1, 2);
+      _tile_dpbf16ps(3, 4, 2);
     }
-    scores += n;
+    _tile_stored(0, sums[0], pair_bytes);
+    _tile_stored(3, sums[1], pair_bytes);
+    for (int i = 0; i < (two ? 2 : 1); ++i)
+      for (int q = 0; q < Q; ++q)
+        for (int t = 0; t < groups[g + i].valid; ++t)
+          scores[q * kTile + groups[g + i].first + t] = sums[i][t * Q + q] * scale;
   }
 }
 #endif
