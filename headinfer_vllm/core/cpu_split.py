@@ -23,17 +23,27 @@ chunk stream every unit (prefill stays on the GPU).
 
 The rates are measured when the engine starts (:func:`measure_h2d_rate`,
 :func:`measure_cpu_rate`) and the share planned once (:func:`plan_decode_split`).
+
+Whether a step splits is decided per step (:meth:`DecodeSplit.pays`): the
+per-layer lockstep (the host's wait for the layer's queries, the copies both
+ways and the kernel's start, :func:`measure_layer_overhead`) is a fixed cost
+per layer, so a step that streams little KV (short contexts) runs faster over
+PCIe alone. A step splits only where the prediction, lockstep included, beats
+PCIe-only by :data:`MIN_SPEEDUP`: where it streams at least
+:attr:`DecodeSplit.min_split_bytes`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 import time
 from collections.abc import Mapping, Sequence
 
 import torch
 
+from headinfer_vllm.core.page_loader import PageLoader
 from headinfer_vllm.core.page_store import HeadPageStore, consecutive_runs
 from headinfer_vllm.core.plan import StepPlan
 from headinfer_vllm.core.transfer import as_words
@@ -54,10 +64,17 @@ class DecodeSplit:
     streamed ones); layers without any are absent."""
     num_threads: int
     """OpenMP threads of the CPU kernel."""
+    num_streamed: int = 0
+    """Streamed units of the store (the CPU's and PCIe's together)."""
     h2d_bytes_per_s: float | None = None
     """Measured host-to-device rate of a load (None: not measured)."""
     cpu_bytes_per_s: float | None = None
     """Measured KV read rate of the CPU kernel (None: not measured)."""
+    layer_overhead_s: float = 0.0
+    """Measured fixed cost of one layer's split, seconds (:func:`measure_layer_overhead`)."""
+    every_step: bool = True
+    """Split every decode-only step, paying or not (``cpu_attention=all``, and splits given by hand);
+    ``auto`` splits only where it pays."""
 
     @property
     def num_cpu_units(self) -> int:
@@ -74,6 +91,28 @@ class DecodeSplit:
             return None
         return predicted_speedup(num_streamed, self.num_cpu_units, self.h2d_bytes_per_s, self.cpu_bytes_per_s)
 
+    @property
+    def min_split_bytes(self) -> float:
+        """Streamed KV bytes of a step from which splitting it is predicted :data:`MIN_SPEEDUP` times faster
+        than PCIe alone, lockstep included (0: every step; ``inf``: none)::
+
+            B / h2d >= MIN_SPEEDUP * (B * f + layers * overhead),  f = max(pcie share / h2d, cpu share / cpu)
+        """
+        if self.every_step:
+            return 0.0
+        if not self.h2d_bytes_per_s or not self.cpu_bytes_per_s or not self.num_streamed:
+            return math.inf
+        cpu_share = self.num_cpu_units / self.num_streamed
+        per_byte = max((1 - cpu_share) / self.h2d_bytes_per_s, cpu_share / self.cpu_bytes_per_s)
+        gain_per_byte = 1 / self.h2d_bytes_per_s - MIN_SPEEDUP * per_byte
+        if gain_per_byte <= 0:
+            return math.inf
+        return MIN_SPEEDUP * len(self.cpu_groups) * self.layer_overhead_s / gain_per_byte
+
+    def pays(self, step_streamed_bytes: int) -> bool:
+        """Whether a decode step that streams ``step_streamed_bytes`` of KV (all streamed units) splits."""
+        return step_streamed_bytes >= self.min_split_bytes
+
     def describe(self, num_streamed: int) -> str:
         """``12 of 32 streamed units on the CPU in decode steps (H2D 48.1 GB/s, CPU 31.0 GB/s with 16
         threads: 1.6x faster than PCIe only)``."""
@@ -82,7 +121,14 @@ class DecodeSplit:
             rates = (f" (H2D {self.h2d_bytes_per_s / 1e9:.1f} GB/s, CPU {self.cpu_bytes_per_s / 1e9:.1f} GB/s "
                      f"with {self.num_threads} threads: {self.predicted_speedup(num_streamed):.2f}x "
                      "the PCIe-only decode, predicted)")
-        return f"{self.num_cpu_units} of {num_streamed} streamed units on the CPU in decode steps{rates}"
+        if self.every_step:
+            when = "every decode step"
+        elif math.isinf(self.min_split_bytes):
+            when = "no decode step (the lockstep costs more than the split saves)"
+        else:
+            when = (f"decode steps that stream at least {self.min_split_bytes / 2**20:.0f} MiB of KV (per-layer "
+                    f"lockstep {1e6 * self.layer_overhead_s:.0f} us)")
+        return f"{self.num_cpu_units} of {num_streamed} streamed units on the CPU in {when}{rates}"
 
 
 def predicted_speedup(num_streamed: int, num_cpu: int, h2d_bytes_per_s: float, cpu_bytes_per_s: float) -> float:
@@ -127,10 +173,17 @@ def split_units(
     num_threads: int,
     h2d_bytes_per_s: float | None = None,
     cpu_bytes_per_s: float | None = None,
+    layer_overhead_s: float = 0.0,
+    every_step: bool = True,
 ) -> DecodeSplit:
-    """``count`` of ``store``'s streamed units for the CPU, spread over the layers (:func:`spread_over_layers`)."""
+    """``count`` of ``store``'s streamed units for the CPU, spread over the layers (:func:`spread_over_layers`).
+
+    ``every_step``: split every decode-only step; else only those where it pays (:meth:`DecodeSplit.pays`)."""
     streamed = {layer: store.streamed_groups(layer) for layer in range(store.num_layers)}
-    return DecodeSplit(spread_over_layers(streamed, count), num_threads, h2d_bytes_per_s, cpu_bytes_per_s)
+    return DecodeSplit(
+        spread_over_layers(streamed, count), num_threads, len(store.streamed_units), h2d_bytes_per_s,
+        cpu_bytes_per_s, layer_overhead_s, every_step,
+    )
 
 
 def plan_decode_split(
@@ -140,9 +193,11 @@ def plan_decode_split(
     num_threads: int,
     h2d_bytes_per_s: float | None,
     cpu_bytes_per_s: float | None,
+    layer_overhead_s: float = 0.0,
 ) -> DecodeSplit | None:
-    """The split for ``mode`` (``all``: every streamed unit on the CPU; ``auto``: balanced from the rates,
-    None when it predicts less than :data:`MIN_SPEEDUP`; ``off``: None)."""
+    """The split for ``mode`` (``all``: every streamed unit on the CPU, every decode step; ``auto``: balanced
+    from the rates, in the steps where it pays, None when it predicts less than :data:`MIN_SPEEDUP` even
+    without the lockstep; ``off``: None)."""
     num_streamed = len(store.streamed_units)
     if mode == "off" or not num_streamed:
         return None
@@ -157,14 +212,14 @@ def plan_decode_split(
     else:
         raise ValueError(f"headinfer: cpu_attention must be 'auto', 'all' or 'off', got {mode!r}")
     return split_units(store, count, num_threads=num_threads, h2d_bytes_per_s=h2d_bytes_per_s,
-                       cpu_bytes_per_s=cpu_bytes_per_s)
+                       cpu_bytes_per_s=cpu_bytes_per_s, layer_overhead_s=layer_overhead_s, every_step=mode == "all")
 
 
 # Start-up measurements ---------------------------------------------------------------------
 
 
 def measure_h2d_rate(store: HeadPageStore, repeats: int = 5) -> float:
-    """Bytes per second of a load as the transfer scheduler issues it (``index_select`` of whole pages
+    """Bytes per second of a load as the transfer scheduler issues it (:class:`PageLoader`: whole pages
     from the mapped host tier into a staging buffer); the median of ``repeats`` timed runs."""
     if not store.streamed_units or store.device.type != "cuda":
         raise ValueError("headinfer: measuring H2D needs streamed units on a CUDA device")
@@ -172,13 +227,15 @@ def measure_h2d_rate(store: HeadPageStore, repeats: int = 5) -> float:
     page_bytes = store.layout.unit_bytes // num_blocks
     num_pages = max(1, min(num_blocks, MEASURE_BYTES // page_bytes))
     source = as_words(store.host_on_device[0].view(num_blocks, -1))
-    target = as_words(store.staging[0].view(num_blocks, -1))[:num_pages]
+    target = as_words(store.staging[0].view(num_blocks, -1))
     pages = torch.arange(num_pages, device=store.device)
+    count = torch.tensor([num_pages], device=store.device)
+    loader = PageLoader(store.device)
     times = []
     for _ in range(repeats + 1):  # the first run warms up
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        torch.index_select(source, 0, pages, out=target)
+        loader.load(source, target, pages, count)
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1000)
@@ -209,6 +266,39 @@ def measure_cpu_rate(store: HeadPageStore, *, query_per_kv: int, num_threads: in
                                              out=out, num_threads=num_threads)
         times.append(time.perf_counter() - started)
     return num_pages * page_bytes * len(units) / statistics.median(times[1:])
+
+
+def measure_layer_overhead(store: HeadPageStore, *, query_per_kv: int, num_threads: int, repeats: int = 20) -> float:
+    """Seconds of one layer's split lockstep, whatever the context: the queries' copy to the host and the
+    host's wait for it, the kernel over one page, the outputs' copy back; the median of ``repeats`` runs.
+
+    It leaves out what waiting costs the GPU's queue (the host no longer runs ahead), so it is a lower bound.
+    """
+    from headinfer_vllm.core import cpu_attention
+
+    layout = store.layout
+    layer = store.streamed_units[0][0]
+    units = [(group * layout.head_group_size, store.host_unit(layer, group)) for group in store.streamed_groups(layer)]
+    cuda = store.device.type == "cuda"
+    heads = layout.num_kv_heads * query_per_kv
+    on_device = torch.zeros(1, heads, layout.head_dim, dtype=layout.dtype, device=store.device)
+    query = torch.zeros(1, heads, layout.head_dim, dtype=layout.dtype, pin_memory=cuda)
+    out = torch.empty_like(query)
+    block_table = torch.zeros(1, 1, dtype=torch.int32)
+    seq_lens = torch.tensor([layout.block_size], dtype=torch.int32)
+    times = []
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        query.copy_(on_device, non_blocking=True)
+        if cuda:
+            torch.cuda.current_stream(store.device).synchronize()
+        cpu_attention.decode_attention_units(query, units, block_table, seq_lens, 1.0, query_per_kv=query_per_kv,
+                                             out=out, num_threads=num_threads)
+        on_device.copy_(out, non_blocking=True)
+        times.append(time.perf_counter() - started)
+    if cuda:
+        torch.cuda.current_stream(store.device).synchronize()
+    return statistics.median(times[1:])
 
 
 # The per-layer work ------------------------------------------------------------------------

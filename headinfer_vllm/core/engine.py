@@ -61,6 +61,7 @@ class StreamedAttention:
         cpu_threads: int | None = None,
         decode_split: DecodeSplit | None = None,
         layer_groups: Sequence[int] | None = None,
+        null_block: int | None = None,
     ) -> None:
         """``flash_version``: the FlashAttention version to call on CUDA (vLLM's own choice); None probes.
         ``layers``: each layer's attention variant, in layer order; None: plain causal attention everywhere.
@@ -68,7 +69,9 @@ class StreamedAttention:
         with ``cpu_threads`` threads (None: torch's count).
         ``decode_split``: the streamed groups that the CPU attends in decode-only steps (None: none).
         ``layer_groups``: the KV-cache group of each layer, in layer order: the index of the step plan
-        it attends with (:meth:`begin_step`); None: one group."""
+        it attends with (:meth:`begin_step`); None: one group.
+        ``null_block``: a block id that is never a request's page (vLLM's block 0), never loaded
+        (:mod:`headinfer_vllm.core.staging`); None: every block id may be one."""
         layout = store.layout
         if num_query_heads % layout.num_kv_heads:
             raise ValueError(
@@ -137,6 +140,8 @@ class StreamedAttention:
         """Whether this step is split (decode only, with CPU groups)."""
         self._plans: tuple[StepPlan, ...] = ()
         """This step's plan of each KV-cache group."""
+        self.null_block = null_block
+        self._decode_split = decode_split
         self._staging: dict[int, StagingMap] = {}
         """This step's staging map of each layer with streamed units."""
 
@@ -165,11 +170,15 @@ class StreamedAttention:
         )
         stream = self._current_stream()
         plan = plans[0]
-        self._split = self._offload is not None and plan.num_tokens > 0 and plan.max_query_len == 1
+        self._split = (
+            self._offload is not None and plan.num_tokens > 0 and plan.max_query_len == 1
+            and self._decode_split.pays(traffic.step_host_bytes)
+        )
+        traffic.split_steps += self._split
         if store.streamed_units:
             self._staging = {}
             for group_plan, windows in zip(plans, self._streamed_windows, strict=True):
-                self._staging.update(stage_layers(group_plan, layout.num_blocks, windows))
+                self._staging.update(stage_layers(group_plan, layout.num_blocks, windows, self.null_block))
             self.transfers.begin_step(self._staging, stream, self._cpu_units if self._split else frozenset())
         if self._split:
             self._offload.begin_step(plans)

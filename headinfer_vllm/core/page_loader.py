@@ -145,11 +145,11 @@ def index_select_pages(
 
 
 def accumulate_pages(total: torch.Tensor, count: torch.Tensor) -> None:
-    """``total += count`` on the device, no sync (``total``: one int64 element; ``count``: as in a load).
+    """Each counter of ``total`` (int64, any shape) gains ``count`` (as in a load) on the device, no sync.
 
     Issue it on the load's stream; readers (metrics) fetch ``total`` lazily.
     """
-    total.add_(count.reshape(total.shape))
+    total.add_(count.reshape(1))
 
 
 @functools.cache

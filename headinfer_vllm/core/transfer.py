@@ -9,11 +9,18 @@ a kernel on one copy stream that addresses the mapped host tier directly::
     compute:     attend i ------------> attend i+1 ------------> ...  (waits loaded[b])
                         \\ released[b]
 
-- A load is one ``index_select`` of whole pages (as 8-byte words where they
-  tile), whatever the fragmentation of the step's pages: the distinct pages
-  that the unit's layer reads (:mod:`headinfer_vllm.core.staging`; a layer
-  with a sliding window reads fewer) go from the host tier to the front of
-  the staging buffer.
+- A load is one launch of :mod:`headinfer_vllm.core.page_loader` over whole
+  pages (as 8-byte words where they tile), whatever the fragmentation of the
+  step's pages: the distinct pages that the unit's layer reads
+  (:mod:`headinfer_vllm.core.staging`; a layer with a sliding window reads
+  fewer) go from the host tier to the front of the staging buffer. The load
+  stops at the count of distinct pages, read on the device, so a page shared
+  by several requests moves once; on CUDA the Triton kernel does it with a few
+  CTAs, leaving the other SMs to attention (``index_select`` is the fallback).
+- Pages loaded are counted on the device from that same count, and read by the
+  host lazily (:attr:`TransferScheduler.traffic`): a pinned copy made each step
+  without waiting, so metrics cost no sync. Off CUDA the count is read once per
+  step and map (free on the host) and each load is one ``index_select``.
 - A layer's new K/V go to the host pages of all its streamed units in one
   launch. Loads issued after it read them; a unit loaded before it (the first
   units of a layer, prefetched during the previous layer) is *stale*, and the
@@ -35,6 +42,7 @@ from collections.abc import Mapping
 
 import torch
 
+from headinfer_vllm.core.page_loader import PageLoader, accumulate_pages
 from headinfer_vllm.core.page_store import HeadPageStore
 from headinfer_vllm.core.residency import Unit
 from headinfer_vllm.core.staging import StagingMap
@@ -95,7 +103,10 @@ class Traffic:
     """Running totals of one store's transfers since it was made (for operators' metrics)."""
 
     loaded_bytes: int = 0
-    """Bytes copied from the host tier to staging buffers (every load position, spares included)."""
+    """Bytes copied from the host tier to staging buffers: the distinct pages of each load, counted on
+    the device from the count the load stops at (on CUDA read lazily: up to a step behind). The
+    ``index_select`` fallback on CUDA cannot stop at a count it does not read; there the padding it
+    moves is counted too."""
     written_bytes: int = 0
     """Bytes of new tokens' K/V written to the host tier."""
     transfer_seconds: float = 0.0
@@ -104,6 +115,8 @@ class Traffic:
     still running at the next step is skipped. Off CUDA, the wall time of the (synchronous) copies."""
     steps: int = 0
     """Steps begun."""
+    split_steps: int = 0
+    """Decode steps split between PCIe and CPU attention (:mod:`headinfer_vllm.core.cpu_split`)."""
     step_host_bytes: int = 0
     """Host-tier bytes of the pages the last step's requests hold (a page shared by two requests
     counts twice; at most the tier)."""
@@ -144,15 +157,22 @@ class TransferScheduler:
         layout = store.layout
         self._page_bytes = layout.unit_bytes // layout.num_blocks
         self._row_bytes = layout.head_group_size * layout.head_dim * layout.dtype.itemsize
-        self.traffic = Traffic()
-        self._loads: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
-        """Per layer with streamed units, this step's pages to load (``[num_loads]``, int64) and,
-        per buffer, its first ``num_loads`` pages as words."""
+        self._traffic = Traffic()
+        self.loader = PageLoader(store.device)
+        """Copies pages up to a count known on the device (the Triton kernel, or ``index_select``)."""
+        self._counts_padding = self._cuda and self.loader.path == "index_select"
+        """Whether loads move every position up to the host's bound (``index_select`` on CUDA)."""
+        self._pages_loaded = torch.zeros(2, dtype=torch.int64, device=store.device)
+        """[pages loaded since the store was made, pages loaded this step], counted on the device."""
+        self._pages_loaded_seen = torch.zeros(2, dtype=torch.int64, pin_memory=self._cuda)
+        """The host's copy of ``_pages_loaded``, refreshed at each step's start without waiting."""
+        self._loads: dict[int, tuple[torch.Tensor, torch.Tensor | list[torch.Tensor]]] = {}
+        """Per layer with streamed units, this step's pages to load (``[num_loads]``, int64) and, on CUDA,
+        their distinct count (``[1]``, int64, on the device); off CUDA the pages cut at that count and
+        each buffer's rows for them (:meth:`_host_loads`)."""
         self._unit_rows: dict[tuple[int, int], torch.Tensor] = {}
         """Per (new-token rows, count of streamed units in a layer), where this step's new tokens go
         (``HostLayer.unit_rows``)."""
-        self.pages_loaded = 0
-        """Pages copied to staging buffers this step, summed over the units (load positions, spares included)."""
         self._fresh = [False] * num_buffers
         """Per buffer, whether its load came after its layer's new tokens were written home."""
         self._issued = 0
@@ -209,16 +229,14 @@ class TransferScheduler:
         self._issued = 0
         self._next = 0
         self._written_layer = -1
-        self.pages_loaded = 0
         self._unit_rows = {}
-        self._loads = {}
-        targets: dict[int, list[torch.Tensor]] = {}
-        for layer, layer_staging in staging.items():
-            num_loads = layer_staging.load_pages.numel()
-            if num_loads not in targets:
-                targets[num_loads] = [pages[:num_loads] for pages in self._staging_pages]
-            self._loads[layer] = (layer_staging.load_pages, targets[num_loads])
-        if self._cuda:
+        if not self._cuda:
+            self._loads = self._host_loads(staging)
+            step_pages = sum(self._loads[layer][0].shape[0] for layer, _ in self._schedule.order)
+            self._pages_loaded[0] += step_pages
+            self._pages_loaded[1] = step_pages
+        else:
+            self._loads = {layer: (maps.load_pages, maps.num_pages) for layer, maps in staging.items()}
             if left_out:
                 stream.wait_stream(self._copy)
             self._add_step_span()
@@ -226,9 +244,26 @@ class TransferScheduler:
             # work that a step cut short by an exception left behind without ``released`` events.)
             self._copy.wait_stream(stream)
             self._step_span[0].record(self._copy)
-            for load_pages in {id(pages): pages for pages, _ in self._loads.values()}.values():
-                load_pages.record_stream(self._copy)
+            for load in {id(pages): (pages, count) for pages, count in self._loads.values()}.values():
+                for tensor in load:
+                    tensor.record_stream(self._copy)
+            with _running_on(self._copy, then=stream):
+                self._pages_loaded_seen.copy_(self._pages_loaded, non_blocking=True)  # the last step's totals
+                self._pages_loaded[1].zero_()
         self._issue_loads_through(self.prefetch_depth - 1, stream)
+
+    def _host_loads(self, staging: Mapping[int, StagingMap]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Off CUDA, per layer: the pages to load, cut at their count (read on the host once per map: free
+        there), and the staging buffers' first rows as targets. Each load is then one ``index_select``."""
+        loads, cut, targets = {}, {}, {}
+        for layer, maps in staging.items():
+            if id(maps) not in cut:
+                count = int(maps.num_pages)
+                cut[id(maps)] = maps.load_pages[:count]
+                if count not in targets:
+                    targets[count] = [pages[:count] for pages in self._staging_pages]
+            loads[layer] = (cut[id(maps)], targets[cut[id(maps)].shape[0]])
+        return loads
 
     def write_home(
         self, layer: int, new_kv: torch.Tensor, new_rows: torch.Tensor, stream: torch.cuda.Stream | None
@@ -242,12 +277,12 @@ class TransferScheduler:
         unit_rows = self._unit_rows.get(key)
         if unit_rows is None:
             unit_rows = self._unit_rows[key] = host_layer.unit_rows(new_rows)
-        self.traffic.written_bytes += unit_rows.numel() * self._row_bytes
+        self._traffic.written_bytes += unit_rows.numel() * self._row_bytes
         if not self._cuda:
             started = time.perf_counter()
             with torch.profiler.record_function("headinfer::write_home"):
                 host_layer.write(new_kv, unit_rows)
-            self.traffic.transfer_seconds += time.perf_counter() - started
+            self._traffic.transfer_seconds += time.perf_counter() - started
             return
         self._new_tokens_ready.record(stream)
         self._copy.wait_event(self._new_tokens_ready)
@@ -286,10 +321,25 @@ class TransferScheduler:
                 self._step_span[1].record(self._copy)
                 self._step_span_pending = True
 
+    @property
+    def traffic(self) -> Traffic:
+        """The running totals; pages loaded as of the last step's start on CUDA (read without waiting),
+        as of now off CUDA."""
+        if not self._cuda:
+            self._pages_loaded_seen.copy_(self._pages_loaded)
+        self._traffic.loaded_bytes = int(self._pages_loaded_seen[0]) * self._page_bytes
+        return self._traffic
+
+    @property
+    def pages_loaded(self) -> int:
+        """Pages copied to staging buffers this step, summed over the units (waits for the device: tests
+        and benchmarks only)."""
+        return int(self._pages_loaded[1])
+
     def _add_step_span(self) -> None:
         """Add the last step's copy-stream span to ``traffic`` if it completed (never waits)."""
         if self._step_span_pending and self._step_span[1].query():
-            self.traffic.transfer_seconds += self._step_span[0].elapsed_time(self._step_span[1]) / 1000
+            self._traffic.transfer_seconds += self._step_span[0].elapsed_time(self._step_span[1]) / 1000
         self._step_span_pending = False
 
     def _issue_loads_through(self, last_position: int, stream: torch.cuda.Stream | None) -> None:
@@ -304,18 +354,24 @@ class TransferScheduler:
                 if self._cuda:
                     self._copy.wait_event(self._released[buffer])
                 layer = units[position][0]
-                load_pages, targets = self._loads[layer]
-                started = time.perf_counter()
-                with torch.profiler.record_function("headinfer::load"):
-                    torch.index_select(self._host_pages[units[position]], 0, load_pages, out=targets[buffer])
-                if not self._cuda:
-                    self.traffic.transfer_seconds += time.perf_counter() - started
-                if self._cuda:
-                    self._loaded[buffer].record(self._copy)
                 self._fresh[buffer] = layer <= self._written_layer
-                self.pages_loaded += load_pages.shape[0]
-                self.traffic.loaded_bytes += load_pages.shape[0] * self._page_bytes
                 self._issued += 1
+                if not self._cuda:
+                    pages, targets = self._loads[layer]
+                    started = time.perf_counter()
+                    with torch.profiler.record_function("headinfer::load"):
+                        torch.index_select(self._host_pages[units[position]], 0, pages, out=targets[buffer])
+                    self._traffic.transfer_seconds += time.perf_counter() - started
+                    continue
+                load_pages, num_pages = self._loads[layer]
+                with torch.profiler.record_function("headinfer::load"):
+                    self.loader.load(self._host_pages[units[position]], self._staging_pages[buffer], load_pages,
+                                     num_pages)
+                self._loaded[buffer].record(self._copy)
+                if self._counts_padding:
+                    self._pages_loaded.add_(load_pages.shape[0])
+                else:  # the count the load stopped at
+                    accumulate_pages(self._pages_loaded, num_pages)
 
 
 @contextlib.contextmanager

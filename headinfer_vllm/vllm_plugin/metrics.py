@@ -18,6 +18,9 @@ metric                                    type     meaning
 ``headinfer:written_bytes_total``         counter  new tokens' KV bytes written to the host tier
 ``headinfer:transfer_seconds_total``      counter  time spent transferring (see below)
 ``headinfer:steps_total``                 counter  model steps that ran attention
+``headinfer:split_steps_total``           counter  decode steps split between PCIe and CPU
+                                                   attention (CUDA, ``cpu_attention``; only the
+                                                   steps where the split pays)
 ``headinfer:units``                       gauge    (layer, head group) units by ``placement``:
                                                    ``resident`` on the device, ``streamed``,
                                                    and ``cpu_decode``: the streamed units that
@@ -136,6 +139,8 @@ class HeadInferMetrics:
                 "Time spent transferring KV: on CUDA the span of each step's copies on the copy stream, "
                 "otherwise their wall time.")
             self.steps = Counter("headinfer:steps", "Model steps that ran attention.")
+            self.split_steps = Counter(
+                "headinfer:split_steps", "Decode steps split between PCIe and CPU attention in the host tier.")
             units = Gauge("headinfer:units", "(layer, head group) units of the KV by placement.",
                           ["placement"], multiprocess_mode="livesum")
             self.resident_units, self.streamed_units = units.labels("resident"), units.labels("streamed")
@@ -164,5 +169,6 @@ class HeadInferMetrics:
         self.written_bytes.inc(traffic.written_bytes - recorded.written_bytes)
         self.transfer_seconds.inc(traffic.transfer_seconds - recorded.transfer_seconds)
         self.steps.inc(traffic.steps - recorded.steps)
+        self.split_steps.inc(traffic.split_steps - recorded.split_steps)
         self.host_tier_used_bytes.set(traffic.step_host_bytes)
         self._recorded = traffic.snapshot()

@@ -9,6 +9,7 @@ the model object lives on (an in-process ``LLM`` that is deleted).
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import re
 import time
@@ -24,6 +25,7 @@ from headinfer_vllm.core.cpu_split import (
     DecodeSplit,
     measure_cpu_rate,
     measure_h2d_rate,
+    measure_layer_overhead,
     plan_decode_split,
 )
 from headinfer_vllm.core.device_memory import check_device_budget
@@ -97,6 +99,10 @@ class HeadInferRuntime:
         """Each group's last plan, as its builder made it."""
         self._step_plans: tuple[StepPlan, ...] = ()
         """The plans of the step running."""
+        self._planned: set[int] = set()
+        """The groups whose builder made a plan since the last step began."""
+        self._begun_at_plan_time = False
+        """Whether ``_step_plans`` began when the last group's plan came, and no layer has run it yet."""
         HeadInferRuntime.live.add(self)
 
     def add_group(self, layer_names: list[str], windows_free_pages: bool) -> int:
@@ -116,12 +122,25 @@ class HeadInferRuntime:
         return len(self.groups) - 1
 
     def set_plan(self, group: int, plan: StepPlan) -> None:
-        """``group``'s plan for the coming step; the first plan builds the store."""
+        """``group``'s plan for the coming step; the first plan builds the store.
+
+        Once every group has its plan, the step begins: its first loads start now, while vLLM runs the
+        model's first layers, not when the first attention layer runs.
+        """
         if self.attention is None:
             # Builders run under inference mode; the store outlives the step, as vLLM's own KV tensors do.
             with torch.inference_mode(False):
                 self._build()
         self._latest[group] = plan
+        self._planned.add(group)
+        if len(self._planned) == len(self.groups):
+            self._begin_step(tuple(self._latest))
+            self._begun_at_plan_time = True
+
+    def _begin_step(self, plans: tuple[StepPlan, ...]) -> None:
+        self.attention.begin_step(plans)
+        self._step_plans = plans
+        self._planned.clear()
 
     def _build(self) -> None:
         from headinfer_vllm.vllm_plugin.compat import (
@@ -179,7 +198,7 @@ class HeadInferRuntime:
             flash_version=flash_attn_version(vllm_config, capacity.layout.head_dim),
             layers=[layers[name].impl.variant for name in layer_names],
             cpu_kernel=attends_in_place(config), cpu_threads=config.cpu_threads or None, decode_split=decode_split,
-            layer_groups=self.layer_groups,
+            layer_groups=self.layer_groups, null_block=NULL_BLOCK,
         )
         self._last_layer = len(layer_names) - 1
         layout = capacity.layout
@@ -234,16 +253,30 @@ class HeadInferRuntime:
             if plans[group] is not plan:
                 raise RuntimeError(f"headinfer: {layer_name} runs with a plan that is not its KV-cache group's "
                                    "latest (report this as a bug)")
-            self.attention.begin_step(plans)
-            self._step_plans = plans
+            begun = self._begun_at_plan_time and all(map(operator.is_, plans, self._step_plans))
+            if not begun:  # a step run again with the same metadata, or groups planned out of order
+                self._begin_step(plans)
+            self._begun_at_plan_time = False
         self.attention.forward(index, query, key, value, output)
         if index == self._last_layer:
             self.metrics.record(self.attention.transfers.traffic)
 
 
+NULL_BLOCK = 0
+"""vLLM's null block: never a request's page; where a window freed a page and in every dummy batch
+(warm-up, CUDA-graph capture) the block tables hold it. headinfer never loads it, so capture runs load
+nothing (vLLM 0.32-0.34: ``BlockPool`` reserves block 0; the V2 runner's ``get_dummy_block_tables`` zeroes
+the capture batches' rows)."""
+
+CORES_LEFT_TO_VLLM = 2
+"""Cores that CPU attention leaves, by default, to vLLM's engine core, API server and tokenizer: with every
+core busy in the kernel's OpenMP team, those threads would straggle its barriers and delay the steps."""
+
+
 def default_cpu_threads(ranks_on_host: int) -> int:
-    """The cores this process may run on, shared among the engine's ranks on this host (at least 1)."""
-    return max(1, len(os.sched_getaffinity(0)) // max(1, ranks_on_host))
+    """The cores this process may run on less :data:`CORES_LEFT_TO_VLLM`, shared among the engine's ranks on
+    this host (at least 1)."""
+    return max(1, (len(os.sched_getaffinity(0)) - CORES_LEFT_TO_VLLM) // max(1, ranks_on_host))
 
 
 def plan_split_at_startup(store: HeadPageStore, mode: str, query_per_kv: int, num_threads: int) -> DecodeSplit | None:
@@ -262,7 +295,9 @@ def plan_split_at_startup(store: HeadPageStore, mode: str, query_per_kv: int, nu
         return None
     h2d = measure_h2d_rate(store)
     cpu = measure_cpu_rate(store, query_per_kv=query_per_kv, num_threads=num_threads)
-    split = plan_decode_split(store, mode, num_threads=num_threads, h2d_bytes_per_s=h2d, cpu_bytes_per_s=cpu)
+    overhead = measure_layer_overhead(store, query_per_kv=query_per_kv, num_threads=num_threads)
+    split = plan_decode_split(store, mode, num_threads=num_threads, h2d_bytes_per_s=h2d, cpu_bytes_per_s=cpu,
+                              layer_overhead_s=overhead)
     if split is None:
         logger.info(
             "headinfer: decode streams every unit over PCIe (cpu_attention=auto): H2D loads %.1f GB/s, CPU "

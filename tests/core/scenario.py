@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from headinfer_vllm.core import HeadPageStore, KVLayout, LayerAttention, StreamedAttention, build_step_plan
-from headinfer_vllm.core.cpu_split import DecodeSplit
+from headinfer_vllm.core.cpu_split import MIN_SPEEDUP, DecodeSplit
 from headinfer_vllm.core.residency import SpreadAcrossLayers
 
 
@@ -50,6 +50,8 @@ class Scenario:
     cpu_kernel: bool = False
     """Decode tokens through the C++ CPU kernel (on the CPU)."""
     cpu_groups: dict[int, tuple[int, ...]] | None = None
+    split_from_bytes: float | None = None
+    """With ``cpu_groups``: split only decode steps that stream at least this many bytes (None: every one)."""
     """Per layer, the streamed groups that the CPU attends in decode-only steps (:class:`DecodeSplit`)."""
     reference: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None
     """``(layer, query, keys, values, scale)`` -> float64 output, as :func:`dense_attention`; None: it."""
@@ -95,11 +97,21 @@ class Scenario:
             self.store, num_query_heads=self.num_kv_heads * self.query_per_kv,
             scale=self.head_dim**-0.5, prefetch_depth=self.prefetch_depth, layers=self.layers,
             cpu_kernel=self.cpu_kernel,
-            decode_split=None if self.cpu_groups is None else DecodeSplit(self.cpu_groups, num_threads=2),
+            decode_split=None if self.cpu_groups is None else self._decode_split(),
             layer_groups=[self.group_of(layer) for layer in range(self.num_layers)],
         )
         self.keys = [self._random(self.num_layers, 0, self.num_kv_heads, self.head_dim) for _ in seq_lens]
         self.values = [self._random(self.num_layers, 0, self.num_kv_heads, self.head_dim) for _ in seq_lens]
+
+    def _decode_split(self) -> DecodeSplit:
+        split = DecodeSplit(self.cpu_groups, num_threads=2, num_streamed=len(self.store.streamed_units))
+        if self.split_from_bytes is None:
+            return split
+        # Equal rates; the per-layer overhead that puts the threshold at split_from_bytes.
+        split = dataclasses.replace(split, h2d_bytes_per_s=1.0, cpu_bytes_per_s=1.0, every_step=False)
+        per_byte = max(1 - split.num_cpu_units / split.num_streamed, split.num_cpu_units / split.num_streamed)
+        overhead = self.split_from_bytes * (1 - MIN_SPEEDUP * per_byte) / (MIN_SPEEDUP * len(self.cpu_groups))
+        return dataclasses.replace(split, layer_overhead_s=overhead)
 
     def _random(self, *shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=self.generator).to(self.dtype)

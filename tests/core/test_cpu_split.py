@@ -4,6 +4,8 @@ On the CPU the same schedule runs as on CUDA (the left-out units, their new
 tokens written by the host, the outputs copied back), synchronously.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -142,5 +144,31 @@ def test_plan_modes():
         plan_decode_split(store, "auto", num_threads=2, h2d_bytes_per_s=None, cpu_bytes_per_s=1.0)
 
 
+def test_a_split_pays_from_the_bytes_where_it_beats_pcie_by_min_speedup_lockstep_included():
+    """6 streamed units, 2 on the CPU (one in each of 2 layers), H2D 2 B/s, CPU 1 B/s, 2 s per layer of lockstep:
+    B bytes take B/2 s over PCIe and max(B*4/6/2, B*2/6/1) + 2*2 = B/3 + 4 s split; B/2 = 1.1 (B/3 + 4) at B = 33."""
+    split = DecodeSplit({0: (3,), 1: (3,)}, num_threads=2, num_streamed=6, h2d_bytes_per_s=2.0, cpu_bytes_per_s=1.0,
+                        layer_overhead_s=2.0, every_step=False)
+    assert split.min_split_bytes == pytest.approx(33.0)
+    assert split.pays(34) and not split.pays(32)
+    assert "at least 0 MiB of KV (per-layer lockstep 2000000 us)" in split.describe(6)
+    assert dataclasses.replace(split, every_step=True).pays(0)
+    assert not dataclasses.replace(split, cpu_bytes_per_s=0.1).pays(10**12)  # no gain to pay the lockstep with
+
+
+@pytest.mark.parametrize("threshold", ["below", "above"])
+def test_steps_split_only_where_the_rule_says_and_stay_exact(threshold):
+    probe = Scenario(cpu_groups={0: (3,), 1: (3,)})
+    run_steps(probe, STEPS[:2])
+    decode_bytes = probe.attention.transfers.traffic.step_host_bytes  # what the decode step STEPS[1] streams
+    scenario = Scenario(cpu_groups={0: (3,), 1: (3,)},
+                        split_from_bytes=decode_bytes + (1 if threshold == "above" else -1))
+    loaded = run_steps(scenario, STEPS[:2])
+    traffic = scenario.attention.transfers.traffic
+    assert traffic.split_steps == (1 if threshold == "below" else 0)
+    streamed = len(scenario.store.streamed_units)
+    assert loaded[1] % (streamed - (2 if threshold == "below" else 0)) == 0
+
+
 def test_describe_without_rates():
-    assert DecodeSplit({0: (1,)}, num_threads=4).describe(8) == "1 of 8 streamed units on the CPU in decode steps"
+    assert DecodeSplit({0: (1,)}, num_threads=4).describe(8) == "1 of 8 streamed units on the CPU in every decode step"

@@ -44,9 +44,21 @@ def test_shared_pages_load_once():
         block_size=4, device="cpu",
     )
     staging = stage_pages(plan, num_blocks=12)
-    # Four page references, three distinct pages: the spare position reloads block 0, unread.
+    # Four page references, three distinct pages: the loads stop at the count; the spare entry is padding.
     assert staging.load_pages.tolist() == [5, 6, 9, 0]
+    assert staging.num_pages.tolist() == [3]
     assert staging.table.block_table.tolist() == [[0, 1], [0, 2]]
+
+
+def test_the_null_block_is_never_loaded():
+    plan = build_step_plan(
+        query_start_loc=torch.tensor([0, 1, 2]), seq_lens=torch.tensor([8, 8]),
+        block_table=torch.tensor([[0, 6], [0, 0]]), slot_mapping=torch.tensor([27, 3]),
+        block_size=4, device="cpu",
+    )
+    staging = stage_pages(plan, num_blocks=12, null_block=0)
+    assert staging.num_pages.tolist() == [1] and staging.load_pages[:1].tolist() == [6]
+    assert stage_pages(plan, num_blocks=12).num_pages.tolist() == [2]
 
 
 def test_plan_refuses_inconsistent_lengths():

@@ -19,9 +19,10 @@ pytestmark = pytest.mark.vllm
 @pytest.fixture
 def rates(monkeypatch):
     """The stubbed measurements, in bytes per second; a test may change them."""
-    rates = {"h2d": 40e9, "cpu": 20e9}
+    rates = {"h2d": 40e9, "cpu": 20e9, "overhead": 100e-6}
     monkeypatch.setattr(runtime, "measure_h2d_rate", lambda store: rates["h2d"])
     monkeypatch.setattr(runtime, "measure_cpu_rate", lambda store, **kwargs: rates["cpu"])
+    monkeypatch.setattr(runtime, "measure_layer_overhead", lambda store, **kwargs: rates["overhead"])
     return rates
 
 
@@ -50,8 +51,12 @@ def test_auto_balances_the_measured_rates_and_logs_it(store, log):
     # 12 streamed units, CPU half as fast as the link: 4 on the CPU, decode 1.5x faster.
     assert split.num_cpu_units == 4 and split.num_threads == 3
     assert split.cpu_groups == {0: (3,), 1: (3,), 2: (3,), 3: (3,)}
-    assert "4 of 12 streamed units on the CPU in decode steps (H2D 40.0 GB/s, CPU 20.0 GB/s with 3 threads: " \
-           "1.50x" in log.text
+    # Split B bytes: B * 8/12 / 40e9 s on PCIe, B * 4/12 / 20e9 on the CPU, + 4 layers * 100 us of lockstep;
+    # B / 40e9 >= 1.1 * (B / 60e9 + 400e-6) from B = 1.1 * 400e-6 / (1 / 40e9 - 1.1 / 60e9) = 66 MB (62.9 MiB).
+    assert split.min_split_bytes == pytest.approx(66e6)
+    assert split.pays(67e6) and not split.pays(65e6)
+    assert "4 of 12 streamed units on the CPU in decode steps that stream at least 63 MiB of KV (per-layer " \
+           "lockstep 100 us) (H2D 40.0 GB/s, CPU 20.0 GB/s with 3 threads: 1.50x" in log.text
 
 
 @pytest.mark.skipif(not cpu_attention.is_available(), reason="no C++ compiler with OpenMP")
@@ -59,7 +64,8 @@ def test_auto_keeps_pcie_when_the_cpu_is_too_slow(store, rates, log):
     rates["cpu"] = 1e9
     assert runtime.plan_split_at_startup(store, "auto", query_per_kv=2, num_threads=1) is None
     assert "decode streams every unit over PCIe (cpu_attention=auto)" in log.text
-    assert runtime.plan_split_at_startup(store, "all", query_per_kv=2, num_threads=1).num_cpu_units == 12
+    every = runtime.plan_split_at_startup(store, "all", query_per_kv=2, num_threads=1)
+    assert every.num_cpu_units == 12 and every.pays(0)
 
 
 def test_without_a_compiler_auto_streams_and_all_refuses(store, monkeypatch, log):
@@ -73,8 +79,10 @@ def test_without_a_compiler_auto_streams_and_all_refuses(store, monkeypatch, log
         runtime.plan_split_at_startup(store, "all", query_per_kv=2, num_threads=1)
 
 
-def test_default_threads_share_the_cores_among_ranks(monkeypatch):
+def test_default_threads_leave_two_cores_to_vllm_and_share_the_rest_among_ranks(monkeypatch):
     monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(16)))
-    assert runtime.default_cpu_threads(1) == 16
-    assert runtime.default_cpu_threads(4) == 4
+    assert runtime.default_cpu_threads(1) == 14
+    assert runtime.default_cpu_threads(4) == 3
     assert runtime.default_cpu_threads(32) == 1
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert runtime.default_cpu_threads(1) == 1
