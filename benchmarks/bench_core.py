@@ -19,7 +19,20 @@ Measures, for each context length:
 - operations per decode step: aten ops (every ``aten::`` event, nested ones
   included) that ``torch.profiler`` records over one step, for the step plan
   (``build_step_plan``) and per layer (``begin_step`` and ``forward``);
-- device memory of the KV path (store tiers and peak allocation).
+- device memory of the KV path (store tiers and peak allocation);
+- page-load rates (``load_rates``, :mod:`bench_page_loader`): the Triton
+  kernel over a sweep of CTA counts, ``index_select`` and a copy-engine copy
+  of the same bytes, and the path the engine chose (CUDA; CPU: the fallback);
+- a decode step of 8 requests sharing a prefix (``shared_prefix``): pages
+  loaded against distinct pages and page references;
+- the attention of a prefill chunk alone and with page loads running beside
+  it on the copy stream (``concurrency``, CUDA): what the loads' CTAs cost
+  the attention's SMs;
+- one streamed layer at 128K against a dense float32 reference on the device
+  (``exactness``): max abs error, beside that of dense bf16 attention.
+
+Sections run most important first and stop at the step's deadline
+(``GPU_SESSION_DEADLINE``, see ``run_context``), the JSON rewritten after each.
 
 A step simulates ``--layers`` layers (default 4; Llama-3-8B has 32): per-step
 figures are the plan's plus ``--layers`` times the per-layer ones.
@@ -43,11 +56,15 @@ import sys
 import time
 from pathlib import Path
 
+import run_context
 import torch
+import torch.nn.functional as F
+from bench_page_loader import measure_load_rates
 
 from headinfer_vllm.core import HeadPageStore, KVLayout, StepPlan, StreamedAttention, build_step_plan, cpu_split
 from headinfer_vllm.core.cpu_attention import is_available as cpu_kernel_available
-from headinfer_vllm.core.host_memory import free_host_bytes
+from headinfer_vllm.core.host_memory import allocate_host, device_view, free_host_bytes
+from headinfer_vllm.core.page_loader import copy_pages, index_select_pages
 
 LLAMA3_8B = dict(num_query_heads=32, num_kv_heads=8, head_dim=128, dtype="bfloat16")
 SMOKE = dict(num_query_heads=8, num_kv_heads=4, head_dim=64, dtype="float32")
@@ -245,6 +262,129 @@ def measure_split(engine: StreamedAttention, shapes, device, args, context: int,
     return result
 
 
+def decode_plan(block_table: torch.Tensor, seq_lens: list[int], block_size: int, device: torch.device) -> StepPlan:
+    """The plan of one decode token per request, over ``block_table [R, pages]``."""
+    requests = len(seq_lens)
+    rows = torch.arange(requests)
+    last = block_table[rows, torch.tensor([(n - 1) // block_size for n in seq_lens])]
+    return build_step_plan(
+        query_start_loc=torch.arange(requests + 1), seq_lens=torch.tensor(seq_lens), block_table=block_table,
+        slot_mapping=last * block_size + torch.tensor([(n - 1) % block_size for n in seq_lens]),
+        block_size=block_size, device=device,
+    )
+
+
+def measure_shared_prefix(args, shapes, device, prefix_tokens: int, own_tokens: int, requests: int = 8) -> dict:
+    """A decode step of ``requests`` requests sharing a ``prefix_tokens`` prompt, ``own_tokens`` each after it:
+    pages loaded per unit against the distinct pages and the page references, and the step's time."""
+    block = args.block_size
+    prefix, own = prefix_tokens // block, own_tokens // block
+    distinct = prefix + requests * own
+    layout = KVLayout(args.layers, shapes["num_kv_heads"], shapes["head_dim"], block, distinct + 1,
+                      args.head_group_size, getattr(torch, shapes["dtype"]))
+    engine = make_engine(layout, True, device, shapes["num_query_heads"])
+    shared = torch.arange(1, 1 + prefix)
+    block_table = torch.stack([torch.cat((shared, 1 + prefix + own * r + torch.arange(own))) for r in range(requests)])
+    seq_lens = [(prefix + own) * block - r for r in range(requests)]
+    plan = decode_plan(block_table, seq_lens, block, device)
+    query = torch.randn(requests, shapes["num_query_heads"], layout.head_dim, device=device, dtype=layout.dtype)
+    key = torch.randn(requests, layout.num_kv_heads, layout.head_dim, device=device, dtype=layout.dtype)
+    out = torch.empty_like(query)
+
+    def step() -> None:
+        engine.begin_step(plan)
+        for layer in range(layout.num_layers):
+            engine.forward(layer, query, key, key, out)
+
+    seconds = timed(device, step, args.repeats)[0]
+    units = len(engine.store.streamed_units)
+    return {
+        "requests": requests, "prefix_tokens": prefix * block, "own_tokens": own * block,
+        "pages_loaded_per_unit": engine.transfers.pages_loaded / units,
+        "distinct_pages": distinct, "page_references": requests * (prefix + own),
+        "loaded_over_distinct": engine.transfers.pages_loaded / units / distinct,
+        "decode_ms_per_layer": 1e3 * seconds / args.layers, "load_path": engine.transfers.loader.path,
+    }
+
+
+def measure_concurrency(shapes, device, context: int, chunk: int, load_pages: int, repeats: int) -> dict:
+    """Prefill attention (SDPA, ``chunk`` queries over ``context`` keys, all query heads) alone, then with
+    page loads (``load_pages`` pages of one head at a time, repeated for about the attention's time) queued
+    before it on another stream, by the Triton kernel and by ``index_select``: the attention's time each way."""
+    if device.type != "cuda":
+        return {"skipped": "needs CUDA (streams)"}
+    dtype, heads, dim = getattr(torch, shapes["dtype"]), shapes["num_query_heads"], shapes["head_dim"]
+    query = torch.randn(1, heads, chunk, dim, device=device, dtype=dtype)
+    keys = torch.randn(1, heads, context, dim, device=device, dtype=dtype)
+    page_words = 2 * 256 * dim * dtype.itemsize // 8
+    tier = allocate_host((load_pages, page_words), torch.int64, pin=True)
+    src = device_view(tier, device)
+    dst = torch.empty_like(src)
+    ids, count = torch.arange(load_pages, device=device), torch.tensor([load_pages], device=device)
+    side = torch.cuda.Stream(device)
+
+    def attention_ms(load=None, loads: int = 0) -> float:
+        times = []
+        for _ in range(repeats + 1):
+            torch.cuda.synchronize(device)
+            if load is not None:
+                with torch.cuda.stream(side):
+                    for _ in range(loads):
+                        load()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            F.scaled_dot_product_attention(query, keys, keys, is_causal=False)
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        return statistics.median(times[1:])
+
+    alone = attention_ms()
+    load_s = timed(device, lambda: copy_pages(src, dst, ids, count), repeats)[0]
+    loads = max(1, round(alone / 1e3 / load_s))
+    result = {"context": context, "chunk": chunk, "attention_alone_ms": alone, "load_pages": load_pages,
+              "loads_beside": loads}
+    for name, load in (("triton", lambda: copy_pages(src, dst, ids, count)),
+                       ("index_select", lambda: index_select_pages(src, dst, ids, count))):
+        result[f"attention_with_{name}_ms"] = attention_ms(load, loads)
+        result[f"attention_with_{name}_over_alone"] = result[f"attention_with_{name}_ms"] / alone
+    return result
+
+
+def measure_exactness(args, shapes, device, context: int, query_len: int = 16) -> dict:
+    """One streamed layer at ``context`` tokens (``query_len`` new ones): max abs error against dense float32
+    attention of the same K/V, beside dense attention in the model's dtype."""
+    dtype, block = getattr(torch, shapes["dtype"]), args.block_size
+    num_blocks = -(-context // block)
+    layout = KVLayout(1, shapes["num_kv_heads"], shapes["head_dim"], block, num_blocks, args.head_group_size, dtype)
+    engine = make_engine(layout, True, device, shapes["num_query_heads"])
+    if device.type == "cuda":
+        engine.store.host.normal_()
+    step = Step(engine, context, query_len, shapes, device)
+    step.layers(step.plan())
+    out = step.out.float()
+    # The host tier now holds every token's K/V, the new ones included: [pages, 2, B, G, D] per unit.
+    host = engine.store.host.view(layout.num_kv_heads // layout.head_group_size, num_blocks, 2, block,
+                                  layout.head_group_size, layout.head_dim)
+    kv = host.permute(2, 1, 3, 0, 4, 5).reshape(2, num_blocks * block, layout.num_kv_heads, layout.head_dim)
+    kv = kv[:, :context].to(device)
+    keys, values = (side.transpose(0, 1)[None] for side in kv)  # [1, Hkv, context, D]
+    query = step.query.transpose(0, 1)[None]  # [1, Hq, query_len, D]
+    mask = torch.ones(query_len, context, dtype=torch.bool, device=device).tril(context - query_len)
+
+    def dense(dtype_: torch.dtype) -> torch.Tensor:
+        return F.scaled_dot_product_attention(query.to(dtype_), keys.to(dtype_), values.to(dtype_), attn_mask=mask,
+                                              enable_gqa=True)[0].transpose(0, 1).float()
+
+    reference = dense(torch.float32)
+    return {
+        "context": context, "query_len": query_len, "dtype": shapes["dtype"], "kernel": engine.kernel_name,
+        "headinfer_max_abs_error": (out - reference).abs().max().item(),
+        "dense_same_dtype_max_abs_error": (dense(dtype) - reference).abs().max().item(),
+        "reference_max_abs": reference.abs().max().item(),
+    }
+
+
 def plot(results: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -297,6 +437,7 @@ def main() -> int:
         "device": device_name,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "commit": run_context.commit(),
         "torch": torch.__version__,
         "shapes": shapes,
         "layers_simulated": args.layers,
@@ -304,31 +445,56 @@ def main() -> int:
         "head_group_size": args.head_group_size,
         "link": link,
         "results": [],
+        "skipped": [],
     }
     results = report["results"]
-    for context in contexts:
-        page = 2 * shapes["head_dim"] * torch.empty((), dtype=getattr(torch, shapes["dtype"])).element_size()
-        host_needed = args.layers * shapes["num_kv_heads"] * context * page
-        usable = args.host_gib * 2**30 if args.host_gib else args.host_fraction * (free_host_bytes() or 0)
-        if host_needed > usable:
-            print(f"context {context}: needs {host_needed / 2**30:.1f} GiB of host memory; stopping")
-            break
-        result = measure_context(args, shapes, device, context, min(chunk, context), link)
-        print(json.dumps(result), flush=True)
-        print(
-            f"context {context}: decode {result['decode_streamed_ms_per_layer']:.3f} ms/layer, "
-            f"H2D bound {result['decode_bound_ms_per_layer']:.3f}, host {result['decode_host_ms_per_layer']:.3f}; "
-            f"{result['decode_aten_ops_per_step']} aten ops per step ({args.layers} layers); "
-            f"prefill resident/streamed {result['prefill_ratio']:.2f}; split decode "
-            f"{result.get('decode_split_ms_per_layer', float('nan')):.3f} ms/layer "
-            f"({result.get('split_speedup', float('nan')):.2f}x PCIe-only)",
-            flush=True,
-        )
-        results.append(result)
-        # After every context, so a run stopped by a time limit keeps what it measured.
+
+    def write() -> None:  # after every section, so a run stopped by its deadline keeps what it measured
         (args.out / "bench_core.json").write_text(json.dumps(report, indent=2) + "\n")
-        title = f"headinfer core on {device_name}, {report['date']}\n{report['command']}"
-        plot(results, args.out / "bench_core.png", title)
+        if results:
+            plot(results, args.out / "bench_core.png", f"headinfer core on {device_name}, {report['date']}\n"
+                 f"{report['command']}")
+
+    def context_section(context: int):
+        def run() -> None:
+            page = 2 * shapes["head_dim"] * torch.empty((), dtype=getattr(torch, shapes["dtype"])).element_size()
+            host_needed = args.layers * shapes["num_kv_heads"] * context * page
+            usable = args.host_gib * 2**30 if args.host_gib else args.host_fraction * (free_host_bytes() or 0)
+            if host_needed > usable:
+                report["skipped"].append(f"context {context}: needs {host_needed / 2**30:.1f} GiB of host memory")
+                return
+            result = measure_context(args, shapes, device, context, min(chunk, context), link)
+            print(json.dumps(result), flush=True)
+            results.append(result)
+        return run
+
+    def section(name: str, measure):
+        def run() -> None:
+            report[name] = measure()
+            print(f"{name}: {json.dumps(report[name])}", flush=True)
+        return run
+
+    load_args = dict(page_bytes=4096, num_loads=16, tier_pages=64, ctas=(), repeats=3) if args.smoke else {}
+    prefix, own = (4 * args.block_size, args.block_size) if args.smoke else (12288, 4096)
+    exact_context = 1024 if args.smoke else 131072
+    # (name, seconds it may take on the GPU, work), most important first.
+    sections = [("load_rates", 15, section("load_rates", lambda: measure_load_rates(device, **load_args)))]
+    sections += [(f"context {contexts[0]}", 40, context_section(contexts[0]))]
+    sections += [
+        ("shared_prefix", 10, section("shared_prefix", lambda: measure_shared_prefix(args, shapes, device, prefix,
+                                                                                      own))),
+        ("concurrency", 10, section("concurrency", lambda: measure_concurrency(
+            shapes, device, context=131072, chunk=16384, load_pages=512, repeats=args.repeats))),
+        ("exactness", 10, section("exactness", lambda: measure_exactness(args, shapes, device, exact_context))),
+    ]
+    sections += [(f"context {context}", 45, context_section(context)) for context in contexts[1:]]
+    for name, seconds, run in sections:
+        if run_context.out_of_time(seconds if device.type == "cuda" else 0):
+            report["skipped"].append(f"{name}: the step's deadline is less than {seconds} s away")
+            print(f"{name}: skipped (deadline)", flush=True)
+            continue
+        run()
+        write()
     print(f"wrote {args.out / 'bench_core.json'}")
     return 0 if results else 1
 
