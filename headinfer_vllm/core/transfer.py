@@ -252,7 +252,7 @@ class TransferScheduler:
                 self._pages_loaded[1].zero_()
         self._issue_loads_through(self.prefetch_depth - 1, stream)
 
-    def _host_loads(self, staging: Mapping[int, StagingMap]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    def _host_loads(self, staging: Mapping[int, StagingMap]) -> dict[int, tuple[torch.Tensor, list[torch.Tensor]]]:
         """Off CUDA, per layer: the pages to load, cut at their count (read on the host once per map: free
         there), and the staging buffers' first rows as targets. Each load is then one ``index_select``."""
         loads, cut, targets = {}, {}, {}

@@ -265,8 +265,12 @@ class HeadInferRuntime:
 NULL_BLOCK = 0
 """vLLM's null block: never a request's page; where a window freed a page and in every dummy batch
 (warm-up, CUDA-graph capture) the block tables hold it. headinfer never loads it, so capture runs load
-nothing (vLLM 0.32-0.34: ``BlockPool`` reserves block 0; the V2 runner's ``get_dummy_block_tables`` zeroes
-the capture batches' rows)."""
+nothing. How a capture batch shows, by version (read from vLLM's sources): 0.32-0.34, ``BlockPool``
+reserves block 0 as the null block; the V2 runner (0.33, 0.34) builds PIECEWISE capture batches' metadata
+through the ordinary ``build()`` (``cudagraph_utils.prepare_inputs_to_capture``, ``for_capture`` False) over
+``get_dummy_block_tables``, which zeroes the rows; the V1 runner (0.32, 0.33) builds them in ``_dummy_run``
+from the input batch's block table, whose rows are zero before any request (capture runs at start-up)
+and are zeroed when a request leaves."""
 
 CORES_LEFT_TO_VLLM = 2
 """Cores that CPU attention leaves, by default, to vLLM's engine core, API server and tokenizer: with every
