@@ -17,14 +17,14 @@ the pages), found in blocks ``block_table[r, 0], block_table[r, 1], ...``.
 The library is built once per source, compiler, flags and CPU into
 ``$HEADINFER_CACHE_DIR`` (default ``~/.cache/headinfer_vllm``).
 
-Instruction paths (``ISAS``; the build picks the best the compiler and CPU allow,
-:func:`instruction_path` names it and the log says it): ``amx`` (bf16 keys scored
+Instruction paths (``ISAS``; :func:`instruction_path` names the one built and the
+log says it; by default avx512 where the CPU has it, else portable): ``amx`` (bf16 keys scored
 with AMX tiles, the rest as avx512), ``avx512bf16`` (AVX-512, bf16 keys scored
 with VDPBF16PS), ``avx512`` (AVX-512, elements widened to fp32 in registers),
 ``portable`` (8-float vector extensions: AVX2 on x86, NEON on Arm). The AVX-512
 paths serve head dims that are a multiple of 32 (AMX: bf16, blocks of >= 16 tokens,
 <= 16 query heads per KV head); other calls take the portable code of the same
-build. ``$HEADINFER_CPU_ATTENTION_ISA`` (or ``library(isa)``) asks for a lower
+build. ``$HEADINFER_CPU_ATTENTION_ISA`` (or ``library(isa)``) asks for another
 path: tests and benchmarks build each. All accumulate in fp32.
 """
 
@@ -50,11 +50,11 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 PORTABLE_FLAGS = tuple(flag for flag in FLAGS if flag != "-march=native")
 ABI_VERSION = 2
 ISAS = ("amx", "avx512bf16", "avx512", "portable")
-"""Instruction paths, fastest first; ``auto`` builds the best this compiler and CPU allow."""
+"""Instruction paths; ``auto`` builds avx512 where the CPU has it, else portable (amx and avx512bf16
+were not faster where measured: see the README's CPU attention results)."""
 ISA_ENV = "HEADINFER_CPU_ATTENTION_ISA"
-_NO_AMX = "-DHEADINFER_CPU_ATTENTION_NO_AMX"
-_ISA_DEFINES = {"auto": (), "amx": (), "avx512bf16": (_NO_AMX,),
-                "avx512": (_NO_AMX, "-DHEADINFER_CPU_ATTENTION_NO_BF16_DOT"),
+_ISA_DEFINES = {"auto": (), "amx": ("-DHEADINFER_CPU_ATTENTION_AMX",),
+                "avx512bf16": ("-DHEADINFER_CPU_ATTENTION_BF16_DOT",), "avx512": (),
                 "portable": ("-DHEADINFER_CPU_ATTENTION_PORTABLE",)}
 logger = logging.getLogger(__name__)
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}

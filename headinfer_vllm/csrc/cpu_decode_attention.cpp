@@ -25,6 +25,9 @@
 //
 // Instruction paths, chosen at build time (`headinfer_cpu_attention_isa` names the one built):
 //
+//   amx         bf16 keys scored by AMX tile products (TDPBF16PS: bf16 products summed in
+//               fp32) straight from the pages, 16 keys a tile; values as avx512. Needs
+//               __AMX_TILE__ and __AMX_BF16__ and Linux's permission (else avx512 at run time).
 //   avx512bf16  AVX-512 (16 floats a register); bf16 keys scored with VDPBF16PS (exact
 //               bf16 products summed in fp32, the query unscaled and the scale applied to
 //               the sums); everything else as avx512. Needs __AVX512BF16__.
@@ -34,8 +37,12 @@
 //               Arm): no intrinsics needed.
 //
 // The AVX-512 paths serve head dims that are a multiple of 32; other head dims take the
-// portable code in the same build. -DHEADINFER_CPU_ATTENTION_PORTABLE and
-// -DHEADINFER_CPU_ATTENTION_NO_BF16_DOT turn paths off (tests and benchmarks build each).
+// portable code in the same build (AMX also wants bf16, blocks of >= 16 tokens and <= 16 query
+// heads per KV head, else avx512). A default build takes avx512 where the CPU has it, else
+// portable: on the one AMX machine measured (benchmarks/bench_cpu_attention.py) neither amx nor
+// avx512bf16 beat avx512. -DHEADINFER_CPU_ATTENTION_AMX and -DHEADINFER_CPU_ATTENTION_BF16_DOT
+// ask for those; -DHEADINFER_CPU_ATTENTION_PORTABLE for the portable code (tests and benchmarks
+// build each).
 // C++17 and OpenMP; no torch headers.
 
 #include <algorithm>
@@ -53,11 +60,11 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(HEADINFER_CPU_ATTENTION_PORTABLE)
 #define HEADINFER_AVX512 1
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__) && !defined(HEADINFER_CPU_ATTENTION_NO_AMX)
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__) && defined(HEADINFER_CPU_ATTENTION_AMX)
 #define HEADINFER_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
-#elif defined(__AVX512BF16__) && !defined(HEADINFER_CPU_ATTENTION_NO_BF16_DOT)
+#elif defined(__AVX512BF16__) && defined(HEADINFER_CPU_ATTENTION_BF16_DOT)
 #define HEADINFER_AVX512_BF16 1
 #endif
 #endif
