@@ -50,6 +50,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -534,7 +535,7 @@ __attribute__((always_inline)) inline __m512 transpose_sums(const __m512* v) {
 // `scale`; else the fp32 query rows `q_rows` (wide slot order, scaled) with widened keys.
 template <int DT, int QB, bool kDot>
 inline void score_tile_wide(const float* q_rows, const uint16_t* q_bits, int64_t D, const Rows<typename Element<DT>::T>& keys,
-                            float scale, float* scores, Prefetch<typename Element<DT>::T>& prefetch) {
+                            int64_t shift, float scale, float* scores, Prefetch<typename Element<DT>::T>& prefetch) {
   constexpr int TB = 16 / QB;
   alignas(64) float sums[16];
   for (int first = 0; first < keys.count; first += TB) {
@@ -543,7 +544,7 @@ inline void score_tile_wide(const float* q_rows, const uint16_t* q_bits, int64_t
     for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t d = 0; d < D; d += 32) {
       for (int t = 0; t < TB; ++t) {
-        const auto* k = keys.rows[first + t] + d;
+        const auto* k = keys.rows[first + t] + shift + d;
         if constexpr (kDot) {
 #if defined(HEADINFER_AVX512_BF16)
           const __m512bh k_pairs = (__m512bh)_mm512_loadu_si512(k);
@@ -601,8 +602,8 @@ inline void configure_tiles(int Q) {
 // than 16 keys is still read 16 rows long: past its end, rows of the same page (a block holds >= 16
 // keys, then as many values), whose scores are dropped.
 template <typename T>
-inline void score_tile_amx(const uint32_t* query_pairs, int Q, int64_t D, const Tile<T>& tile, int64_t stride,
-                           float scale, float* scores, Prefetch<T>& prefetch) {
+inline void score_tile_amx(const uint32_t* query_pairs, int Q, int64_t D, const Tile<T>& tile, int64_t shift,
+                           int64_t stride, float scale, float* scores, Prefetch<T>& prefetch) {
   struct Group {
     const T* keys;
     int first, valid;  // first key's place in the tile, keys that count
@@ -611,7 +612,8 @@ inline void score_tile_amx(const uint32_t* query_pairs, int Q, int64_t D, const 
   int num_groups = 0, place = 0;
   for (int run = 0; run < tile.num_runs; ++run) {
     for (int first = 0; first < tile.lengths[run]; first += 16)
-      groups[num_groups++] = {tile.keys[run] + first * stride, place + first, std::min(16, tile.lengths[run] - first)};
+      groups[num_groups++] = {tile.keys[run] + shift + first * stride, place + first,
+                              std::min(16, tile.lengths[run] - first)};
     place += tile.lengths[run];
   }
   const int64_t row_bytes = stride * int64_t(sizeof(T)), pair_bytes = 4 * Q;
@@ -640,14 +642,14 @@ inline void score_tile_amx(const uint32_t* query_pairs, int Q, int64_t D, const 
 
 // acc[q][d .. d + 32 * NC) += sum_t probs[q * kTile + t] * value t [d ..], sums in registers.
 template <int DT, int QB, int NC>
-inline void accumulate_wide_chunks(const float* probs, const Rows<typename Element<DT>::T>& values, int64_t d,
+inline void accumulate_wide_chunks(const float* probs, const Rows<typename Element<DT>::T>& values, int64_t shift, int64_t d,
                                    float* acc, int64_t D) {
   __m512 sums[QB][2 * NC];
   for (int q = 0; q < QB; ++q)
     for (int j = 0; j < 2 * NC; ++j) sums[q][j] = _mm512_loadu_ps(acc + q * D + d + 16 * j);
   for (int t = 0; t < values.count; ++t) {
     __m512 v[2 * NC];
-    for (int c = 0; c < NC; ++c) Wide<DT>::load32(values.rows[t] + d + 32 * c, v[2 * c], v[2 * c + 1]);
+    for (int c = 0; c < NC; ++c) Wide<DT>::load32(values.rows[t] + shift + d + 32 * c, v[2 * c], v[2 * c + 1]);
     for (int q = 0; q < QB; ++q) {
       const __m512 p = _mm512_set1_ps(probs[q * kTile + t]);
       for (int j = 0; j < 2 * NC; ++j) sums[q][j] = _mm512_fmadd_ps(p, v[j], sums[q][j]);
@@ -658,20 +660,20 @@ inline void accumulate_wide_chunks(const float* probs, const Rows<typename Eleme
 }
 
 template <int DT, int QB>
-inline void accumulate_tile_wide(const float* probs, const Rows<typename Element<DT>::T>& values, float* acc,
+inline void accumulate_tile_wide(const float* probs, const Rows<typename Element<DT>::T>& values, int64_t shift, float* acc,
                                  int64_t D) {
   if constexpr (QB > 4) {  // two blocks of 4: 16 accumulators each
-    accumulate_tile_wide<DT, 4>(probs, values, acc, D);
-    accumulate_tile_wide<DT, QB - 4>(probs + 4 * kTile, values, acc + 4 * D, D);
+    accumulate_tile_wide<DT, 4>(probs, values, shift, acc, D);
+    accumulate_tile_wide<DT, QB - 4>(probs + 4 * kTile, values, shift, acc + 4 * D, D);
   } else {
     constexpr int NC = QB == 4 ? 2 : 4;  // at most 16 accumulators, 8 values
     int64_t d = 0;
-    for (; d + 32 * NC <= D; d += 32 * NC) accumulate_wide_chunks<DT, QB, NC>(probs, values, d, acc, D);
+    for (; d + 32 * NC <= D; d += 32 * NC) accumulate_wide_chunks<DT, QB, NC>(probs, values, shift, d, acc, D);
     if constexpr (NC >= 4) {
-      if (d + 64 <= D) accumulate_wide_chunks<DT, QB, 2>(probs, values, d, acc, D), d += 64;
+      if (d + 64 <= D) accumulate_wide_chunks<DT, QB, 2>(probs, values, shift, d, acc, D), d += 64;
     }
     if constexpr (NC >= 2) {
-      if (d + 32 <= D) accumulate_wide_chunks<DT, QB, 1>(probs, values, d, acc, D), d += 32;
+      if (d + 32 <= D) accumulate_wide_chunks<DT, QB, 1>(probs, values, shift, d, acc, D), d += 32;
     }
   }
 }
@@ -878,29 +880,40 @@ void run_item(const Call& c, const Item& item, Scratch& s, float* partials) {
   Prefetch<T> prefetch(B, row_stride, H * D, H);
   auto attend = [&](const Tile<T>& first_head_tile) {
     float* scores = s.scores.data();
+    const int num_tokens = first_head_tile.num_tokens;
+#if defined(HEADINFER_AVX512)
+    // The AVX-512 kernels: the rows of the first head, listed once per tile; head h is h * D further.
+    std::optional<Rows<T>> keys, values;
+    if (wide) {
+      keys.emplace(first_head_tile.keys, first_head_tile.lengths, first_head_tile.num_runs, row_stride);
+      values.emplace(first_head_tile.values, first_head_tile.lengths, first_head_tile.num_runs, row_stride);
+    }
+#endif
     for (int64_t h = 0; h < H; ++h) {
-      const Tile<T> tile = first_head_tile.shifted(h * D);
       const float* queries = s.queries.data() + h * Q * D;
       float* acc = s.acc.data() + h * Q * D;
+      const int64_t shift = h * D;
       if (wide) {
 #if defined(HEADINFER_AVX512)
-        const Rows<T> keys(tile.keys, tile.lengths, tile.num_runs, row_stride);
         const uint16_t* bits = s.query_bits.data() + h * Q * D;
 #if defined(HEADINFER_AMX)
         if (amx) {
-          score_tile_amx(s.query_pairs.data() + h * Q * D / 2, int(Q), D, tile, row_stride, c.scale, scores, prefetch);
+          score_tile_amx(s.query_pairs.data() + h * Q * D / 2, int(Q), D, first_head_tile, shift, row_stride, c.scale,
+                         scores, prefetch);
         }
 #endif
         if (!amx) for_query_blocks(int(Q), [&](int q, auto block) {
           constexpr int QB = decltype(block)::value;
           if (bf16_dot) {
-            score_tile_wide<DT, QB, true>(nullptr, bits + q * D, D, keys, c.scale, scores + q * kTile, prefetch);
+            score_tile_wide<DT, QB, true>(nullptr, bits + q * D, D, *keys, shift, c.scale, scores + q * kTile, prefetch);
           } else {
-            score_tile_wide<DT, QB, false>(queries + q * D, nullptr, D, keys, c.scale, scores + q * kTile, prefetch);
+            score_tile_wide<DT, QB, false>(queries + q * D, nullptr, D, *keys, shift, c.scale, scores + q * kTile,
+                                           prefetch);
           }
         });
 #endif
       } else {
+        const Tile<T> tile = first_head_tile.shifted(shift);
         for_query_blocks(int(Q), [&](int q, auto block) {
           score_tile<DT, decltype(block)::value>(queries + q * D, D, tile, row_stride, scores + q * kTile, prefetch);
         });
@@ -908,17 +921,17 @@ void run_item(const Call& c, const Item& item, Scratch& s, float* partials) {
       if (c.logits_soft_cap > 0.0f) {
         const float cap = c.logits_soft_cap;
         for (int q = 0; q < Q; ++q)
-          for (int t = 0; t < tile.num_tokens; ++t) scores[q * kTile + t] = cap * std::tanh(scores[q * kTile + t] / cap);
+          for (int t = 0; t < num_tokens; ++t) scores[q * kTile + t] = cap * std::tanh(scores[q * kTile + t] / cap);
       }
-      softmax_tile(scores, tile.num_tokens, int(Q), D, s.max.data() + h * Q, s.sum.data() + h * Q, acc);
+      softmax_tile(scores, num_tokens, int(Q), D, s.max.data() + h * Q, s.sum.data() + h * Q, acc);
       if (wide) {
 #if defined(HEADINFER_AVX512)
-        const Rows<T> values(tile.values, tile.lengths, tile.num_runs, row_stride);
         for_query_blocks(int(Q), [&](int q, auto block) {
-          accumulate_tile_wide<DT, decltype(block)::value>(scores + q * kTile, values, acc + q * D, D);
+          accumulate_tile_wide<DT, decltype(block)::value>(scores + q * kTile, *values, shift, acc + q * D, D);
         });
 #endif
       } else {
+        const Tile<T> tile = first_head_tile.shifted(shift);
         for_query_blocks(int(Q), [&](int q, auto block) {
           accumulate_tile<DT, decltype(block)::value>(scores + q * kTile, tile, row_stride, acc + q * D, D);
         });
