@@ -4,8 +4,8 @@ SmolLM2-135M-Instruct (from the package registry, converted to a float32
 checkpoint once: see :mod:`headinfer_vllm.real_models`) answers a few chat
 questions, one of them about a whole essay, through vLLM with
 ``attention_backend="headinfer"``; the demo prints the answers, headinfer's
-plan and memory per tier, and checks that vLLM's stock backend produced the
-same tokens and logprobs. Exit code 0 when they match.
+plan and KV memory, and checks that vLLM's stock backend produced the same
+tokens and logprobs. Exit code 0 when they match.
 
     python examples/offline_demo.py
 """
@@ -21,7 +21,7 @@ QUESTIONS = [
     "What is the capital of France? Answer in one sentence.",
     "Give three tips for writing clear code, one line each.",
 ]
-ESSAY_QUESTION = "In two sentences: what is the essay above about?"
+ESSAY_QUESTION = "According to the essay above, what do hard liquor, cigarettes, heroin, and crack have in common?"
 MAX_TOKENS = 40
 CPU_KV_CACHE_GIB = 0.2  # host tier: sets the capacity (45 KiB of float32 K and V per token: about 4,600 tokens)
 ENGINE = dict(dtype="float32", max_model_len=4096, enforce_eager=True, seed=0, max_num_batched_tokens=1024,
@@ -48,8 +48,8 @@ def main() -> int:
         if "headinfer: " in line:
             print("plan:", line.split("headinfer: ", 1)[1])
     tiers = ours["tiers"]
-    print(f"host tier (every page's home): {tiers['host_bytes'] / 2**20:8.2f} MiB")
-    print(f"device tier:                   {tiers['device_bytes'] / 2**20:8.2f} MiB")
+    # On vLLM's CPU platform the "device" is host memory: one tier, which the C++ kernel attends in place.
+    print(f"KV cache, one tier in host memory: {(tiers['host_bytes'] + tiers['device_bytes']) / 2**20:.2f} MiB")
 
     worst = 0.0
     for index, (want, got) in enumerate(zip(stock["outputs"], ours["outputs"], strict=True)):
