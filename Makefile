@@ -44,7 +44,9 @@ bench-smoke: install
 # gpu_session.sh --dry-run run there, so an API missing on the GPU machine fails CI, not the one GPU call.
 # It cannot cover Python 3.12 (the GPU machine's; this is the local python3) nor anything needing a driver.
 REHEARSAL ?= $(HOME)/.cache/headinfer_vllm/gpu-rehearsal
-REHEARSAL_PACKAGES = torch==2.11.0 transformers==5.17.0 triton==3.6.0 pytest matplotlib
+# numpy 2.3: Triton 3.6's interpreter (the page-load kernel's tests) turns 1-element arrays into Python
+# scalars, which NumPy 2.4 refuses ("only 0-dimensional arrays can be converted"); compiled kernels are unaffected.
+REHEARSAL_PACKAGES = torch==2.11.0 transformers==5.17.0 triton==3.6.0 numpy==2.3.5 pytest matplotlib
 
 gpu-rehearsal:
 	@if [ "$$(cat $(REHEARSAL)/.packages 2>/dev/null)" != "$(REHEARSAL_PACKAGES)" ]; then \

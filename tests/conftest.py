@@ -18,6 +18,9 @@ import run_context  # noqa: E402
 os.environ.setdefault("HEADINFER_CPU_ATTENTION", "off")
 
 CUDA = torch.cuda.is_available()
+DRIVERLESS_CUDA_BUILD = torch.version.cuda is not None and not CUDA
+"""A CUDA build of torch on a machine without a driver (the GPU rehearsal, ``make gpu-rehearsal``): CUDA
+streams and pinned memory fail there, even for work that runs on the CPU."""
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
@@ -25,13 +28,20 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "vllm: needs vLLM installed (skipped without it)")
+    config.addinivalue_line(
+        "markers", "cuda_runtime: makes a CUDA stream or pins memory even on CPU (skipped under a CUDA build of "
+        "torch without a driver)",
+    )
 
 
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_runtime = pytest.mark.skip(reason="needs a CUDA driver under this CUDA build of torch")
     for item in items:
         if "cuda" in item.keywords and not CUDA:
             item.add_marker(skip_cuda)
+        if "cuda_runtime" in item.keywords and DRIVERLESS_CUDA_BUILD:
+            item.add_marker(skip_runtime)
 
 
 def pytest_runtest_setup(item):

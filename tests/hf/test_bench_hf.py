@@ -233,6 +233,7 @@ def test_headinfer_trial_after_a_failed_one_reuses_the_cache(bench):
     assert runner.headinfer is cache  # recovered by reset(), not re-allocated
 
 
+@pytest.mark.cuda_runtime  # transformers' offloaded cache makes a torch.Stream() when it is built
 def test_offloaded_trial_stops_before_it_could_exhaust_host_memory(bench, monkeypatch):
     """transformers' offloaded cache pins up to 2x its KV anew per chunk; the trial must fail, not be OOM-killed."""
     import torch
