@@ -26,8 +26,8 @@ from vllm.v1.attention.backend import (
 
 from headinfer_vllm.core import LayerAttention, StepPlan, build_step_plan
 from headinfer_vllm.vllm_plugin.compat import attention_type_name, frees_pages_out_of_window
+from headinfer_vllm.vllm_plugin.refusals import ALTERNATIVE
 from headinfer_vllm.vllm_plugin.runtime import HeadInferRuntime
-from headinfer_vllm.vllm_plugin.settings import ALTERNATIVE
 
 
 class HeadInferBackend(AttentionBackend):
@@ -73,7 +73,7 @@ class HeadInferBackend(AttentionBackend):
 
         vLLM 0.34 asks this of the selected backend for models whose V head
         size differs (MiMo-V2); headinfer refuses such models before that
-        (``settings.refusals``). Older releases never call it.
+        (``refusals.refusals``). Older releases never call it.
         """
         return head_size_v == head_size
 

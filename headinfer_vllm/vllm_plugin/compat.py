@@ -196,18 +196,18 @@ def _patch_prefill_chunk_default() -> None:
     def set_defaults(self, *args, **kwargs):
         user_chose = self.max_num_batched_tokens is not None
         original(self, *args, **kwargs)
-        from headinfer_vllm.vllm_plugin import settings
+        from headinfer_vllm.vllm_plugin import defaults
 
-        if user_chose or not is_selected(_selected_backend(self)) or not settings.long_context_defaults_apply():
+        if user_chose or not is_selected(_selected_backend(self)) or not defaults.long_context_defaults_apply():
             return
 
-        if self.max_num_batched_tokens < settings.LONG_CONTEXT_PREFILL_TOKENS:
+        if self.max_num_batched_tokens < defaults.LONG_CONTEXT_PREFILL_TOKENS:
             logger.info(
                 "headinfer: max_num_batched_tokens %d -> %d (long-context default: each prefill chunk "
                 "re-streams the whole past KV; set --max-num-batched-tokens to choose)",
-                self.max_num_batched_tokens, settings.LONG_CONTEXT_PREFILL_TOKENS,
+                self.max_num_batched_tokens, defaults.LONG_CONTEXT_PREFILL_TOKENS,
             )
-            self.max_num_batched_tokens = settings.LONG_CONTEXT_PREFILL_TOKENS
+            self.max_num_batched_tokens = defaults.LONG_CONTEXT_PREFILL_TOKENS
 
     set_defaults._headinfer = True
     EngineArgs._set_default_max_num_seqs_and_batched_tokens_args = set_defaults
@@ -258,7 +258,7 @@ def _patch_cpu_backend_choice(platform_cls) -> None:
         if not is_selected(selected_backend):
             return original(cls, selected_backend, attn_selector_config, num_heads)
         from headinfer_vllm.vllm_plugin.backend import HeadInferBackend
-        from headinfer_vllm.vllm_plugin.settings import ALTERNATIVE
+        from headinfer_vllm.vllm_plugin.refusals import ALTERNATIVE
 
         reasons = HeadInferBackend.validate_configuration(
             device_capability=None, **attn_selector_config._asdict()

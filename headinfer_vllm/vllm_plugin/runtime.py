@@ -29,9 +29,7 @@ from headinfer_vllm.core.cpu_split import (
     plan_decode_split,
 )
 from headinfer_vllm.core.device_memory import check_device_budget
-from headinfer_vllm.vllm_plugin.metrics import HeadInferMetrics
-from headinfer_vllm.vllm_plugin.settings import (
-    SETTINGS_KEY,
+from headinfer_vllm.vllm_plugin.capacity import (
     attends_in_place,
     engine_planned_blocks,
     host_ranks,
@@ -41,6 +39,8 @@ from headinfer_vllm.vllm_plugin.settings import (
     vllm_buffer_bytes,
     worker_capacity,
 )
+from headinfer_vllm.vllm_plugin.metrics import HeadInferMetrics
+from headinfer_vllm.vllm_plugin.settings import SETTINGS_KEY
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

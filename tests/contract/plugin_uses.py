@@ -147,7 +147,7 @@ ATTRIBUTES: dict[tuple[str, str], tuple[str, ...]] = {
     ),
     ("vllm.config", "AttentionConfig"): ("backend",),  # compat.patch_platform: is headinfer selected?
     ("vllm.config", "CacheConfig"): (
-        # settings.apply_settings / set_long_context_defaults / refusals; runtime._build
+        # settings.apply_settings, defaults.set_long_context_defaults, refusals.refusals; runtime._build
         "block_size", "user_specified_block_size", "num_gpu_blocks_override", "kv_cache_memory_bytes",
         "num_gpu_blocks", "cache_dtype", "kv_offloading_size", "gpu_memory_utilization",
         # compat.gpu_memory_utilization / compat.extensible_kv_cache_requested (0.34 on)
@@ -171,7 +171,7 @@ ATTRIBUTES: dict[tuple[str, str], tuple[str, ...]] = {
     ("vllm.config", "CompilationConfig"): (
         "cudagraph_mode", "mode", "splitting_ops_contain_attention", "static_forward_context",
     ),
-    # Enum members (settings.choose_piecewise_graphs; compat.register_backend; backend.supports_attn_type)
+    # Enum members (defaults.choose_piecewise_graphs; compat.register_backend; backend.supports_attn_type)
     ("vllm.config.compilation", "CUDAGraphMode"): ("FULL", "PIECEWISE", "NONE"),
     ("vllm.config.compilation", "CompilationMode"): ("VLLM_COMPILE",),
     ("vllm.v1.attention.backend", "AttentionType"): ("DECODER",),

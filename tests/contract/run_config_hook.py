@@ -14,7 +14,7 @@ and nothing here needs them. Two stand-ins, both at config time only:
   (``CpuPlatform.check_and_update_config``): ``HAS_TRITON`` is set, as
   nothing runs a kernel.
 
-``cuda_defaults`` runs the hook as on CUDA (``settings.long_context_defaults_apply``
+``cuda_defaults`` runs the hook as on CUDA (``defaults.long_context_defaults_apply``
 answering True) to exercise the long-context defaults against the release's
 config classes: vLLM's own platform stays the CPU one.
 """
@@ -69,7 +69,7 @@ def run(model: str) -> dict:
 
     vllm.triton_utils.HAS_TRITON = True
     from headinfer_vllm.core.device_memory import device_budget_error
-    from headinfer_vllm.vllm_plugin import compat, settings
+    from headinfer_vllm.vllm_plugin import compat, defaults
 
     log = Lines()
     logging.getLogger("headinfer_vllm").addHandler(log)
@@ -118,7 +118,7 @@ def run(model: str) -> dict:
             model, {"cpu_kv_cache_gib": 0.05}, block_size=BLOCK, enable_extensible_kv_cache=True
         )
 
-    settings.long_context_defaults_apply = lambda: True
+    defaults.long_context_defaults_apply = lambda: True
     cuda = config_for(model, {"cpu_kv_cache_gib": 0.05})
     result["cuda_defaults"] = {
         "block_size": cuda.cache_config.block_size,

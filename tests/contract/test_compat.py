@@ -120,7 +120,7 @@ def test_v_head_sizes_unlike_k_are_refused_before_vllm_0_34_picks_another_backen
     """vLLM 0.34 gives layers whose V head size differs a backend that can serve them (``supports_head_size_v``;
     headinfer's says no), so headinfer must refuse such models itself, at config time."""
     from headinfer_vllm.vllm_plugin.backend import HeadInferBackend
-    from headinfer_vllm.vllm_plugin.settings import _v_head_size_differs
+    from headinfer_vllm.vllm_plugin.refusals import _v_head_size_differs
 
     model = types.SimpleNamespace(hf_text_config=types.SimpleNamespace(**text_config), get_head_size=lambda: 32)
     assert _v_head_size_differs(model) is differs

@@ -126,7 +126,7 @@ PLANTED = {
         lambda text: text.replace("def get_pp_indices(", "def get_pipeline_layer_range("),
         "imports",
         "vllm 0.34.0: vllm.distributed.utils.get_pp_indices does not exist (imported at "
-        "headinfer_vllm/vllm_plugin/settings.py:",
+        "headinfer_vllm/vllm_plugin/capacity.py:",
     ),
     "renamed keyword": (
         "v1/attention/backends/fa_utils.py",

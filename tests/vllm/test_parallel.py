@@ -28,7 +28,7 @@ from headinfer_vllm.config import HeadInferConfig
 from headinfer_vllm.core import host_memory, plan_capacity
 from headinfer_vllm.offline_check import run_in_subprocess
 from headinfer_vllm.tiny_models import SHAPE, save_tiny_model
-from headinfer_vllm.vllm_plugin import settings
+from headinfer_vllm.vllm_plugin import capacity, defaults
 from headinfer_vllm.vllm_plugin.runtime import numa_pages
 from tests.vllm.stock_comparison import assert_same_generations
 
@@ -65,8 +65,8 @@ def plans(config):
     """Each rank's capacity plan, as its worker builds it (``parallel_config.rank`` set per worker)."""
     resolved = HeadInferConfig.from_sources(config.additional_config["headinfer"], environ={})
     return [
-        settings.capacity_for(config, resolved, settings.pipeline_stage(config.parallel_config, rank))
-        for rank in range(settings.parallel_ranks(config.parallel_config))
+        capacity.capacity_for(config, resolved, capacity.pipeline_stage(config.parallel_config, rank))
+        for rank in range(capacity.parallel_ranks(config.parallel_config))
     ]
 
 
@@ -97,7 +97,7 @@ def test_fewer_kv_heads_than_ranks_replicate_the_head(one_kv_head):
 def test_pipeline_stages_keep_their_own_layers_with_one_block_count(model, tp, pp, stage_layers):
     """vLLM gives uneven stages the remainder before the last; the largest stage sets the block count."""
     config = config_for(model, tensor_parallel_size=tp, pipeline_parallel_size=pp)
-    assert settings.stage_layer_counts(config) == stage_layers
+    assert capacity.stage_layer_counts(config) == stage_layers
     ranks = plans(config)
     num_blocks = config.cache_config.num_gpu_blocks_override
     # Each rank's share of the total budget holds num_blocks blocks of the largest stage.
@@ -105,7 +105,7 @@ def test_pipeline_stages_keep_their_own_layers_with_one_block_count(model, tp, p
     assert {plan.layout.num_blocks for plan in ranks} == {num_blocks}
     assert [plan.layout.num_layers for plan in ranks] == [n for n in stage_layers for _ in range(tp)]
     assert all(plan.host_bytes <= 300 * BYTES_PER_BLOCK // (tp * pp) for plan in ranks)
-    tiers, _ = settings.host_tier_bytes(config, HeadInferConfig(**config.additional_config["headinfer"]))
+    tiers, _ = capacity.host_tier_bytes(config, HeadInferConfig(**config.additional_config["headinfer"]))
     assert tiers == sum(plan.host_bytes for plan in ranks) == num_blocks * BYTES_PER_BLOCK
     # vLLM's own KV tensor is sized for the largest stage.
     assert config.cache_config.kv_cache_memory_bytes >= num_blocks * BLOCK * max(stage_layers) * 4
@@ -118,9 +118,9 @@ def test_the_worker_plans_its_own_stage(model):
     layers = []
     for rank in range(8):
         config.parallel_config.rank = rank
-        assert config.model_config.get_num_layers(config.parallel_config) == settings.stage_layer_counts(config)[
-            settings.pipeline_stage(config.parallel_config)]
-        layers.append(settings.capacity_for(config, resolved).layout.num_layers)
+        assert config.model_config.get_num_layers(config.parallel_config) == capacity.stage_layer_counts(config)[
+            capacity.pipeline_stage(config.parallel_config)]
+        layers.append(capacity.capacity_for(config, resolved).layout.num_layers)
     assert layers == [1, 1, 2, 2, 2, 2, 1, 1]
 
 
@@ -134,7 +134,7 @@ def test_smaller_stages_never_exceed_the_largest_stage_s_tiers(device_units):
                   device_bytes=device, head_group_size=None if device else 1, prefetch_depth=1)
     largest = plan_capacity(num_layers=3, **common)
     for layers in (1, 2):
-        stage = settings.stage_capacity(largest, layers, device_budget=device is not None)
+        stage = capacity.stage_capacity(largest, layers, device_budget=device is not None)
         assert stage.layout.num_blocks == largest.layout.num_blocks
         assert stage.layout.num_layers == layers
         assert stage.host_bytes <= largest.host_bytes and stage.device_bytes <= largest.device_bytes
@@ -153,15 +153,15 @@ def test_host_check_counts_every_rank_and_engine_on_the_host(model, monkeypatch)
 def test_host_ranks_follow_the_executor(model):
     """Multiprocessing across nodes: this node's consecutive ranks; Ray: one rank of the largest stage."""
     config = config_for(model, tensor_parallel_size=2, pipeline_parallel_size=3)
-    assert settings.host_ranks(config) == list(range(6))
+    assert capacity.host_ranks(config) == list(range(6))
     parallel = types.SimpleNamespace(
         tensor_parallel_size=2, pipeline_parallel_size=3, distributed_executor_backend="mp",
         local_world_size=2, node_rank_within_dp=1,
     )
     on_node = types.SimpleNamespace(parallel_config=parallel, model_config=config.model_config)
-    assert settings.host_ranks(on_node) == [2, 3]
+    assert capacity.host_ranks(on_node) == [2, 3]
     parallel.distributed_executor_backend = "ray"
-    assert settings.host_ranks(on_node) == [0]  # 6 layers over 3 stages: [2, 2, 2], stage 0 is the largest
+    assert capacity.host_ranks(on_node) == [0]  # 6 layers over 3 stages: [2, 2, 2], stage 0 is the largest
 
 
 def test_budget_errors_name_the_per_rank_share(model):
@@ -178,7 +178,7 @@ def test_context_parallelism_is_refused_by_name(one_kv_head):
 
 def test_start_up_line_gives_the_rank_and_the_host(model, monkeypatch):
     lines = []
-    monkeypatch.setattr(settings.logger, "info", lambda message, *args: lines.append(message % args))
+    monkeypatch.setattr(capacity.logger, "info", lambda message, *args: lines.append(message % args))
     config_for(model, tensor_parallel_size=2, pipeline_parallel_size=4)
     (line,) = [line for line in lines if "per rank" in line]
     assert "tensor-parallel 2 × pipeline-parallel 4 = 8 ranks; 2 of 4 KV heads, 2 of 6 layers" in line
@@ -189,19 +189,19 @@ def test_start_up_line_gives_the_rank_and_the_host(model, monkeypatch):
 def test_numa_advice_on_multi_node_cuda_hosts(model, monkeypatch, tmp_path):
     for name in ("node0", "node1", "has_cpu", "online"):
         (tmp_path / name).mkdir()
-    assert settings.numa_node_count(str(tmp_path)) == 2
-    assert settings.numa_node_count(str(tmp_path / "missing")) == 1
+    assert capacity.numa_node_count(str(tmp_path)) == 2
+    assert capacity.numa_node_count(str(tmp_path / "missing")) == 1
     warnings = []
-    monkeypatch.setattr(settings.logger, "warning", lambda message, *args: warnings.append(message % args))
-    monkeypatch.setattr(settings, "numa_node_count", lambda: 2)
+    monkeypatch.setattr(capacity.logger, "warning", lambda message, *args: warnings.append(message % args))
+    monkeypatch.setattr(capacity, "numa_node_count", lambda: 2)
     config = config_for(model, tensor_parallel_size=2)
-    settings.recommend_numa_binding(config)
+    capacity.recommend_numa_binding(config)
     assert not warnings  # CPU platform: no GPU to be near
-    monkeypatch.setattr(settings, "long_context_defaults_apply", lambda: True)  # as on CUDA
-    settings.recommend_numa_binding(config)
+    monkeypatch.setattr(defaults, "long_context_defaults_apply", lambda: True)  # as on CUDA
+    capacity.recommend_numa_binding(config)
     assert len(warnings) == 1 and "pass --numa-bind" in warnings[0]
     config.parallel_config.numa_bind = True
-    settings.recommend_numa_binding(config)
+    capacity.recommend_numa_binding(config)
     assert len(warnings) == 1
 
 

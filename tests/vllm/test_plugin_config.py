@@ -188,11 +188,11 @@ def test_host_check_counts_every_data_parallel_engine(model, monkeypatch):
 def test_host_check_warns_instead_where_the_user_trusts_the_host(model, monkeypatch, caplog):
     """``host_memory_check=warn`` (hosts whose memory grows on demand): the plan goes on, the log says why."""
     from headinfer_vllm.core import host_memory
-    from headinfer_vllm.vllm_plugin import settings
+    from headinfer_vllm.vllm_plugin import defaults
 
     budget = 300 * BYTES_PER_BLOCK
     monkeypatch.setattr(host_memory, "free_host_bytes", lambda: budget // 2)
-    monkeypatch.setattr(settings, "long_context_defaults_apply", lambda: True)  # CUDA: staging is not host memory
+    monkeypatch.setattr(defaults, "long_context_defaults_apply", lambda: True)  # CUDA: staging is not host memory
     monkeypatch.setattr(logging.getLogger("headinfer_vllm"), "propagate", True)
     caplog.set_level(logging.WARNING, logger="headinfer_vllm")
     with pytest.raises(ValueError, match=r"only .* GiB is available; lower cpu_kv_cache_gib, or set host_memory_che"):
@@ -204,9 +204,9 @@ def test_host_check_warns_instead_where_the_user_trusts_the_host(model, monkeypa
 
 def test_host_check_counts_vllm_buffers_that_grow_with_context(model, monkeypatch):
     from headinfer_vllm.core import host_memory
-    from headinfer_vllm.vllm_plugin import settings
+    from headinfer_vllm.vllm_plugin import defaults
 
-    monkeypatch.setattr(settings, "long_context_defaults_apply", lambda: True)  # CUDA: staging is not host memory
+    monkeypatch.setattr(defaults, "long_context_defaults_apply", lambda: True)  # CUDA: staging is not host memory
 
     budget = 300 * BYTES_PER_BLOCK
     monkeypatch.setattr(host_memory, "free_host_bytes", lambda: budget + (1 << 20))
@@ -217,19 +217,19 @@ def test_host_check_counts_vllm_buffers_that_grow_with_context(model, monkeypatc
 
 
 def test_long_context_defaults_on_cuda(model, monkeypatch):
-    from headinfer_vllm.vllm_plugin import settings
+    from headinfer_vllm.vllm_plugin import defaults
 
-    monkeypatch.setattr(settings, "long_context_defaults_apply", lambda: True)
+    monkeypatch.setattr(defaults, "long_context_defaults_apply", lambda: True)
     budget = {"cpu_kv_cache_gib": 40 * BYTES_PER_BLOCK * 8 / 2**30}
     chosen = config_for(model, budget, block_size=None, max_num_batched_tokens=None)
-    assert chosen.cache_config.block_size == settings.LONG_CONTEXT_BLOCK_SIZE
+    assert chosen.cache_config.block_size == defaults.LONG_CONTEXT_BLOCK_SIZE
     assert chosen.cache_config.user_specified_block_size  # the worker keeps it
-    assert chosen.scheduler_config.max_num_batched_tokens >= settings.LONG_CONTEXT_PREFILL_TOKENS
+    assert chosen.scheduler_config.max_num_batched_tokens >= defaults.LONG_CONTEXT_PREFILL_TOKENS
     kept = config_for(model, budget, block_size=BLOCK, max_num_batched_tokens=2048)
     assert kept.cache_config.block_size == BLOCK
     assert kept.scheduler_config.max_num_batched_tokens == 2048
     stock = EngineArgs(model=model, dtype="float32", max_model_len=1024, kv_cache_memory_bytes=1 << 26)
-    assert stock.create_engine_config().cache_config.block_size != settings.LONG_CONTEXT_BLOCK_SIZE
+    assert stock.create_engine_config().cache_config.block_size != defaults.LONG_CONTEXT_BLOCK_SIZE
 
 
 def test_full_cuda_graphs_fall_back_to_piecewise(model):
