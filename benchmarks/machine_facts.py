@@ -16,7 +16,8 @@ stopped by a time limit keeps what it measured):
   convention: bytes read plus bytes written).
 - ``cpu_attention``: decode attention on the CPU at Llama-3-8B head shapes
   (32 query heads, 8 KV heads, head_dim 128, bf16), as the rate at which it
-  reads the KV, in GB/s: torch's SDPA, and any kernel in ``CPU_KERNELS``.
+  reads the KV, in GB/s: torch's SDPA, and any kernel in ``CPU_KERNELS``
+  (headinfer's with the instruction path its build chose).
 
 Without CUDA the GPU fields are null and the host fields are measured, so CI
 can run it (``--smoke``: small buffers, under 30 s on 2 cores).
@@ -281,6 +282,10 @@ def cpu_attention(context: int, repeats: int) -> dict:
                 continue
             result["kernels"][name] = {"ms_per_token": 1e3 * seconds, "kv_read_gbps": kv_bytes / seconds / GB,
                                        "max_abs_error_vs_float32": error}
+    if "error" not in result["kernels"].get("headinfer_cpu", {"error": None}):
+        from headinfer_vllm.core.cpu_attention import instruction_path
+
+        result["kernels"]["headinfer_cpu"]["instruction_path"] = instruction_path()
     return result
 
 
