@@ -248,11 +248,7 @@ def measure_cpu_rate(store: HeadPageStore, *, query_per_kv: int, num_threads: in
     streamed units for one request over (at most :data:`MEASURE_BYTES` of) their pages."""
     from headinfer_vllm.core import cpu_attention
 
-    layer = store.streamed_units[0][0] if store.streamed_units else None
-    if layer is None:
-        raise ValueError("headinfer: measuring the CPU kernel needs streamed units")
-    layout = store.layout
-    units = [(group * layout.head_group_size, store.host_unit(layer, group)) for group in store.streamed_groups(layer)]
+    layout, units = store.layout, _first_layer_units(store)
     page_bytes = layout.unit_bytes // layout.num_blocks
     num_pages = max(1, min(layout.num_blocks, MEASURE_BYTES // (page_bytes * len(units))))
     query = torch.zeros(1, layout.num_kv_heads * query_per_kv, layout.head_dim, dtype=layout.dtype)
@@ -268,6 +264,14 @@ def measure_cpu_rate(store: HeadPageStore, *, query_per_kv: int, num_threads: in
     return num_pages * page_bytes * len(units) / statistics.median(times[1:])
 
 
+def _first_layer_units(store: HeadPageStore) -> list[tuple[int, torch.Tensor]]:
+    """``(first KV head, host pages [N, 2, B, G, D])`` of each streamed unit of the first layer that has any."""
+    if not store.streamed_units:
+        raise ValueError("headinfer: measuring the CPU kernel needs streamed units")
+    layer, group_size = store.streamed_units[0][0], store.layout.head_group_size
+    return [(group * group_size, store.host_unit(layer, group)) for group in store.streamed_groups(layer)]
+
+
 def measure_layer_overhead(store: HeadPageStore, *, query_per_kv: int, num_threads: int, repeats: int = 20) -> float:
     """Seconds of one layer's split lockstep, whatever the context: the queries' copy to the host and the
     host's wait for it, the kernel over one page, the outputs' copy back; the median of ``repeats`` runs.
@@ -276,9 +280,7 @@ def measure_layer_overhead(store: HeadPageStore, *, query_per_kv: int, num_threa
     """
     from headinfer_vllm.core import cpu_attention
 
-    layout = store.layout
-    layer = store.streamed_units[0][0]
-    units = [(group * layout.head_group_size, store.host_unit(layer, group)) for group in store.streamed_groups(layer)]
+    layout, units = store.layout, _first_layer_units(store)
     cuda = store.device.type == "cuda"
     heads = layout.num_kv_heads * query_per_kv
     on_device = torch.zeros(1, heads, layout.head_dim, dtype=layout.dtype, device=store.device)

@@ -14,6 +14,8 @@ from headinfer_vllm.core.cpu_split import (
     MIN_SPEEDUP,
     DecodeSplit,
     balanced_cpu_units,
+    measure_cpu_rate,
+    measure_layer_overhead,
     plan_decode_split,
     predicted_speedup,
     spread_over_layers,
@@ -168,6 +170,15 @@ def test_steps_split_only_where_the_rule_says_and_stay_exact(threshold):
     assert traffic.split_steps == (1 if threshold == "below" else 0)
     streamed = len(scenario.store.streamed_units)
     assert loaded[1] % (streamed - (2 if threshold == "below" else 0)) == 0
+
+
+@pytest.mark.skipif(not cpu_attention.is_available(), reason="no C++ compiler with OpenMP")
+def test_start_up_measurements_run_on_a_cpu_store():
+    scenario = Scenario(num_layers=2, num_kv_heads=4, num_resident_units=2)
+    scenario.build([40])
+    overhead = measure_layer_overhead(scenario.store, query_per_kv=2, num_threads=1, repeats=3)
+    assert 0 < overhead < 1  # one page, seconds
+    assert measure_cpu_rate(scenario.store, query_per_kv=2, num_threads=1, repeats=1) > 0
 
 
 def test_describe_without_rates():
