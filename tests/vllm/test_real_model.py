@@ -62,3 +62,21 @@ def test_both_headinfer_paths_give_the_stock_tokens(smoke):
         assert cell[path]["verdict"] == "equal", path
         assert cell[path]["tokens_equal"] and cell[path]["max_logprob_diff"] <= 1e-4, path
         assert cell[path]["answer"] == cell["vllm_stock"]["answer"], path
+
+
+def test_compare_tells_equal_tie_and_failure(bench):
+    reference = {"tokens": [5, 7], "logprobs": [{"5": -0.1, "6": -2.0}, {"7": -0.69310, "8": -0.69315}]}
+    close = {"tokens": [5, 7], "logprobs": [{"5": -0.10002, "6": -2.0}, {"7": -0.69311, "8": -0.69316}]}
+    assert compare_verdict(bench, reference, close) == ("equal", None)
+    tie = {"tokens": [5, 8], "logprobs": [{"5": -0.1, "6": -2.0}, {"8": -0.69310, "7": -0.69312}]}
+    assert compare_verdict(bench, reference, tie) == ("tie", 1)
+    assert bench.compare(reference, tie)["tie_gap"] == pytest.approx(5e-5, abs=1e-9)
+    wrong = {"tokens": [6, 7], "logprobs": [{"6": -0.1, "5": -2.0}, {"7": -0.6931, "8": -0.6932}]}
+    assert compare_verdict(bench, reference, wrong) == ("fail", 0)
+    drifted = {"tokens": [5, 7], "logprobs": [{"5": -0.1003, "6": -2.0}, {"7": -0.69310, "8": -0.69315}]}
+    assert compare_verdict(bench, reference, drifted) == ("fail", None)
+
+
+def compare_verdict(bench, reference: dict, result: dict) -> tuple[str, int | None]:
+    verdict = bench.compare(reference, result)
+    return verdict["verdict"], verdict.get("first_difference")
