@@ -14,6 +14,12 @@ KV head ``h`` serves query heads ``h * q .. (h + 1) * q - 1``. Request ``r``
 attends keys ``0 .. seq_lens[r] - 1`` (its current token's K/V are already in
 the pages), found in blocks ``block_table[r, 0], block_table[r, 1], ...``.
 
+:func:`prefill_attention_units` is the causal, variable-length form for prefill
+chunks, every request of a layer in one call: request ``r``'s chunk is rows
+``query_starts[r] ..`` of ``query [T, H * q, D]``, its last ``query_lens[r]``
+positions; work items are (request, KV head, tile of query tokens), so each
+tile of keys read serves the tile's tokens and the query heads of its KV head.
+
 The library is built once per source, compiler, flags and CPU into
 ``$HEADINFER_CACHE_DIR`` (default ``~/.cache/headinfer_vllm``).
 
@@ -48,7 +54,7 @@ import torch
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "cpu_decode_attention.cpp"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 PORTABLE_FLAGS = tuple(flag for flag in FLAGS if flag != "-march=native")
-ABI_VERSION = 2
+ABI_VERSION = 3
 ISAS = ("amx", "avx512bf16", "avx512", "portable")
 """Instruction paths; ``auto`` builds avx512 where the CPU has it, else portable (amx and avx512bf16
 were not faster where measured: see the README's CPU attention results)."""
@@ -62,7 +68,7 @@ DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 _ERRORS = {
     1: "unsupported dtype",
-    2: "bad shape",
+    2: "bad shape (or request {index}'s chunk is longer than its sequence)",
     3: "a block id read for request {index} is outside [0, num_blocks)",
     4: "request {index}'s seq_len needs more pages than block_table has columns",
 }
@@ -155,15 +161,106 @@ def decode_attention_units(
     Returns:
         ``out``, shape ``[R, num_query_heads, D]``.
     """
+    if query.dim() == 3 and seq_lens.dim() == 1 and query.shape[0] != seq_lens.shape[0]:
+        raise ValueError(f"headinfer: decode needs one query row per request: {query.shape[0]} rows, "
+                         f"{seq_lens.shape[0]} seq_lens")
+    args = _unit_args(query, units, block_table, seq_lens, query_per_kv, out, sinks)
+    out = args[-1]
+    bad_index = ctypes.c_int64(-1)
+    status = library(isa).headinfer_decode_attention(
+        *args[:-1], block_table.data_ptr(), block_table.stride(0), block_table.shape[1], seq_lens.data_ptr(),
+        scale, sliding_window, logits_soft_cap, None if sinks is None else sinks.data_ptr(),
+        num_threads or torch.get_num_threads(), ctypes.byref(bad_index),
+    )
+    _raise_for(status, bad_index)
+    return out
+
+
+def prefill_attention_units(
+    query: torch.Tensor,
+    units: Sequence[tuple[int, torch.Tensor]],
+    query_starts: torch.Tensor,
+    query_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    *,
+    query_per_kv: int,
+    out: torch.Tensor | None = None,
+    sliding_window: int = 0,
+    logits_soft_cap: float = 0.0,
+    sinks: torch.Tensor | None = None,
+    num_threads: int | None = None,
+    isa: str | None = None,
+) -> torch.Tensor:
+    """Causal attention of prefill chunks (any number of query tokens per request) over the pages
+    of several units of one layer, in place, in one call.
+
+    Args:
+        query: shape ``[T, num_query_heads, D]``, every chunk's tokens (rows of other requests,
+            e.g. decode tokens, are neither read nor written); last dim contiguous, any row and
+            head stride.
+        units: ``(first_kv_head, pages)`` per unit, as in :func:`decode_attention_units`.
+        query_starts: shape ``[R]``, int32: the row of request ``r``'s first chunk token.
+        query_lens: shape ``[R]``, int32: its chunk's tokens, ``0 <= query_lens[r] <= seq_lens[r]``
+            (0: the request is skipped); they sit at positions ``seq_lens[r] - query_lens[r] ..
+            seq_lens[r] - 1``, their K/V already in the pages.
+        block_table: ``[R, max_blocks]`` int32, last dim contiguous.
+        seq_lens: shape ``[R]``, int32, contiguous: keys of each request, the chunk's included.
+        scale, logits_soft_cap, num_threads, isa: as in :func:`decode_attention_units`.
+        query_per_kv: query heads per KV head.
+        out: like ``query``; allocated (zeros) if None. Only the chunks' rows of the units' heads
+            are written.
+        sliding_window: 0 for none; else the token at position ``p`` sees keys ``j > p - sliding_window``.
+        sinks: None, or shape ``[num_query_heads]``, float32.
+
+    Returns:
+        ``out``, shape ``[T, num_query_heads, D]``.
+
+    Raises:
+        ValueError: bad shapes or dtypes, a chunk outside ``query``, or a block id out of range.
+    """
+    args = _unit_args(query, units, block_table, seq_lens, query_per_kv, out, sinks)
+    out = args[-1]
+    num_requests = seq_lens.shape[0]
+    _check_int32("query_starts", query_starts, 1, num_requests)
+    _check_int32("query_lens", query_lens, 1, num_requests)
+    if num_requests and (
+        int(query_lens.min()) < 0 or int(query_starts.min()) < 0
+        or int((query_starts.long() + query_lens.long()).max()) > query.shape[0]
+    ):
+        raise ValueError(f"headinfer: a prefill chunk lies outside the query's {query.shape[0]} rows")
+    bad_index = ctypes.c_int64(-1)
+    status = library(isa).headinfer_prefill_attention(
+        *args[:-1], query_starts.data_ptr(), query_lens.data_ptr(),
+        block_table.data_ptr(), block_table.stride(0), block_table.shape[1], seq_lens.data_ptr(),
+        scale, sliding_window, logits_soft_cap, None if sinks is None else sinks.data_ptr(),
+        num_threads or torch.get_num_threads(), ctypes.byref(bad_index),
+    )
+    _raise_for(status, bad_index)
+    return out
+
+
+def _unit_args(
+    query: torch.Tensor,
+    units: Sequence[tuple[int, torch.Tensor]],
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_per_kv: int,
+    out: torch.Tensor | None,
+    sinks: torch.Tensor | None,
+) -> tuple:
+    """Checks the arguments both kernels share; returns their C arguments up to the output's
+    strides, then ``out`` (allocated if None)."""
     if not units:
-        raise ValueError("headinfer: decode_attention_units needs at least one unit")
+        raise ValueError("headinfer: the CPU attention kernel needs at least one unit")
     first_pages = units[0][1]
     for _, pages in units:
         _check_pages(pages, first_pages)
     num_blocks, _, block_size, _, head_dim = first_pages.shape
     if query.dim() != 3:
-        raise ValueError(f"headinfer: query must be [R, num_query_heads, D], got {list(query.shape)}")
-    num_requests, num_query_heads = query.shape[0], query.shape[1]
+        raise ValueError(f"headinfer: query must be [rows, num_query_heads, D], got {list(query.shape)}")
+    num_rows, num_query_heads = query.shape[0], query.shape[1]
     for first_head, pages in units:
         if first_head < 0 or (first_head + pages.shape[3]) * query_per_kv > num_query_heads:
             raise ValueError(
@@ -172,8 +269,9 @@ def decode_attention_units(
             )
     if out is None:
         out = torch.zeros(query.shape, dtype=query.dtype)
-    _check_rows("query", query, first_pages.dtype, (num_requests, num_query_heads, head_dim))
-    _check_rows("out", out, first_pages.dtype, (num_requests, num_query_heads, head_dim))
+    _check_rows("query", query, first_pages.dtype, (num_rows, num_query_heads, head_dim))
+    _check_rows("out", out, first_pages.dtype, (num_rows, num_query_heads, head_dim))
+    num_requests = seq_lens.shape[0] if seq_lens.dim() == 1 else -1
     _check_int32("block_table", block_table, 2, num_requests)
     _check_int32("seq_lens", seq_lens, 1, num_requests)
     if sinks is not None and (
@@ -182,8 +280,7 @@ def decode_attention_units(
     ):
         raise ValueError(f"headinfer: sinks must be a contiguous CPU float32 tensor [{num_query_heads}]")
     count = len(units)
-    bad_index = ctypes.c_int64(-1)
-    status = library(isa).headinfer_decode_attention(
+    return (
         DTYPES[first_pages.dtype],
         count,
         (ctypes.c_void_p * count)(*(pages.data_ptr() for _, pages in units)),
@@ -192,16 +289,13 @@ def decode_attention_units(
         num_blocks, block_size, head_dim, query_per_kv, num_requests,
         query.data_ptr(), query.stride(0), query.stride(1),
         out.data_ptr(), out.stride(0), out.stride(1),
-        block_table.data_ptr(), block_table.stride(0), block_table.shape[1],
-        seq_lens.data_ptr(),
-        scale, sliding_window, logits_soft_cap,
-        None if sinks is None else sinks.data_ptr(),
-        num_threads or torch.get_num_threads(),
-        ctypes.byref(bad_index),
+        out,
     )
+
+
+def _raise_for(status: int, bad_index: ctypes.c_int64) -> None:
     if status:
         raise ValueError("headinfer: " + _ERRORS.get(status, f"error {status}").format(index=bad_index.value))
-    return out
 
 
 def _check_pages(pages: torch.Tensor, first: torch.Tensor) -> None:
@@ -289,17 +383,22 @@ def _load(isa: str) -> ctypes.CDLL:
         raise RuntimeError(f"headinfer: this compiler and CPU cannot build the {isa} CPU attention path ({built})")
     logger.info("headinfer: CPU attention kernel takes the %s path (%s requested)", built, isa)
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.headinfer_decode_attention.restype = ctypes.c_int
-    lib.headinfer_decode_attention.argtypes = [
+    units_and_rows = [
         ctypes.c_int, ctypes.c_int, ptr, ptr, ptr,  # dtype, units: pages, heads, first heads
         i64, i64, i64, i64, i64,  # num_blocks, block_size, head_dim, query_per_kv, num_requests
         ptr, i64, i64,  # query, row stride, head stride
         ptr, i64, i64,  # out, row stride, head stride
+    ]
+    keys_and_variant = [
         ptr, i64, i64,  # block_table, row stride, max_blocks
         ptr,  # seq_lens
         ctypes.c_float, i64, ctypes.c_float, ptr,  # scale, sliding_window, logits_soft_cap, sinks
         ctypes.c_int, ptr,  # num_threads, bad_index
     ]
+    lib.headinfer_decode_attention.restype = ctypes.c_int
+    lib.headinfer_decode_attention.argtypes = units_and_rows + keys_and_variant
+    lib.headinfer_prefill_attention.restype = ctypes.c_int
+    lib.headinfer_prefill_attention.argtypes = [*units_and_rows, ptr, ptr, *keys_and_variant]  # query starts, lens
     return lib
 
 

@@ -26,15 +26,17 @@ Three kernels, chosen once per device and dtype:
   ``scaled_dot_product_attention`` over its gathered K/V (the keys of its
   windows only), or, in layers with soft-capping or sinks, with explicit
   scores one precision above the cache's.
-- ``cpu`` (:class:`CpuKernel`; on the CPU, when asked for): decode tokens
-  through headinfer's C++ kernel (:mod:`headinfer_vllm.core.cpu_attention`),
-  which reads the pages where they lie, every decode request of the step in
-  one call per unit; prefill chunks as ``sdpa``.
+- ``cpu`` (:class:`CpuKernel`; on the CPU, when asked for): headinfer's C++
+  kernels (:mod:`headinfer_vllm.core.cpu_attention`), which read the pages
+  where they lie: every decode token of the step in one call per unit, and
+  every prefill chunk of the step in one causal, paged, variable-length call
+  per unit (no gather).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Collection
 from typing import Protocol
 
@@ -45,6 +47,8 @@ from headinfer_vllm.core.decode import DecodeBatch
 from headinfer_vllm.core.page_store import PageViews
 from headinfer_vllm.core.plan import PageTable, RequestSpan, StepPlan
 from headinfer_vllm.core.variants import LayerAttention, soft_cap_, softmax_with_sinks_
+
+logger = logging.getLogger(__name__)
 
 SCORES_PER_CHUNK = 1 << 24
 """Scores of the explicit prefill path held at once (64 MiB in float32): longer chunks go by rows."""
@@ -262,65 +266,100 @@ class TorchKernel:
         return gather_index
 
 
-class CpuKernel(TorchKernel):
-    """Decode tokens through the C++ kernel over the pages in place; prefill chunks as :class:`TorchKernel`."""
+class CpuKernel:
+    """Decode tokens and prefill chunks through the C++ kernels over the pages in place: per unit, one
+    decode call for the step's decode tokens and one prefill call for its chunks (query length > 1)."""
 
     name = "cpu"
 
-    def __init__(self, *, scale: float, query_per_kv: int, dtype: torch.dtype, num_threads: int | None = None) -> None:
-        """``num_threads``: the C++ kernel's threads; None: torch's count."""
+    def __init__(self, *, scale: float, query_per_kv: int, num_threads: int | None = None) -> None:
+        """``num_threads``: the C++ kernels' threads; None: torch's count."""
         from headinfer_vllm.core import cpu_attention
 
-        super().__init__(scale=scale, query_per_kv=query_per_kv, dtype=dtype, expand_grouped_heads=False)
-        cpu_attention.library()  # builds it now (cached): a missing compiler stops start-up, not a step
+        self.scale = scale
+        self.query_per_kv = query_per_kv
+        self._num_threads = num_threads
+        path = cpu_attention.instruction_path()  # builds it now (cached): a missing compiler stops start-up
+        logger.info("headinfer: CPU attention: decode tokens and prefill chunks through the C++ paged kernels "
+                    "(%s path), pages read in place", path)
         self._decode_attention = cpu_attention.decode_attention_units
-        self._decode_rows = torch.empty(0, dtype=torch.int64)
-        """shape: [R], int64: the batch row of each decode request's token."""
-        self._decode_requests = torch.empty(0, dtype=torch.int64)
-        self._decode_seq_lens = torch.empty(0, dtype=torch.int32)
-        self._decode_tables: dict[PageTable, torch.Tensor] = {}
-        """Per page table, ``[R, max_blocks]`` int32: its rows of the decode requests."""
+        self._prefill_attention = cpu_attention.prefill_attention_units
+        self._decode = _RequestRows.empty()
+        self._prefill = _RequestRows.empty()
         self._decode_query = self._decode_out = torch.empty(0)
         """shape: [R, num_query_heads, D]: this layer's decode queries and outputs."""
-        self._kernel_sinks: torch.Tensor | None = None
-        self._num_threads = num_threads
+        self._query = self._out = torch.empty(0)
+        self._variant = LayerAttention()
+        self._sinks: torch.Tensor | None = None
+        """shape: [num_query_heads], float32: this layer's sinks, as the kernels take them."""
 
     def begin_step(self, plan: StepPlan) -> None:
-        super().begin_step(plan)
-        self._decodes = []  # decode tokens go through the C++ kernel instead
-        decode = [index for index, request in enumerate(plan.requests) if request.query_len == 1]
-        self._decode_requests = torch.tensor(decode, dtype=torch.int64)
-        self._decode_rows = torch.tensor([plan.requests[index].query_start for index in decode], dtype=torch.int64)
-        self._decode_seq_lens = plan.seq_lens[self._decode_requests].to(torch.int32).contiguous()
-        self._decode_tables = {}
+        self._decode = _RequestRows.of(plan, [i for i, request in enumerate(plan.requests) if request.query_len == 1])
+        self._prefill = _RequestRows.of(plan, [i for i, request in enumerate(plan.requests) if request.query_len > 1])
 
     def begin_layer(self, query: torch.Tensor, out: torch.Tensor, variant: LayerAttention) -> None:
-        super().begin_layer(query, out, variant)
-        if self._decode_rows.numel():
-            self._decode_query = query.index_select(0, self._decode_rows)
+        self._query, self._out, self._variant = query, out, variant
+        self._sinks = None if variant.sinks is None else variant.sinks.to(torch.float32).contiguous()
+        if self._decode.count:
+            self._decode_query = query.index_select(0, self._decode.starts.long())
             self._decode_out = torch.zeros_like(self._decode_query)
-            sinks = variant.sinks
-            self._kernel_sinks = None if sinks is None else sinks.to(torch.float32).contiguous()
 
     def attend(self, first_head: int, unit: PageViews, table: PageTable) -> None:
-        for index, request in self._prefills:
-            self._attend_prefill(index, request, first_head, unit.head_rows, unit.pages.shape[3], table)
-        if not self._decode_rows.numel():
-            return
-        block_table = self._decode_tables.get(table)
-        if block_table is None:
-            block_table = table.block_table.index_select(0, self._decode_requests).to(torch.int32).contiguous()
-            self._decode_tables[table] = block_table
         variant = self._variant
-        self._decode_attention(
-            self._decode_query, [(first_head, unit.pages)], block_table, self._decode_seq_lens, self.scale,
-            query_per_kv=self.query_per_kv, out=self._decode_out, sliding_window=variant.sliding_window or 0,
-            logits_soft_cap=variant.logits_soft_cap or 0.0, sinks=self._kernel_sinks, num_threads=self._num_threads,
-        )
+        options = {
+            "query_per_kv": self.query_per_kv, "sliding_window": variant.sliding_window or 0,
+            "logits_soft_cap": variant.logits_soft_cap or 0.0, "sinks": self._sinks, "num_threads": self._num_threads,
+        }
+        units = [(first_head, unit.pages)]
+        if self._prefill.count:
+            prefill = self._prefill
+            self._prefill_attention(
+                self._query, units, prefill.starts, prefill.query_lens, prefill.block_table(table), prefill.seq_lens,
+                self.scale, out=self._out, **options,
+            )
+        if self._decode.count:
+            decode = self._decode
+            self._decode_attention(
+                self._decode_query, units, decode.block_table(table), decode.seq_lens, self.scale,
+                out=self._decode_out, **options,
+            )
 
     def end_layer(self) -> None:
-        if self._decode_rows.numel():
-            self._out.index_copy_(0, self._decode_rows, self._decode_out)
+        if self._decode.count:
+            self._out.index_copy_(0, self._decode.starts.long(), self._decode_out)
+
+
+class _RequestRows:
+    """Some requests of a step as the C++ kernels take them: int32 ``[R]`` tensors of their first
+    query row, query length and sequence length, and their rows of each page table (cached)."""
+
+    def __init__(self, indices: torch.Tensor, starts: torch.Tensor, query_lens: torch.Tensor, seq_lens: torch.Tensor):
+        self.indices, self.starts, self.query_lens, self.seq_lens = indices, starts, query_lens, seq_lens
+        self.count = len(indices)
+        self._tables: dict[PageTable, torch.Tensor] = {}
+
+    @classmethod
+    def of(cls, plan: StepPlan, indices: list[int]) -> _RequestRows:
+        requests = [plan.requests[index] for index in indices]
+        return cls(
+            torch.tensor(indices, dtype=torch.int64),
+            torch.tensor([request.query_start for request in requests], dtype=torch.int32),
+            torch.tensor([request.query_len for request in requests], dtype=torch.int32),
+            torch.tensor([request.seq_len for request in requests], dtype=torch.int32),
+        )
+
+    @classmethod
+    def empty(cls) -> _RequestRows:
+        none = torch.empty(0, dtype=torch.int32)
+        return cls(torch.empty(0, dtype=torch.int64), none, none, none)
+
+    def block_table(self, table: PageTable) -> torch.Tensor:
+        """``[R, max_blocks]`` int32, contiguous: these requests' rows of ``table``."""
+        rows = self._tables.get(table)
+        if rows is None:
+            rows = table.block_table.index_select(0, self.indices).to(torch.int32).contiguous()
+            self._tables[table] = rows
+        return rows
 
 
 def decode_batches(requests: tuple[RequestSpan, ...], max_padding: float = 2.0) -> list[list[int]]:
@@ -399,7 +438,7 @@ def select_kernel(
     ``cpu_threads`` threads; None: torch's count).
     """
     if cpu_kernel and device.type == "cpu":
-        return CpuKernel(scale=scale, query_per_kv=query_per_kv, dtype=dtype, num_threads=cpu_threads)
+        return CpuKernel(scale=scale, query_per_kv=query_per_kv, num_threads=cpu_threads)
     flash_fits = (
         allow_flash
         and device.type == "cuda"

@@ -683,6 +683,7 @@ constexpr bool kAvx512 = false;
 
 // Online softmax over one tile of scores (one row per query head): updates the running max and
 // sum, rescales the accumulators where the max grew, and leaves exp(score - max) in `scores`.
+// Masked scores are -inf (prefill); a row masked in every tile so far gets zeros.
 inline void softmax_tile(float* scores, int num_tokens, int num_queries, int64_t d_total, float* running_max,
                          float* running_sum, float* acc) {
   for (int q = 0; q < num_queries; ++q) {
@@ -697,6 +698,10 @@ inline void softmax_tile(float* scores, int num_tokens, int num_queries, int64_t
     for (int i = 1; i < 8; ++i) tile_max = std::max(tile_max, maxima[i]);
     for (; t < num_tokens; ++t) tile_max = std::max(tile_max, row[t]);
     const float old_max = running_max[q];
+    if (tile_max == -std::numeric_limits<float>::infinity() && old_max == tile_max) {
+      std::fill(row, row + num_tokens, 0.0f);  // every key so far masked (prefill): nothing to add
+      continue;
+    }
     if (tile_max > old_max) {
       if (old_max != -std::numeric_limits<float>::infinity()) {
         const float correction = std::exp(old_max - tile_max);
@@ -1092,12 +1097,193 @@ int run(const Call& c, int num_threads, int64_t* bad_index) {
   return kOk;
 }
 
+// Prefill -----------------------------------------------------------------------------------
+//
+// Several query tokens per request: the chunk of request r is the last query_lens[r] positions of
+// its seq_lens[r] keys (rows query_starts[r] .. of query and out), causal, windows included. Items
+// are (unit, request, KV head, query tile): a tile's rows are its tokens' query heads of that KV
+// head (row t * Q + q, at most kQueryRows of them), so each tile of keys read serves every row;
+// items run largest first over the threads. Pages outside the keys a tile can see are never read.
+
+constexpr int kQueryRows = 64;  // query rows (tokens times query heads of a KV head) per item
+
+struct PrefillItem {
+  int32_t unit, request, head, first_token, num_tokens;  // tokens first_token .. of the request's chunk
+  int64_t work;                                          // keys times rows: the order items run in
+};
+
+// The keys [begin, end) that the chunk's tokens first .. first + count - 1 see.
+inline Keys prefill_keys(const Call& c, int64_t seq_len, int64_t query_len, int64_t first, int64_t count) {
+  const int64_t first_position = seq_len - query_len + first;
+  const int64_t begin = c.sliding_window > 0 ? std::max<int64_t>(0, first_position - c.sliding_window + 1) : 0;
+  return {begin, first_position + count};
+}
+
+template <int DT>
+void run_prefill_item(const Call& c, const int32_t* query_starts, const int32_t* query_lens, const PrefillItem& item,
+                      Scratch& s) {
+  using E = Element<DT>;
+  using T = typename E::T;
+  const int64_t D = c.head_dim, B = c.block_size, Q = c.query_per_kv, heads = c.unit_heads[item.unit];
+  const int rows = int(item.num_tokens * Q);
+  s.queries.resize(rows * D);
+  s.acc.assign(rows * D, 0.0f);
+  s.scores.resize(rows * kTile);
+  s.max.assign(rows, -std::numeric_limits<float>::infinity());
+  s.sum.assign(rows, 0.0f);
+  const bool wide = is_wide(c);
+  const int64_t seq_len = c.seq_lens[item.request], query_len = query_lens[item.request];
+  const int64_t first_position = seq_len - query_len + item.first_token;
+  const int64_t first_row = query_starts[item.request] + item.first_token;
+  for (int t = 0; t < item.num_tokens; ++t) {
+    const T* query = static_cast<const T*>(c.query) + (first_row + t) * c.query_row_stride;
+    for (int q = 0; q < Q; ++q) {
+      const T* row = query + query_head(c, item.unit, item.head, q) * c.query_head_stride;
+      float* slots = s.queries.data() + (t * Q + q) * D;
+      if (wide) {
+#if defined(HEADINFER_AVX512)
+        const __m512 scale = _mm512_set1_ps(c.scale);
+        for (int64_t d = 0; d < D; d += 32) {
+          __m512 first, second;
+          Wide<DT>::load32(row + d, first, second);
+          _mm512_storeu_ps(slots + d, _mm512_mul_ps(first, scale));
+          _mm512_storeu_ps(slots + d + 16, _mm512_mul_ps(second, scale));
+        }
+#endif
+        continue;
+      }
+      for (int64_t d = 0; d < D; ++d) slots[to_slots<DT>(d, D, false)] = E::to_float(row[d]) * c.scale;
+    }
+  }
+  const Keys keys = prefill_keys(c, seq_len, query_len, item.first_token, item.num_tokens);
+  const T* pages = static_cast<const T*>(c.unit_pages[item.unit]);
+  const int32_t* table = c.block_table + item.request * c.block_table_stride;
+  const int64_t row_stride = heads * D, page_elements = 2 * B * row_stride;
+  Prefetch<T> prefetch(B, row_stride, D, (rows + 7) / 8);
+  // Scores of keys [first_key, first_key + tile.num_tokens): masked, then the online softmax.
+  auto attend = [&](const Tile<T>& tile, int64_t first_key) {
+    float* scores = s.scores.data();
+    const int num_tokens = tile.num_tokens;
+    if (wide) {
+#if defined(HEADINFER_AVX512)
+      const Rows<T> key_rows(tile.keys, tile.lengths, tile.num_runs, row_stride);
+      for_query_blocks(rows, [&](int q, auto block) {
+        score_tile_wide<DT, decltype(block)::value, false>(s.queries.data() + q * D, nullptr, D, key_rows, 0, c.scale,
+                                                           scores + q * kTile, prefetch);
+      });
+#endif
+    } else {
+      for_query_blocks(rows, [&](int q, auto block) {
+        score_tile<DT, decltype(block)::value>(s.queries.data() + q * D, D, tile, row_stride, scores + q * kTile,
+                                               prefetch);
+      });
+    }
+    if (c.logits_soft_cap > 0.0f) {
+      const float cap = c.logits_soft_cap;
+      for (int r = 0; r < rows; ++r)
+        for (int t = 0; t < num_tokens; ++t) scores[r * kTile + t] = cap * std::tanh(scores[r * kTile + t] / cap);
+    }
+    for (int t = 0; t < item.num_tokens; ++t) {  // token t sees keys [lowest, position]
+      const int64_t position = first_position + t;
+      const int64_t lowest = c.sliding_window > 0 ? position - c.sliding_window + 1 : 0;
+      if (first_key >= lowest && first_key + num_tokens - 1 <= position) continue;
+      for (int q = 0; q < Q; ++q) {
+        float* row = scores + (t * Q + q) * kTile;
+        for (int j = 0; j < num_tokens; ++j)
+          if (first_key + j > position || first_key + j < lowest) row[j] = -std::numeric_limits<float>::infinity();
+      }
+    }
+    softmax_tile(scores, num_tokens, rows, D, s.max.data(), s.sum.data(), s.acc.data());
+    if (wide) {
+#if defined(HEADINFER_AVX512)
+      const Rows<T> value_rows(tile.values, tile.lengths, tile.num_runs, row_stride);
+      for_query_blocks(rows, [&](int q, auto block) {
+        accumulate_tile_wide<DT, decltype(block)::value>(scores + q * kTile, value_rows, 0, s.acc.data() + q * D, D);
+      });
+#endif
+    } else {
+      for_query_blocks(rows, [&](int q, auto block) {
+        accumulate_tile<DT, decltype(block)::value>(scores + q * kTile, tile, row_stride, s.acc.data() + q * D, D);
+      });
+    }
+    prefetch.step(kTile);
+  };
+  int64_t key = keys.begin;
+  auto next_tile = [&](Tile<T>& tile) {
+    tile.num_runs = tile.num_tokens = 0;
+    while (key < keys.end && tile.num_tokens < kTile) {
+      const int n = int(std::min({kTile - int64_t(tile.num_tokens), keys.end - key, B - key % B}));
+      const T* k_rows = pages + table[key / B] * page_elements + (key % B) * row_stride + item.head * D;
+      tile.add(k_rows, k_rows + B * row_stride, n);
+      key += n;
+    }
+  };
+  // Tile i is attended while tile i + 1 is prefetched.
+  Tile<T> tiles[2];
+  int64_t starts[2] = {key, 0};
+  next_tile(tiles[0]);
+  for (int i = 0; tiles[i % 2].num_tokens > 0; ++i) {
+    starts[(i + 1) % 2] = key;
+    next_tile(tiles[(i + 1) % 2]);
+    prefetch.reset(tiles[(i + 1) % 2]);
+    attend(tiles[i % 2], starts[i % 2]);
+  }
+  for (int t = 0; t < item.num_tokens; ++t)
+    write_output<DT>(c, item.unit, int(first_row + t), item.head, s.max.data() + t * Q, s.sum.data() + t * Q,
+                     s.acc.data() + t * Q * D);
+}
+
+// Checks the chunks and the block table entries that will be read; cuts the call into items.
+int plan_prefill(const Call& c, const int32_t* query_lens, std::vector<PrefillItem>& items, int64_t* bad_index) {
+  const int64_t B = c.block_size, Q = c.query_per_kv;
+  const int64_t tokens_per_item = std::max<int64_t>(1, kQueryRows / Q);
+  for (int64_t r = 0; r < c.num_requests; ++r) {
+    const int64_t seq_len = c.seq_lens[r], query_len = query_lens[r];
+    if (query_len < 0 || query_len > seq_len) return *bad_index = r, kBadShape;
+    if (query_len == 0) continue;
+    if (seq_len > c.max_blocks * B) return *bad_index = r, kSequenceTooLong;
+    const int32_t* table = c.block_table + r * c.block_table_stride;
+    const Keys keys = prefill_keys(c, seq_len, query_len, 0, query_len);
+    for (int64_t page = keys.begin / B; page < (keys.end + B - 1) / B; ++page)
+      if (table[page] < 0 || table[page] >= c.num_blocks) return *bad_index = r, kBlockOutOfRange;
+    for (int u = 0; u < c.num_units; ++u)
+      for (int64_t first = 0; first < query_len; first += tokens_per_item) {
+        const int64_t count = std::min(tokens_per_item, query_len - first);
+        const Keys seen = prefill_keys(c, seq_len, query_len, first, count);
+        for (int64_t h = 0; h < c.unit_heads[u]; ++h)
+          items.push_back({u, int32_t(r), int32_t(h), int32_t(first), int32_t(count), (seen.end - seen.begin) * count});
+      }
+  }
+  std::stable_sort(items.begin(), items.end(),
+                   [](const PrefillItem& a, const PrefillItem& b) { return a.work > b.work; });
+  return kOk;
+}
+
+template <int DT>
+int run_prefill(const Call& c, const int32_t* query_starts, const int32_t* query_lens, int num_threads,
+                int64_t* bad_index) {
+  thread_local std::vector<PrefillItem> items;
+  items.clear();
+  const int status = plan_prefill(c, query_lens, items, bad_index);
+  if (status != kOk) return status;
+  const int64_t num_items = int64_t(items.size());
+  const int threads = int(std::max<int64_t>(1, std::min<int64_t>(num_threads, num_items)));
+  const PrefillItem* item_data = items.data();
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    thread_local Scratch scratch;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < num_items; ++i) run_prefill_item<DT>(c, query_starts, query_lens, item_data[i], scratch);
+  }
+  return kOk;
+}
+
 }  // namespace
 
 extern "C" {
 
 // Bumped when a signature below changes; the Python side checks it.
-int headinfer_cpu_attention_abi_version() { return 2; }
+int headinfer_cpu_attention_abi_version() { return 3; }
 
 // The instruction path this build takes for head dims that are a multiple of 32 (see the top).
 const char* headinfer_cpu_attention_isa() {
@@ -1146,6 +1332,38 @@ int headinfer_decode_attention(int dtype, int num_units, const void* const* unit
       return run<kFloat16>(call, num_threads, bad_index);
     case kBFloat16:
       return run<kBFloat16>(call, num_threads, bad_index);
+    default:
+      return kBadDType;
+  }
+}
+
+// Causal prefill attention of `num_units` units of one layer (see "Prefill" above): arguments as
+// headinfer_decode_attention's, and
+// query_starts, query_lens: [num_requests] int32: request r's chunk is rows query_starts[r] ..
+//   query_starts[r] + query_lens[r] - 1 of query and out, its tokens at positions
+//   seq_lens[r] - query_lens[r] .. seq_lens[r] - 1 (0 <= query_lens[r] <= seq_lens[r]).
+// sliding_window: 0 none, else the token at position p sees keys j > p - sliding_window only.
+int headinfer_prefill_attention(int dtype, int num_units, const void* const* unit_pages, const int64_t* unit_heads,
+                                const int64_t* unit_first_head, int64_t num_blocks, int64_t block_size,
+                                int64_t head_dim, int64_t query_per_kv, int64_t num_requests, const void* query,
+                                int64_t query_row_stride, int64_t query_head_stride, void* out,
+                                int64_t out_row_stride, int64_t out_head_stride, const int32_t* query_starts,
+                                const int32_t* query_lens, const int32_t* block_table, int64_t block_table_stride,
+                                int64_t max_blocks, const int32_t* seq_lens, float scale, int64_t sliding_window,
+                                float logits_soft_cap, const float* sinks, int num_threads, int64_t* bad_index) {
+  if (num_units < 0 || block_size <= 0 || head_dim <= 0 || query_per_kv <= 0 || num_requests < 0) return kBadShape;
+  const Call call{dtype, num_units, unit_pages, unit_heads, unit_first_head, num_blocks, block_size, head_dim,
+                  query_per_kv, num_requests, query, query_row_stride, query_head_stride, out, out_row_stride,
+                  out_head_stride, block_table, block_table_stride, max_blocks, seq_lens, scale, sliding_window,
+                  logits_soft_cap, sinks};
+  num_threads = std::max(1, num_threads);
+  switch (dtype) {
+    case kFloat32:
+      return run_prefill<kFloat32>(call, query_starts, query_lens, num_threads, bad_index);
+    case kFloat16:
+      return run_prefill<kFloat16>(call, query_starts, query_lens, num_threads, bad_index);
+    case kBFloat16:
+      return run_prefill<kBFloat16>(call, query_starts, query_lens, num_threads, bad_index);
     default:
       return kBadDType;
   }

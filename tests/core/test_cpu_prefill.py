@@ -1,0 +1,261 @@
+"""The CPU paged prefill kernel (``cpu_attention.prefill_attention_units``) against a dense float64 reference.
+
+Requests have chunks of ``query_lens`` tokens at the end of ``seq_lens`` keys (a whole prompt, a
+later chunk of one, a single token), on shuffled, interleaved blocks. Every key slot that no chunk
+token may see holds NaN (past a sequence, before the window of its chunk's first token, blocks no
+request owns), and every query row of no chunk holds a sentinel that must survive: the checks prove
+what is not read or written as well as the values.
+
+Every test runs on each instruction path this compiler and CPU can build (the ``isa`` fixture).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from headinfer_vllm.core import cpu_attention
+from tests.core.test_cpu_attention import ISA_PATHS, TOLERANCE, relative_error
+
+pytestmark = pytest.mark.skipif(
+    cpu_attention.find_compiler() is None, reason="no C++ compiler ($CXX, c++, g++ or clang++) to build the kernel"
+)
+
+SENTINEL = 7.0
+"""Output rows of no chunk start as this and must stay so."""
+
+
+@pytest.fixture(autouse=True, params=ISA_PATHS or ["auto"])
+def isa(request, monkeypatch) -> str:
+    """The instruction path every kernel call of the test takes."""
+    monkeypatch.setenv(cpu_attention.ISA_ENV, request.param)
+    return request.param
+
+
+class PrefillCase:
+    """Requests of ``seq_lens`` keys whose last ``query_lens`` tokens are the chunk, their rows in
+    ``query`` in shuffled order with a spare row before each chunk (a row of no chunk)."""
+
+    def __init__(self, seq_lens, query_lens, *, heads=2, query_per_kv=2, head_dim=64, block_size=16,
+                 dtype=torch.float32, sliding_window=0, seed=0):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.heads, self.query_per_kv, self.head_dim, self.block_size = heads, query_per_kv, head_dim, block_size
+        self.dtype, self.sliding_window = dtype, sliding_window
+        self.seq_lens = torch.tensor(seq_lens, dtype=torch.int32)
+        self.query_lens = torch.tensor(query_lens, dtype=torch.int32)
+        num_pages = [-(-length // block_size) for length in seq_lens]
+        self.num_blocks = sum(num_pages) + 3
+        ids = torch.randperm(self.num_blocks, generator=self.generator).tolist()
+        order = sorted((page, r) for r, pages in enumerate(num_pages) for page in range(pages))
+        max_pages = max(num_pages, default=0) + 2
+        self.block_table = torch.full((len(seq_lens), max_pages), -1, dtype=torch.int32)
+        self.block_table[:, -1] = self.num_blocks + 1000
+        for index, (page, r) in enumerate(order):
+            self.block_table[r, page] = ids[index]
+        self.pages = torch.full((self.num_blocks, 2, block_size, heads, head_dim), float("nan"), dtype=dtype)
+        for r, (length, count) in enumerate(zip(seq_lens, query_lens, strict=True)):
+            keys = torch.arange(self.first_key(length, count), length)
+            blocks = self.block_table[r, keys // block_size].long()
+            self.pages[blocks, :, keys % block_size] = self.random((len(keys), 2, heads, head_dim))
+        # Rows: a spare row, then the chunk, per request, requests in reverse order.
+        starts, row = [0] * len(seq_lens), 0
+        for r in reversed(range(len(seq_lens))):
+            starts[r] = row + 1
+            row += 1 + query_lens[r]
+        self.query_starts = torch.tensor(starts, dtype=torch.int32)
+        self.query = self.random((row, heads * query_per_kv, head_dim))
+
+    def first_key(self, length: int, count: int) -> int:
+        """The first key the chunk's first token sees."""
+        return max(0, length - count - self.sliding_window + 1) if self.sliding_window else 0
+
+    def random(self, shape) -> torch.Tensor:
+        return torch.randn(shape, generator=self.generator).to(self.dtype)
+
+    def run(self, query=None, out=None, **kwargs) -> torch.Tensor:
+        kwargs.setdefault("sliding_window", self.sliding_window)
+        query = self.query if query is None else query
+        if out is None:
+            out = torch.full(query.shape, SENTINEL, dtype=self.dtype)
+        return cpu_attention.prefill_attention_units(
+            query, [(0, self.pages)], self.query_starts, self.query_lens, self.block_table, self.seq_lens,
+            self.head_dim**-0.5, query_per_kv=self.query_per_kv, out=out, **kwargs,
+        )
+
+    def chunk_rows(self) -> torch.Tensor:
+        """Whether each query row belongs to a chunk."""
+        rows = torch.zeros(self.query.shape[0], dtype=torch.bool)
+        for start, count in zip(self.query_starts.tolist(), self.query_lens.tolist(), strict=True):
+            rows[start : start + count] = True
+        return rows
+
+    def reference(self, *, logits_soft_cap=0.0, sinks=None, sliding_window=None) -> torch.Tensor:
+        """Dense causal attention in float64, the chunks' rows only (others zero)."""
+        window = self.sliding_window if sliding_window is None else sliding_window
+        out = torch.zeros(self.query.shape, dtype=torch.float64)
+        heads, per_kv, head_dim = self.heads, self.query_per_kv, self.head_dim
+        for r, (length, count) in enumerate(zip(self.seq_lens.tolist(), self.query_lens.tolist(), strict=True)):
+            if count == 0:
+                continue
+            blocks = self.block_table[r, : -(-length // self.block_size)].long()
+            kv = self.pages[blocks].double().transpose(0, 1).reshape(2, -1, heads, head_dim)[:, :length]
+            start = int(self.query_starts[r])
+            positions = torch.arange(length - count, length)[:, None]  # [count, 1]
+            keys = torch.arange(length)
+            visible = (keys <= positions) & ((keys > positions - window) if window else True)  # [count, L]
+            q = self.query[start : start + count].double().view(count, heads, per_kv, head_dim)
+            scores = torch.einsum("nhqd,lhd->hqnl", q, kv[0]) * head_dim**-0.5
+            if logits_soft_cap:
+                scores = logits_soft_cap * torch.tanh(scores / logits_soft_cap)
+            scores = scores.masked_fill(~visible, float("-inf"))
+            top = scores.amax(-1, keepdim=True)
+            if sinks is not None:
+                sink = sinks.double().view(heads, per_kv, 1, 1)
+                top = torch.maximum(top, sink)
+            weights = torch.exp(scores - top)
+            denominator = weights.sum(-1, keepdim=True)
+            if sinks is not None:
+                denominator = denominator + torch.exp(sink - top)
+            # NaN K/V of keys no token sees (before the first window) weigh 0 but would poison 0 * NaN.
+            values = kv[1].nan_to_num(0.0)
+            result = torch.einsum("hqnl,lhd->nhqd", weights / denominator, values)
+            out[start : start + count] = result.reshape(count, heads * per_kv, head_dim)
+        return out
+
+
+def check(case: PrefillCase, tolerance: float | None = None, **kwargs) -> torch.Tensor:
+    output = case.run(**kwargs)
+    kwargs.pop("num_threads", None)
+    rows = case.chunk_rows()
+    assert torch.isfinite(output[rows]).all()
+    assert (output[~rows] == SENTINEL).all()
+    assert relative_error(output[rows], case.reference(**kwargs)[rows]) <= (tolerance or TOLERANCE[case.dtype])
+    return output
+
+
+WORKLOAD = ([37, 130, 16, 5, 300], [37, 130, 16, 1, 41])
+"""Whole prompts (one shorter than a page, one of exactly one page), a single token, and a chunk at the
+end of a longer sequence."""
+
+
+@pytest.mark.parametrize("query_per_kv", [1, 2, 4, 8])
+@pytest.mark.parametrize("head_dim", [32, 64, 80, 128])
+def test_fp32_shapes(query_per_kv, head_dim):
+    check(PrefillCase(*WORKLOAD, heads=2, query_per_kv=query_per_kv, head_dim=head_dim, seed=head_dim + query_per_kv))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("query_per_kv", [1, 3, 4])
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+def test_half_precision_shapes(dtype, query_per_kv, head_dim):
+    check(PrefillCase(*WORKLOAD, heads=2, query_per_kv=query_per_kv, head_dim=head_dim, dtype=dtype, seed=3))
+
+
+@pytest.mark.parametrize("head_dim", [1, 8, 24, 40])
+@pytest.mark.parametrize("block_size", [1, 5, 32])
+def test_head_dims_and_page_sizes_off_the_vector_width(head_dim, block_size):
+    check(PrefillCase([70, 9], [70, 4], heads=1, query_per_kv=3, head_dim=head_dim, block_size=block_size, seed=5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [1, 15, 16, 17, 100, 10_000])
+def test_sliding_window_reads_no_page_outside_it(dtype, window):
+    check(PrefillCase(*WORKLOAD, dtype=dtype, sliding_window=window, seed=window))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_logits_soft_cap(dtype):
+    case = PrefillCase(*WORKLOAD, dtype=dtype, seed=17)
+    case.query.mul_(4)  # scores past the cap
+    check(case, logits_soft_cap=5.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sink_scale", [0.0, 3.0, 30.0])
+def test_sinks_join_the_denominator(dtype, sink_scale):
+    case = PrefillCase(*WORKLOAD, dtype=dtype, seed=19)
+    sinks = torch.randn(case.heads * case.query_per_kv, generator=case.generator) * sink_scale
+    check(case, sinks=sinks)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_threads", [1, 2, 3])
+def test_all_variants_at_once(dtype, num_threads):
+    case = PrefillCase([200, 90, 64], [150, 90, 3], heads=4, query_per_kv=4, head_dim=128, dtype=dtype,
+                       sliding_window=48, seed=23)
+    sinks = torch.randn(16, generator=case.generator)
+    check(case, logits_soft_cap=8.0, sinks=sinks, num_threads=num_threads)
+
+
+def test_thread_counts_give_equal_outputs():
+    case = PrefillCase([400, 250], [400, 120], heads=2, query_per_kv=4, head_dim=64, dtype=torch.bfloat16, seed=29)
+    assert torch.equal(case.run(num_threads=1), case.run(num_threads=3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_query_and_output(dtype):
+    case = PrefillCase(*WORKLOAD, heads=2, query_per_kv=2, dtype=dtype, seed=31)
+    wide = torch.zeros(case.query.shape[0], 9, 70, dtype=dtype)  # [rows, heads, D] views with other strides
+    query = wide[:, 2:6, 3:67]
+    query.copy_(case.query)
+    out_storage = torch.full((case.query.shape[0], 5, 64), SENTINEL, dtype=dtype)
+    out = out_storage[:, 1:]
+    case.run(query=query, out=out)
+    rows = case.chunk_rows()
+    assert relative_error(out[rows], case.reference()[rows]) <= TOLERANCE[dtype]
+    assert (out_storage[:, 0] == SENTINEL).all() and (out[~rows] == SENTINEL).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_units_of_a_layer_in_one_call(dtype):
+    """Two units (KV heads 0-1 and 2) of one layer; query heads of KV head 3 in no unit stay untouched."""
+    case = PrefillCase(*WORKLOAD, heads=4, query_per_kv=2, head_dim=64, dtype=dtype, seed=37)
+    first, second = case.pages[:, :, :, :2].contiguous(), case.pages[:, :, :, 2:3].contiguous()
+    out = torch.full(case.query.shape, SENTINEL, dtype=dtype)
+    cpu_attention.prefill_attention_units(
+        case.query, [(0, first), (2, second)], case.query_starts, case.query_lens, case.block_table, case.seq_lens,
+        64**-0.5, query_per_kv=2, out=out,
+    )
+    rows = case.chunk_rows()
+    expected = case.reference()
+    assert relative_error(out[rows, :6], expected[rows, :6]) <= TOLERANCE[dtype]
+    assert (out[:, 6:] == SENTINEL).all()
+
+
+def test_one_decode_token_equals_the_decode_kernel():
+    """A chunk of one token is decode: both kernels agree to fp32 rounding."""
+    case = PrefillCase([300, 45, 700], [1, 1, 1], heads=2, query_per_kv=4, head_dim=128, seed=41)
+    prefill = case.run()[case.query_starts.long()]
+    decode = cpu_attention.decode_attention(case.query[case.query_starts.long()], case.pages, case.block_table,
+                                            case.seq_lens, 128**-0.5)
+    assert relative_error(prefill, decode.double()) <= TOLERANCE[torch.float32]
+
+
+def test_tolerance_catches_a_shifted_causal_mask():
+    """A kernel that let each token see one key more (or one less) fails the tolerance."""
+    case = PrefillCase([60], [60], heads=1, query_per_kv=1, head_dim=64, seed=43)
+    output = case.run()
+    shifted = case.reference(sliding_window=59)  # the last token sees one key fewer; the others as before
+    assert relative_error(output, shifted) > 10 * TOLERANCE[torch.float32]
+
+
+def test_bad_inputs_are_refused():
+    case = PrefillCase([20, 3], [5, 3], seed=47)
+    with pytest.raises(ValueError, match="outside"):
+        table = case.block_table.clone()
+        table[0, 1] = case.num_blocks
+        case.block_table = table
+        case.run()
+    case = PrefillCase([20, 3], [5, 3], seed=47)
+    case.query_lens[1] = 4  # longer than its sequence
+    with pytest.raises(ValueError, match="chunk is longer"):
+        case.run()
+    case = PrefillCase([20, 3], [5, 3], seed=47)
+    case.query_starts[0] = case.query.shape[0] - 2
+    with pytest.raises(ValueError, match="outside the query"):
+        case.run()
+    with pytest.raises(ValueError, match="int32"):
+        cpu_attention.prefill_attention_units(
+            case.query, [(0, case.pages)], case.query_starts.long(), case.query_lens, case.block_table,
+            case.seq_lens, 1.0, query_per_kv=2,
+        )
