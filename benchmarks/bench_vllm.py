@@ -11,16 +11,27 @@ repeat, ``--concurrency`` requests at once:
   step; fresh, so prefix caching does not help);
 - decode: seconds per token of the next ``--decode-tokens`` tokens.
 
-Both come from vLLM's own per-request timestamps.
+Both come from vLLM's own per-request timestamps. ``--min-length`` draws each
+prompt's length uniformly from ``[--min-length, context]`` instead (the issue
+#25 workload: ``--concurrency 8 --min-length 300 --contexts 650``).
 
-Backends: ``stock`` (vLLM's own), ``headinfer`` (its default: on vLLM's CPU
-platform the KV attended in place by the C++ kernel) and
-``headinfer-streamed`` (``cpu_attention=off``: every head group streamed
-through staging buffers, as on CUDA). Medians over ``--repeats`` and the
-ratios to stock go to ``bench_vllm.json`` and ``bench_vllm.png`` in ``--out``.
+``--rounds N`` alternates the engines N times (stock, headinfer, stock,
+headinfer, ...: a slow spell of a shared machine hits both alike): each
+backend's figures are medians over its rounds, and each ratio is the median of
+the rounds' ratios. Every result records the CPU model, the instruction path of
+headinfer's C++ kernel and the load average around the run (contention).
+
+Backends (``--backends``, default all): ``stock`` (vLLM's own), ``headinfer``
+(its default: on vLLM's CPU platform the KV attended in place by the C++
+kernels, prefill and decode) and ``headinfer-streamed`` (``cpu_attention=off``:
+every head group streamed through staging buffers, as on CUDA). Medians and the
+ratios to stock go to ``bench_vllm.json`` and ``bench_vllm.png`` in ``--out``
+(``--name`` changes the file names).
 
     python benchmarks/bench_vllm.py --out benchmarks/out
     python benchmarks/bench_vllm.py --smoke --out benchmarks/out     # CI: short contexts, one repeat
+    python benchmarks/bench_vllm.py --geometry llama3-8b --dtype bfloat16 --concurrency 8 --min-length 300 \
+        --contexts 650 --repeats 1 --rounds 3 --backends stock,headinfer --name bench_vllm_x8_bf16
 """
 
 from __future__ import annotations
@@ -30,15 +41,18 @@ import datetime
 import json
 import os
 import pathlib
-import platform
 import random
 import shlex
 import statistics
 import sys
 import tempfile
+import time
 
 from headinfer_vllm.offline_check import run_in_subprocess
 from headinfer_vllm.tiny_models import SHAPE, save_tiny_model
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from machine_facts import cpu_model
 
 BACKENDS = ("stock", "headinfer", "headinfer-streamed")
 VOCAB = 256
@@ -61,22 +75,36 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--geometry", choices=list(GEOMETRIES), default="tiny")
     parser.add_argument("--concurrency", type=int, default=1, help="requests prefilled and decoded together")
+    parser.add_argument("--min-length", type=int, help="prompt lengths drawn from [this, context] (default: context)")
+    parser.add_argument("--rounds", type=int, default=1, help="alternations of the backends (medians over rounds)")
+    parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated; stock first")
+    parser.add_argument("--name", default="bench_vllm", help="result file names (.json, .png)")
     args = parser.parse_args(argv)
     contexts = args.contexts or ("256,1024" if args.smoke else "1024,2048,4096,7168")
     args.contexts = [int(n) for n in contexts.split(",")]
     args.repeats = args.repeats or (1 if args.smoke else 3)
     if min(args.contexts) < 1 or max(args.contexts) + args.decode_tokens + 1 > 8192:
         parser.error("contexts must lie in 1 .. 8191 - decode tokens (the tiny model's positions)")
-    if min(args.repeats, args.decode_tokens, args.chunk, args.concurrency) < 1 or args.cpu_kv_gib <= 0:
-        parser.error("--repeats, --decode-tokens, --chunk, --concurrency and --cpu-kv-gib must be positive")
+    if min(args.repeats, args.decode_tokens, args.chunk, args.concurrency, args.rounds) < 1 or args.cpu_kv_gib <= 0:
+        parser.error("--repeats, --decode-tokens, --chunk, --concurrency, --rounds and --cpu-kv-gib must be positive")
+    if args.min_length is not None and not 1 <= args.min_length <= min(args.contexts):
+        parser.error("--min-length must lie in 1 .. the smallest context")
+    args.backends = args.backends.split(",")
+    if args.backends[0] != "stock" or not set(args.backends) <= set(BACKENDS) or len(set(args.backends)) < 2:
+        parser.error(f"--backends: stock first, then one or more of {', '.join(BACKENDS[1:])}")
     return args
 
 
 def workload(args: argparse.Namespace) -> list[list[list[int]]]:
-    """Batches of ``--concurrency`` fresh random prompts: a warm-up, then ``--repeats`` per context."""
+    """Batches of ``--concurrency`` fresh random prompts: a warm-up, then ``--repeats`` per context (of the
+    context's length, or of lengths drawn from ``[--min-length, context]``); the same for every backend."""
     rng = random.Random(0)
-    lengths = [64] + [context for context in args.contexts for _ in range(args.repeats)]
-    return [[[rng.randrange(3, VOCAB) for _ in range(length)] for _ in range(args.concurrency)] for length in lengths]
+    contexts = [64] + [context for context in args.contexts for _ in range(args.repeats)]
+    return [
+        [[rng.randrange(3, VOCAB) for _ in range(rng.randint(min(args.min_length or context, context), context))]
+         for _ in range(args.concurrency)]
+        for context in contexts
+    ]
 
 
 def kv_gib(args: argparse.Namespace) -> float:
@@ -116,6 +144,34 @@ def measure(backend: str, model: pathlib.Path, args: argparse.Namespace) -> dict
     return {"results": measured}
 
 
+def combine(rounds: list[dict]) -> dict:
+    """One backend's rounds (``measure``'s results): per context, the median of each figure."""
+    results = []
+    for rows in zip(*(entry["results"] for entry in rounds), strict=True):
+        prefill = statistics.median(row["prefill_s"] for row in rows)
+        results.append({
+            "context": rows[0]["context"],
+            "prefill_s": prefill,
+            "prefill_tok_per_s": rows[0]["context"] / prefill,
+            "decode_s_per_token": statistics.median(row["decode_s_per_token"] for row in rows),
+        })
+    return {"results": results, "rounds": rounds}
+
+
+def round_ratios(stock_rounds: list[dict], rounds: list[dict]) -> list[dict]:
+    """Per context: the median over rounds of each round's headinfer / stock time (and the rounds' ratios)."""
+    ratios = []
+    for index, stock_row in enumerate(stock_rounds[0]["results"]):
+        prefill = [ours["results"][index]["prefill_s"] / stock["results"][index]["prefill_s"]
+                   for stock, ours in zip(stock_rounds, rounds, strict=True)]
+        decode = [ours["results"][index]["decode_s_per_token"] / stock["results"][index]["decode_s_per_token"]
+                  for stock, ours in zip(stock_rounds, rounds, strict=True)]
+        ratios.append({"context": stock_row["context"], "prefill_time_ratio": statistics.median(prefill),
+                       "decode_time_ratio": statistics.median(decode), "prefill_round_ratios": prefill,
+                       "decode_round_ratios": decode})
+    return ratios
+
+
 def plot(report: dict, path: pathlib.Path) -> None:
     import matplotlib
 
@@ -123,7 +179,7 @@ def plot(report: dict, path: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (prefill, decode) = plt.subplots(1, 2, figsize=(11, 4))
-    for backend in BACKENDS:
+    for backend in report["backends"]:
         rows = report["backends"][backend]["results"]
         contexts = [row["context"] for row in rows]
         prefill.plot(contexts, [row["prefill_tok_per_s"] for row in rows], "o-", label=backend)
@@ -133,7 +189,12 @@ def plot(report: dict, path: pathlib.Path) -> None:
     for axis in (prefill, decode):
         axis.legend()
         axis.grid(True, which="both", alpha=0.3)
-    title = f"tiny Llama ({report['settings']['geometry']} attention) on {report['device']}, {report['date']}"
+    settings = report["settings"]
+    lengths = f", prompts of {settings['min_length']} .. context tokens" if settings["min_length"] else ""
+    title = (f"tiny Llama ({settings['geometry']} attention, {settings['dtype']}), {settings['concurrency']} "
+             f"requests{lengths}, medians of {settings['rounds']} alternated rounds\n{report['device']}, "
+             f"kernel path {report['cpu_attention_path']}, load average {report['load_average']['before'][0]} -> "
+             f"{report['load_average']['after'][0]}, {report['date']}")
     figure.suptitle(f"{title}\n{report['command']}", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -145,7 +206,27 @@ def _device() -> str:
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (vLLM's CPU platform)"
+    return f"{cpu_model()}, {os.cpu_count()} CPUs (vLLM's CPU platform)"
+
+
+def cpu_attention_path() -> str:
+    """The instruction path of headinfer's C++ kernel here (builds it), or why there is none."""
+    from headinfer_vllm.core import cpu_attention
+
+    try:
+        return cpu_attention.instruction_path()
+    except RuntimeError as error:
+        return f"none ({str(error).splitlines()[0]})"
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's AVX-512 and AMX flags (what the stock CPU backend's kernels choose by)."""
+    try:
+        with open("/proc/cpuinfo") as lines:
+            flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return sorted(flag for flag in flags if flag.startswith(("avx512", "amx")))
 
 
 def main(argv: list[str]) -> dict:
@@ -154,34 +235,36 @@ def main(argv: list[str]) -> dict:
     report = {
         "benchmark": "bench_vllm",
         "device": _device(),
+        "cpu_model": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "cpu_attention_path": cpu_attention_path(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join(["python", *sys.argv]),
-        "settings": {key: getattr(args, key) for key in ("contexts", "repeats", "decode_tokens", "chunk",
-                                                          "cpu_kv_gib", "dtype", "geometry", "concurrency")},
+        "settings": {key: getattr(args, key) for key in ("contexts", "min_length", "repeats", "rounds", "decode_tokens",
+                                                          "chunk", "cpu_kv_gib", "dtype", "geometry", "concurrency")},
         "backends": {},
     }
-    for backend in BACKENDS:
-        report["backends"][backend] = measure(backend, model, args)
-    stock_rows = report["backends"]["stock"]["results"]
-    report["ratios"] = {
-        backend: [
-            {
-                "context": stock["context"],
-                "prefill_time_ratio": ours["prefill_s"] / stock["prefill_s"],
-                "decode_time_ratio": ours["decode_s_per_token"] / stock["decode_s_per_token"],
-            }
-            for stock, ours in zip(stock_rows, report["backends"][backend]["results"], strict=True)
-        ]
-        for backend in BACKENDS[1:]
-    }
+    load_before, started = os.getloadavg(), time.time()
+    rounds: dict[str, list[dict]] = {backend: [] for backend in args.backends}
+    for index in range(args.rounds):
+        for backend in args.backends:
+            rounds[backend].append(measure(backend, model, args))
+            print(f"round {index + 1}/{args.rounds}, {backend}: {rounds[backend][-1]['results']}", flush=True)
+    report["wall_s"] = time.time() - started
+    report["load_average"] = {"before": [round(x, 2) for x in load_before],
+                              "after": [round(x, 2) for x in os.getloadavg()],
+                              "note": "1/5/15-minute load averages of the machine: above its CPUs' count, "
+                                      "other work shared the cores"}
+    report["backends"] = {backend: combine(entries) for backend, entries in rounds.items()}
+    report["ratios"] = {backend: round_ratios(rounds["stock"], rounds[backend]) for backend in args.backends[1:]}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_vllm.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, args.out / "bench_vllm.png")
+    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, args.out / f"{args.name}.png")
     for backend, ratios in report["ratios"].items():
         for ratio in ratios:
             print(f"context {ratio['context']:>6}: {backend}/stock time, prefill {ratio['prefill_time_ratio']:.2f}, "
                   f"decode {ratio['decode_time_ratio']:.2f}")
-    print(f"wrote {args.out / 'bench_vllm.json'} and {args.out / 'bench_vllm.png'}")
+    print(f"wrote {args.out / (args.name + '.json')} and {args.out / (args.name + '.png')}")
     return report
 
 
