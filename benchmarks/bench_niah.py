@@ -38,6 +38,7 @@ import datetime
 import hashlib
 import json
 import math
+import os
 import pathlib
 import platform
 import subprocess
@@ -237,6 +238,7 @@ def gemma_probe(contexts: list[int], paths: list[str], max_tokens: int) -> dict:
     longest = max(map(len, prompts)) + max_tokens
     kv_bytes = int(1.5 * longest * GEMMA_KV_BYTES_PER_TOKEN)
     runs: dict[str, list[dict]] = {}
+    path_wall_s, path_load_average = {}, {}
     for path in paths:
         engine = dict(dtype="float32", max_model_len=longest, enforce_eager=True, seed=0, enable_prefix_caching=False,
                       max_num_batched_tokens=2048)
@@ -249,7 +251,8 @@ def gemma_probe(contexts: list[int], paths: list[str], max_tokens: int) -> dict:
         started = time.perf_counter()
         runs[path] = run_in_subprocess({"model": str(model), "engine": engine, "batches": [[p] for p in prompts],
                                         "max_tokens": max_tokens, "logprobs": 2}, timeout=3600)["outputs"]
-        print(f"gemma {path}: {time.perf_counter() - started:.0f} s", flush=True)
+        path_wall_s[path], path_load_average[path] = round(time.perf_counter() - started, 1), os.getloadavg()
+        print(f"gemma {path}: {path_wall_s[path]} s", flush=True)
     cells = []
     for index, prompt in enumerate(prompts):
         cell = {"context": len(prompt) + max_tokens, "prompt_tokens": len(prompt), "depth": 50}
@@ -262,7 +265,8 @@ def gemma_probe(contexts: list[int], paths: list[str], max_tokens: int) -> dict:
             if path in REFERENCE and REFERENCE[path] in runs:
                 cell[path].update(compare(runs[REFERENCE[path]][index], output))
         cells.append(cell)
-    return {"model": GEMMA3_270M.name, "layer_types": "5 sliding (window 512) : 1 full, checked", "cells": cells}
+    return {"model": GEMMA3_270M.name, "layer_types": "5 sliding (window 512) : 1 full, checked", "cells": cells,
+            "path_wall_s": path_wall_s, "path_load_average": path_load_average}
 
 
 def run_grid(args, model: RealModel = SMOLLM2) -> dict:
@@ -283,12 +287,14 @@ def run_grid(args, model: RealModel = SMOLLM2) -> dict:
             runner = run_vllm if path in VLLM_PATHS else run_hf
             started = time.perf_counter()
             outputs = runner(path, model_dir, [cells[i]["prompt"] for i in chosen], args)
-            raw[path] = {"keys": keys, "outputs": outputs, "wall_s": round(time.perf_counter() - started, 1)}
+            raw[path] = {"keys": keys, "outputs": outputs, "wall_s": round(time.perf_counter() - started, 1),
+                         "load_average": os.getloadavg()}  # 1, 5, 15 min at its end: the cores' contention
             print(f"{path}: {raw[path]['wall_s']} s, requests {[round(o['time_s'], 1) for o in outputs]}", flush=True)
             # Each path's outputs are kept as soon as it ends: a later run can --reuse them.
             (args.out / f"{args.name}.raw.json").write_text(json.dumps(raw) + "\n")
         results[path] = dict(zip(chosen, raw[path]["outputs"], strict=True))
     path_wall_s = {path: raw[path]["wall_s"] for path in args.paths}
+    path_load_average = {path: raw[path].get("load_average") for path in args.paths}
     rows = []
     for index, cell in enumerate(cells):
         row = {"context": cell["context"], "depth": cell["depth"], "prompt_tokens": len(cell["prompt"])}
@@ -302,7 +308,8 @@ def run_grid(args, model: RealModel = SMOLLM2) -> dict:
                 entry.update(compare(results[REFERENCE[path]][index], output))
             row[path] = entry
         rows.append(row)
-    return {"model": model.name, "cells": rows, "path_wall_s": path_wall_s}
+    return {"model": model.name, "cells": rows, "path_wall_s": path_wall_s,
+            "path_load_average": path_load_average}
 
 
 def summary(report: dict) -> dict:
