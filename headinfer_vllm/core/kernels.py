@@ -30,13 +30,15 @@ Three kernels, chosen once per device and dtype:
   kernels (:mod:`headinfer_vllm.core.cpu_attention`), which read the pages
   where they lie: every decode token of the step in one call per unit, and
   every prefill chunk of the step in one causal, paged, variable-length call
-  per unit (no gather).
+  per unit (no gather); or prefill chunks as ``sdpa`` where torch's SDPA is
+  the faster (bf16 on a CPU with AMX; :func:`cpu_prefill_path`).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Collection
 from typing import Protocol
 
@@ -266,40 +268,67 @@ class TorchKernel:
         return gather_index
 
 
-class CpuKernel:
-    """Decode tokens and prefill chunks through the C++ kernels over the pages in place: per unit, one
-    decode call for the step's decode tokens and one prefill call for its chunks (query length > 1)."""
+PREFILL_ENV = "HEADINFER_CPU_PREFILL"
+"""How :class:`CpuKernel` attends prefill chunks: ``kernel``, ``sdpa`` or ``auto`` (the default)."""
+
+
+def cpu_prefill_path(dtype: torch.dtype) -> str:
+    """``$HEADINFER_CPU_PREFILL`` if set, else ``sdpa`` for bfloat16 on a CPU with AMX tiles (torch's SDPA
+    multiplies bf16 there with AMX, faster than the C++ kernel's fp32 FMAs: see the README), else ``kernel``.
+
+    Raises:
+        ValueError: an unknown ``$HEADINFER_CPU_PREFILL``.
+    """
+    path = os.environ.get(PREFILL_ENV) or "auto"
+    if path not in ("auto", "kernel", "sdpa"):
+        raise ValueError(f"headinfer: ${PREFILL_ENV}={path!r}; choose one of auto, kernel, sdpa")
+    if path != "auto":
+        return path
+    return "sdpa" if dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported() else "kernel"
+
+
+class CpuKernel(TorchKernel):
+    """Decode tokens through the C++ decode kernel over the pages in place, every decode token of the
+    step in one call per unit; prefill chunks (query length > 1) through the C++ prefill kernel, every
+    chunk of the step in one call per unit (``prefill="kernel"``), or as :class:`TorchKernel` (a gather
+    and one SDPA call per request, ``prefill="sdpa"``); see :func:`cpu_prefill_path`."""
 
     name = "cpu"
 
-    def __init__(self, *, scale: float, query_per_kv: int, num_threads: int | None = None) -> None:
-        """``num_threads``: the C++ kernels' threads; None: torch's count."""
+    def __init__(self, *, scale: float, query_per_kv: int, dtype: torch.dtype, num_threads: int | None = None,
+                 prefill: str | None = None) -> None:
+        """``num_threads``: the C++ kernels' threads; None: torch's count. ``prefill``: ``kernel`` or
+        ``sdpa``; None: :func:`cpu_prefill_path`."""
         from headinfer_vllm.core import cpu_attention
 
-        self.scale = scale
-        self.query_per_kv = query_per_kv
-        self._num_threads = num_threads
+        super().__init__(scale=scale, query_per_kv=query_per_kv, dtype=dtype, expand_grouped_heads=False)
+        self.prefill_path = prefill or cpu_prefill_path(dtype)
+        if self.prefill_path not in ("kernel", "sdpa"):
+            raise ValueError(f"headinfer: CpuKernel(prefill={prefill!r}); choose kernel or sdpa")
         path = cpu_attention.instruction_path()  # builds it now (cached): a missing compiler stops start-up
-        logger.info("headinfer: CPU attention: decode tokens and prefill chunks through the C++ paged kernels "
-                    "(%s path), pages read in place", path)
+        logger.info("headinfer: CPU attention in place: decode tokens through the C++ kernel (%s path), prefill "
+                    "chunks through %s", path, "the C++ paged prefill kernel" if self.prefill_path == "kernel"
+                    else "a gather and torch's SDPA per request (bf16 on an AMX CPU; $HEADINFER_CPU_PREFILL=kernel "
+                    "for the C++ kernel)")
         self._decode_attention = cpu_attention.decode_attention_units
         self._prefill_attention = cpu_attention.prefill_attention_units
+        self._num_threads = num_threads
         self._decode = _RequestRows.empty()
         self._prefill = _RequestRows.empty()
         self._decode_query = self._decode_out = torch.empty(0)
         """shape: [R, num_query_heads, D]: this layer's decode queries and outputs."""
-        self._query = self._out = torch.empty(0)
-        self._variant = LayerAttention()
-        self._sinks: torch.Tensor | None = None
-        """shape: [num_query_heads], float32: this layer's sinks, as the kernels take them."""
+        self._kernel_sinks: torch.Tensor | None = None
+        """shape: [num_query_heads], float32: this layer's sinks, as the C++ kernels take them."""
 
     def begin_step(self, plan: StepPlan) -> None:
+        super().begin_step(plan)
+        self._decodes = []  # decode tokens go through the C++ kernel instead
         self._decode = _RequestRows.of(plan, [i for i, request in enumerate(plan.requests) if request.query_len == 1])
-        self._prefill = _RequestRows.of(plan, [i for i, request in enumerate(plan.requests) if request.query_len > 1])
+        self._prefill = _RequestRows.of(plan, [index for index, _ in self._prefills])
 
     def begin_layer(self, query: torch.Tensor, out: torch.Tensor, variant: LayerAttention) -> None:
-        self._query, self._out, self._variant = query, out, variant
-        self._sinks = None if variant.sinks is None else variant.sinks.to(torch.float32).contiguous()
+        super().begin_layer(query, out, variant)
+        self._kernel_sinks = None if variant.sinks is None else variant.sinks.to(torch.float32).contiguous()
         if self._decode.count:
             self._decode_query = query.index_select(0, self._decode.starts.long())
             self._decode_out = torch.zeros_like(self._decode_query)
@@ -308,15 +337,19 @@ class CpuKernel:
         variant = self._variant
         options = {
             "query_per_kv": self.query_per_kv, "sliding_window": variant.sliding_window or 0,
-            "logits_soft_cap": variant.logits_soft_cap or 0.0, "sinks": self._sinks, "num_threads": self._num_threads,
+            "logits_soft_cap": variant.logits_soft_cap or 0.0, "sinks": self._kernel_sinks,
+            "num_threads": self._num_threads,
         }
         units = [(first_head, unit.pages)]
-        if self._prefill.count:
+        if self._prefill.count and self.prefill_path == "kernel":
             prefill = self._prefill
             self._prefill_attention(
                 self._query, units, prefill.starts, prefill.query_lens, prefill.block_table(table), prefill.seq_lens,
                 self.scale, out=self._out, **options,
             )
+        elif self._prefill.count:
+            for index, request in self._prefills:
+                self._attend_prefill(index, request, first_head, unit.head_rows, unit.pages.shape[3], table)
         if self._decode.count:
             decode = self._decode
             self._decode_attention(
@@ -438,7 +471,7 @@ def select_kernel(
     ``cpu_threads`` threads; None: torch's count).
     """
     if cpu_kernel and device.type == "cpu":
-        return CpuKernel(scale=scale, query_per_kv=query_per_kv, num_threads=cpu_threads)
+        return CpuKernel(scale=scale, query_per_kv=query_per_kv, dtype=dtype, num_threads=cpu_threads)
     flash_fits = (
         allow_flash
         and device.type == "cuda"

@@ -832,6 +832,7 @@ struct Scratch {
   std::vector<float> queries, acc, scores, max, sum;
   std::vector<uint16_t> query_bits;  // bf16 queries as they are, for VDPBF16PS
   std::vector<uint32_t> query_pairs;  // bf16 queries in pairs for AMX, see score_tile_amx
+  std::vector<float> tile_rows;       // prefill: a tile's keys and values widened to fp32
 };
 
 template <int DT>
@@ -1103,7 +1104,8 @@ int run(const Call& c, int num_threads, int64_t* bad_index) {
 // its seq_lens[r] keys (rows query_starts[r] .. of query and out), causal, windows included. Items
 // are (unit, request, KV head, query tile): a tile's rows are its tokens' query heads of that KV
 // head (row t * Q + q, at most kQueryRows of them), so each tile of keys read serves every row;
-// items run largest first over the threads. Pages outside the keys a tile can see are never read.
+// the tiles of a (request, head) run in turn (its pages stay in the caches), largest first. Pages
+// outside the keys a tile can see are never read.
 
 constexpr int kQueryRows = 64;  // query rows (tokens times query heads of a KV head) per item
 
@@ -1119,43 +1121,213 @@ inline Keys prefill_keys(const Call& c, int64_t seq_len, int64_t query_len, int6
   return {begin, first_position + count};
 }
 
+#if defined(HEADINFER_AVX512)
+// The AVX-512 prefill item (head dims that are a multiple of 32), query rows in the lanes: the item's
+// queries are transposed once, Qt [D][R] (R rows padded to a multiple of 16, zeros), and each tile's
+// keys and values widened once to fp32 rows [kTile][D] (wide slot order, as the queries). Scores
+// S^T [t][R] += broadcast(k_t[d]) * Qt[d][...]: 4 keys by R / 16 row vectors of FMAs per element, no
+// horizontal sums; the online softmax runs on 16 rows at a time; acc [R][D] += broadcast(p[t][r]) * v_t.
+
+inline void exp_nonpositive16(float* x) {  // in place, 16 floats
+  f32x8 first, second;
+  std::memcpy(&first, x, sizeof first);
+  std::memcpy(&second, x + 8, sizeof second);
+  first = exp_nonpositive(first), second = exp_nonpositive(second);
+  std::memcpy(x, &first, sizeof first);
+  std::memcpy(x + 8, &second, sizeof second);
+}
+
+// S^T[t][...] for 4 keys of the tile and NV vectors of 16 rows.
+template <int NV>
+inline void score_keys_t(const float* qt, int64_t R, const float* keys, int64_t D, float* scores) {
+  __m512 acc[4][NV];
+  for (int t = 0; t < 4; ++t)
+    for (int j = 0; j < NV; ++j) acc[t][j] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    __m512 q[NV];
+    for (int j = 0; j < NV; ++j) q[j] = _mm512_loadu_ps(qt + d * R + 16 * j);
+    for (int t = 0; t < 4; ++t) {
+      const __m512 k = _mm512_set1_ps(keys[t * D + d]);
+      for (int j = 0; j < NV; ++j) acc[t][j] = _mm512_fmadd_ps(k, q[j], acc[t][j]);
+    }
+  }
+  for (int t = 0; t < 4; ++t)
+    for (int j = 0; j < NV; ++j) _mm512_storeu_ps(scores + t * R + 16 * j, acc[t][j]);
+}
+
+// acc[r0 + i][d0 .. d0 + 16 * NC) += sum_t p[t][r0 + i] * v_t[d0 ..] for 4 rows.
+template <int NC>
+inline void accumulate_rows_t(const float* probs, int64_t R, int num_keys, const float* values, int64_t D,
+                              int64_t r0, int64_t d0, float* acc) {
+  __m512 sums[4][NC];
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < NC; ++j) sums[i][j] = _mm512_loadu_ps(acc + (r0 + i) * D + d0 + 16 * j);
+  for (int t = 0; t < num_keys; ++t) {
+    __m512 v[NC];
+    for (int j = 0; j < NC; ++j) v[j] = _mm512_loadu_ps(values + t * D + d0 + 16 * j);
+    for (int i = 0; i < 4; ++i) {
+      const __m512 p = _mm512_set1_ps(probs[t * R + r0 + i]);
+      for (int j = 0; j < NC; ++j) sums[i][j] = _mm512_fmadd_ps(p, v[j], sums[i][j]);
+    }
+  }
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < NC; ++j) _mm512_storeu_ps(acc + (r0 + i) * D + d0 + 16 * j, sums[i][j]);
+}
+
+template <int DT>
+void run_prefill_item_wide(const Call& c, int64_t first_row, int64_t first_position, const Keys& keys,
+                           const PrefillItem& item, Scratch& s) {
+  using T = typename Element<DT>::T;
+  const int64_t D = c.head_dim, B = c.block_size, Q = c.query_per_kv, heads = c.unit_heads[item.unit];
+  const int64_t rows = item.num_tokens * Q, R = (rows + 15) / 16 * 16;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  s.queries.assign(D * R, 0.0f);  // Qt [D][R]
+  s.acc.assign(R * D, 0.0f);
+  s.max.assign(R, kNegInf);
+  s.sum.assign(R, 0.0f);
+  s.scores.assign(kTile * R, 0.0f);  // S^T, then P^T: [kTile][R]
+  s.tile_rows.assign(2 * kTile * D, 0.0f);  // keys [kTile][D], then values [kTile][D]
+  const __m512 scale = _mm512_set1_ps(c.scale);
+  alignas(64) float widened[32];
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = static_cast<const T*>(c.query) + (first_row + r / Q) * c.query_row_stride +
+                   query_head(c, item.unit, item.head, int(r % Q)) * c.query_head_stride;
+    for (int64_t d = 0; d < D; d += 32) {
+      __m512 first, second;
+      Wide<DT>::load32(row + d, first, second);
+      _mm512_store_ps(widened, _mm512_mul_ps(first, scale));
+      _mm512_store_ps(widened + 16, _mm512_mul_ps(second, scale));
+      for (int i = 0; i < 32; ++i) s.queries[(d + i) * R + r] = widened[i];
+    }
+  }
+  const T* pages = static_cast<const T*>(c.unit_pages[item.unit]);
+  const int32_t* table = c.block_table + item.request * c.block_table_stride;
+  const int64_t row_stride = heads * D, page_elements = 2 * B * row_stride;
+  float *qt = s.queries.data(), *acc = s.acc.data(), *scores = s.scores.data();
+  float *key_rows = s.tile_rows.data(), *value_rows = key_rows + kTile * D;
+  const int nv = int(R / 16);
+  for (int64_t first_key = keys.begin; first_key < keys.end;) {
+    // Widen the tile's keys and values (runs within one page) to fp32 rows.
+    int n = 0;
+    while (first_key + n < keys.end && n < kTile) {
+      const int64_t key = first_key + n;
+      const T* k = pages + table[key / B] * page_elements + (key % B) * row_stride + item.head * D;
+      const T* v = k + B * row_stride;
+      for (int64_t d = 0; d < D; d += 32) {
+        __m512 first, second;
+        Wide<DT>::load32(k + d, first, second);
+        _mm512_storeu_ps(key_rows + n * D + d, first);
+        _mm512_storeu_ps(key_rows + n * D + d + 16, second);
+        Wide<DT>::load32(v + d, first, second);
+        _mm512_storeu_ps(value_rows + n * D + d, first);
+        _mm512_storeu_ps(value_rows + n * D + d + 16, second);
+      }
+      ++n;
+    }
+    for (int t = 0; t < n; t += 4) {
+      // The same 4 keys of the next tile, into L2 while this one is scored.
+      for (int64_t key = first_key + n + t; key < std::min(first_key + n + t + 4, keys.end); ++key) {
+        const char* k = reinterpret_cast<const char*>(pages + table[key / B] * page_elements + (key % B) * row_stride +
+                                                      item.head * D);
+        for (int64_t line = 0; line < D * int64_t(sizeof(T)); line += 64)
+          prefetch_l2(k + line), prefetch_l2(k + B * row_stride * int64_t(sizeof(T)) + line);
+      }
+      switch (nv) {
+        case 1: score_keys_t<1>(qt, R, key_rows + t * D, D, scores + t * R); break;
+        case 2: score_keys_t<2>(qt, R, key_rows + t * D, D, scores + t * R); break;
+        case 3: score_keys_t<3>(qt, R, key_rows + t * D, D, scores + t * R); break;
+        default:
+          for (int j = 0; j < nv; j += 4) {
+            const int count = std::min(4, nv - j);
+            float* out = scores + t * R + 16 * j;
+            if (count == 4) score_keys_t<4>(qt + 16 * j, R, key_rows + t * D, D, out);
+            else if (count == 3) score_keys_t<3>(qt + 16 * j, R, key_rows + t * D, D, out);
+            else if (count == 2) score_keys_t<2>(qt + 16 * j, R, key_rows + t * D, D, out);
+            else score_keys_t<1>(qt + 16 * j, R, key_rows + t * D, D, out);
+          }
+      }
+    }
+    if (c.logits_soft_cap > 0.0f) {
+      const float cap = c.logits_soft_cap;
+      for (int t = 0; t < n; ++t)
+        for (int64_t r = 0; r < rows; ++r) scores[t * R + r] = cap * std::tanh(scores[t * R + r] / cap);
+    }
+    for (int64_t token = 0; token < item.num_tokens; ++token) {  // token sees keys [lowest, position]
+      const int64_t position = first_position + token;
+      const int64_t lowest = c.sliding_window > 0 ? position - c.sliding_window + 1 : 0;
+      if (first_key >= lowest && first_key + n - 1 <= position) continue;
+      for (int t = 0; t < n; ++t)
+        if (first_key + t > position || first_key + t < lowest)
+          for (int64_t q = 0; q < Q; ++q) scores[t * R + token * Q + q] = kNegInf;
+    }
+    // Online softmax, 16 rows at a time.
+    for (int j = 0; j < nv; ++j) {
+      __m512 tile_max = _mm512_set1_ps(kNegInf);
+      for (int t = 0; t < n; ++t) tile_max = _mm512_max_ps(tile_max, _mm512_loadu_ps(scores + t * R + 16 * j));
+      const __m512 old_max = _mm512_loadu_ps(s.max.data() + 16 * j);
+      const __m512 new_max = _mm512_max_ps(old_max, tile_max);
+      const __mmask16 seen = _mm512_cmp_ps_mask(new_max, _mm512_set1_ps(kNegInf), _CMP_NEQ_OQ);
+      const __m512 shift = _mm512_maskz_mov_ps(seen, new_max);  // 0 where every key so far is masked
+      alignas(64) float correction[16];
+      _mm512_store_ps(correction, _mm512_sub_ps(old_max, shift));
+      exp_nonpositive16(correction);  // -inf - x: 0; rows with no keys yet: exp(-inf) = 0 as well
+      __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(s.sum.data() + 16 * j), _mm512_load_ps(correction));
+      for (int t = 0; t < n; ++t) {
+        float* p = scores + t * R + 16 * j;
+        _mm512_storeu_ps(p, _mm512_sub_ps(_mm512_loadu_ps(p), shift));
+        exp_nonpositive16(p);
+        sum = _mm512_add_ps(sum, _mm512_loadu_ps(p));
+      }
+      _mm512_storeu_ps(s.sum.data() + 16 * j, sum);
+      _mm512_storeu_ps(s.max.data() + 16 * j, new_max);
+      for (int i = 0; i < 16; ++i) {
+        if (correction[i] == 1.0f) continue;
+        float* row = acc + (16 * j + i) * D;
+        const __m512 factor = _mm512_set1_ps(correction[i]);
+        for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(row + d, _mm512_mul_ps(_mm512_loadu_ps(row + d), factor));
+      }
+    }
+    for (int64_t r0 = 0; r0 < R; r0 += 4) {
+      int64_t d = 0;
+      for (; d + 64 <= D; d += 64) accumulate_rows_t<4>(scores, R, n, value_rows, D, r0, d, acc);
+      if (d < D) accumulate_rows_t<2>(scores, R, n, value_rows, D, r0, d, acc);
+    }
+    first_key += n;
+  }
+  for (int64_t token = 0; token < item.num_tokens; ++token)
+    write_output<DT>(c, item.unit, int(first_row + token), item.head, s.max.data() + token * Q,
+                     s.sum.data() + token * Q, acc + token * Q * D);
+}
+#endif
+
 template <int DT>
 void run_prefill_item(const Call& c, const int32_t* query_starts, const int32_t* query_lens, const PrefillItem& item,
                       Scratch& s) {
   using E = Element<DT>;
   using T = typename E::T;
   const int64_t D = c.head_dim, B = c.block_size, Q = c.query_per_kv, heads = c.unit_heads[item.unit];
+  const int64_t seq_len = c.seq_lens[item.request], query_len = query_lens[item.request];
+  const int64_t first_position = seq_len - query_len + item.first_token;
+  const int64_t first_row = query_starts[item.request] + item.first_token;
+  const Keys keys = prefill_keys(c, seq_len, query_len, item.first_token, item.num_tokens);
+#if defined(HEADINFER_AVX512)
+  if (is_wide(c)) return run_prefill_item_wide<DT>(c, first_row, first_position, keys, item, s);
+#endif
+  // The portable code: rows t * Q + q of queries and accumulators in slot order, scores [row][kTile].
   const int rows = int(item.num_tokens * Q);
   s.queries.resize(rows * D);
   s.acc.assign(rows * D, 0.0f);
   s.scores.resize(rows * kTile);
   s.max.assign(rows, -std::numeric_limits<float>::infinity());
   s.sum.assign(rows, 0.0f);
-  const bool wide = is_wide(c);
-  const int64_t seq_len = c.seq_lens[item.request], query_len = query_lens[item.request];
-  const int64_t first_position = seq_len - query_len + item.first_token;
-  const int64_t first_row = query_starts[item.request] + item.first_token;
   for (int t = 0; t < item.num_tokens; ++t) {
     const T* query = static_cast<const T*>(c.query) + (first_row + t) * c.query_row_stride;
     for (int q = 0; q < Q; ++q) {
       const T* row = query + query_head(c, item.unit, item.head, q) * c.query_head_stride;
       float* slots = s.queries.data() + (t * Q + q) * D;
-      if (wide) {
-#if defined(HEADINFER_AVX512)
-        const __m512 scale = _mm512_set1_ps(c.scale);
-        for (int64_t d = 0; d < D; d += 32) {
-          __m512 first, second;
-          Wide<DT>::load32(row + d, first, second);
-          _mm512_storeu_ps(slots + d, _mm512_mul_ps(first, scale));
-          _mm512_storeu_ps(slots + d + 16, _mm512_mul_ps(second, scale));
-        }
-#endif
-        continue;
-      }
       for (int64_t d = 0; d < D; ++d) slots[to_slots<DT>(d, D, false)] = E::to_float(row[d]) * c.scale;
     }
   }
-  const Keys keys = prefill_keys(c, seq_len, query_len, item.first_token, item.num_tokens);
   const T* pages = static_cast<const T*>(c.unit_pages[item.unit]);
   const int32_t* table = c.block_table + item.request * c.block_table_stride;
   const int64_t row_stride = heads * D, page_elements = 2 * B * row_stride;
@@ -1164,20 +1336,10 @@ void run_prefill_item(const Call& c, const int32_t* query_starts, const int32_t*
   auto attend = [&](const Tile<T>& tile, int64_t first_key) {
     float* scores = s.scores.data();
     const int num_tokens = tile.num_tokens;
-    if (wide) {
-#if defined(HEADINFER_AVX512)
-      const Rows<T> key_rows(tile.keys, tile.lengths, tile.num_runs, row_stride);
-      for_query_blocks(rows, [&](int q, auto block) {
-        score_tile_wide<DT, decltype(block)::value, false>(s.queries.data() + q * D, nullptr, D, key_rows, 0, c.scale,
-                                                           scores + q * kTile, prefetch);
-      });
-#endif
-    } else {
-      for_query_blocks(rows, [&](int q, auto block) {
-        score_tile<DT, decltype(block)::value>(s.queries.data() + q * D, D, tile, row_stride, scores + q * kTile,
-                                               prefetch);
-      });
-    }
+    for_query_blocks(rows, [&](int q, auto block) {
+      score_tile<DT, decltype(block)::value>(s.queries.data() + q * D, D, tile, row_stride, scores + q * kTile,
+                                             prefetch);
+    });
     if (c.logits_soft_cap > 0.0f) {
       const float cap = c.logits_soft_cap;
       for (int r = 0; r < rows; ++r)
@@ -1194,18 +1356,9 @@ void run_prefill_item(const Call& c, const int32_t* query_starts, const int32_t*
       }
     }
     softmax_tile(scores, num_tokens, rows, D, s.max.data(), s.sum.data(), s.acc.data());
-    if (wide) {
-#if defined(HEADINFER_AVX512)
-      const Rows<T> value_rows(tile.values, tile.lengths, tile.num_runs, row_stride);
-      for_query_blocks(rows, [&](int q, auto block) {
-        accumulate_tile_wide<DT, decltype(block)::value>(scores + q * kTile, value_rows, 0, s.acc.data() + q * D, D);
-      });
-#endif
-    } else {
-      for_query_blocks(rows, [&](int q, auto block) {
-        accumulate_tile<DT, decltype(block)::value>(scores + q * kTile, tile, row_stride, s.acc.data() + q * D, D);
-      });
-    }
+    for_query_blocks(rows, [&](int q, auto block) {
+      accumulate_tile<DT, decltype(block)::value>(scores + q * kTile, tile, row_stride, s.acc.data() + q * D, D);
+    });
     prefetch.step(kTile);
   };
   int64_t key = keys.begin;
@@ -1254,8 +1407,19 @@ int plan_prefill(const Call& c, const int32_t* query_lens, std::vector<PrefillIt
           items.push_back({u, int32_t(r), int32_t(h), int32_t(first), int32_t(count), (seen.end - seen.begin) * count});
       }
   }
-  std::stable_sort(items.begin(), items.end(),
-                   [](const PrefillItem& a, const PrefillItem& b) { return a.work > b.work; });
+  // The tiles of one (unit, request, head) run one after the other, largest first, so that the pages they share
+  // are still in the caches; the requests' groups by decreasing work (the smallest items end the call).
+  std::vector<int64_t> group_work(c.num_requests, 0);
+  for (const PrefillItem& item : items) group_work[item.request] += item.work;
+  std::stable_sort(items.begin(), items.end(), [&](const PrefillItem& a, const PrefillItem& b) {
+    if (a.request != b.request) {
+      if (group_work[a.request] != group_work[b.request]) return group_work[a.request] > group_work[b.request];
+      return a.request < b.request;
+    }
+    if (a.unit != b.unit) return a.unit < b.unit;
+    if (a.head != b.head) return a.head < b.head;
+    return a.work > b.work;
+  });
   return kOk;
 }
 

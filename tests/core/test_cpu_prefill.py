@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from headinfer_vllm.core import cpu_attention
+from headinfer_vllm.core.kernels import PREFILL_ENV, CpuKernel, cpu_prefill_path
 from tests.core.test_cpu_attention import ISA_PATHS, TOLERANCE, relative_error
 
 pytestmark = pytest.mark.skipif(
@@ -259,3 +260,47 @@ def test_bad_inputs_are_refused():
             case.query, [(0, case.pages)], case.query_starts.long(), case.query_lens, case.block_table,
             case.seq_lens, 1.0, query_per_kv=2,
         )
+
+
+# CpuKernel's prefill path, end to end through the engine -------------------------------------
+
+
+@pytest.mark.parametrize("prefill", ["kernel", "sdpa"])
+@pytest.mark.parametrize(("dtype", "query_per_kv", "head_dim", "head_group_size", "residency", "pattern"), [
+    (torch.float32, 2, 80, 2, "none", "gpt_oss"),
+    (torch.float32, 4, 64, 4, "partial", "gemma2"),
+    (torch.bfloat16, 4, 32, 2, "all", "windows"),
+    (torch.float16, 2, 64, 1, "partial", "gpt_oss"),
+])
+def test_cpu_kernel_prefill_paths_match_the_reference(monkeypatch, isa, prefill, dtype, query_per_kv, head_dim,
+                                                      head_group_size, residency, pattern):
+    """Mixed prefill and decode steps through CpuKernel with each prefill path ($HEADINFER_CPU_PREFILL)."""
+    from tests.core.test_variants import FIRST, HISTORY, SECOND, run_steps, variant_scenario
+    from tests.core.test_variants import TOLERANCE as STEP_TOLERANCE
+
+    if isa not in ("avx512", "portable", "auto") and prefill == "sdpa":
+        pytest.skip("the SDPA prefill path does not depend on the kernel's instruction path")
+    monkeypatch.setenv(PREFILL_ENV, prefill)
+    num_units = 4 * (4 // head_group_size)
+    scenario = variant_scenario(
+        pattern, device="cpu", dtype=dtype, query_per_kv=query_per_kv, head_dim=head_dim,
+        head_group_size=head_group_size,
+        num_resident_units={"none": 0, "partial": num_units // 2, "all": num_units}[residency], seed=head_dim,
+    )
+    scenario.cpu_kernel = True
+    assert run_steps(scenario, [FIRST, SECOND], HISTORY) <= STEP_TOLERANCE[dtype]
+    assert scenario.attention.kernel_name == "cpu"
+
+
+def test_prefill_path_rule(monkeypatch):
+    monkeypatch.delenv(PREFILL_ENV, raising=False)
+    amx = torch.cpu._is_amx_tile_supported()
+    assert cpu_prefill_path(torch.bfloat16) == ("sdpa" if amx else "kernel")
+    assert cpu_prefill_path(torch.float32) == cpu_prefill_path(torch.float16) == "kernel"
+    monkeypatch.setenv(PREFILL_ENV, "kernel")
+    assert cpu_prefill_path(torch.bfloat16) == "kernel"
+    monkeypatch.setenv(PREFILL_ENV, "sdpa")
+    assert CpuKernel(scale=1.0, query_per_kv=1, dtype=torch.float32).prefill_path == "sdpa"
+    monkeypatch.setenv(PREFILL_ENV, "fast")
+    with pytest.raises(ValueError, match="auto, kernel, sdpa"):
+        cpu_prefill_path(torch.float32)
