@@ -25,6 +25,10 @@ Measures, for each context length:
   of the same bytes, and the path the engine chose (CUDA; CPU: the fallback);
 - a decode step of 8 requests sharing a prefix (``shared_prefix``): pages
   loaded against distinct pages and page references;
+- the device tier as a page cache against whole resident units of the same
+  budget (``page_cache``): KV bytes loaded per steady decode step, the hit
+  rate and the step's time, for 8 short requests that fit, one long request
+  that does not, and both together;
 - the attention of a prefill chunk alone and with page loads running beside
   it on the copy stream (``concurrency``, CUDA): what the loads' CTAs cost
   the attention's SMs;
@@ -65,6 +69,7 @@ from headinfer_vllm.core import HeadPageStore, KVLayout, StepPlan, StreamedAtten
 from headinfer_vllm.core.cpu_attention import is_available as cpu_kernel_available
 from headinfer_vllm.core.host_memory import allocate_host, device_view, free_host_bytes
 from headinfer_vllm.core.page_loader import copy_pages, index_select_pages
+from headinfer_vllm.core.residency import SpreadAcrossLayers
 
 LLAMA3_8B = dict(num_query_heads=32, num_kv_heads=8, head_dim=128, dtype="bfloat16")
 SMOKE = dict(num_query_heads=8, num_kv_heads=4, head_dim=64, dtype="float32")
@@ -286,16 +291,7 @@ def measure_shared_prefix(args, shapes, device, prefix_tokens: int, own_tokens: 
     shared = torch.arange(1, 1 + prefix)
     block_table = torch.stack([torch.cat((shared, 1 + prefix + own * r + torch.arange(own))) for r in range(requests)])
     seq_lens = [(prefix + own) * block - r for r in range(requests)]
-    plan = decode_plan(block_table, seq_lens, block, device)
-    query = torch.randn(requests, shapes["num_query_heads"], layout.head_dim, device=device, dtype=layout.dtype)
-    key = torch.randn(requests, layout.num_kv_heads, layout.head_dim, device=device, dtype=layout.dtype)
-    out = torch.empty_like(query)
-
-    def step() -> None:
-        engine.begin_step(plan)
-        for layer in range(layout.num_layers):
-            engine.forward(layer, query, key, key, out)
-
+    step = decode_step(engine, decode_plan(block_table, seq_lens, block, device), shapes["num_query_heads"])
     seconds = timed(device, step, args.repeats)[0]
     units = len(engine.store.streamed_units)
     return {
@@ -305,6 +301,65 @@ def measure_shared_prefix(args, shapes, device, prefix_tokens: int, own_tokens: 
         "loaded_over_distinct": engine.transfers.pages_loaded / units / distinct,
         "decode_ms_per_layer": 1e3 * seconds / args.layers, "load_path": engine.transfers.loader.path,
     }
+
+
+def measure_page_cache(args, shapes, device, short_tokens: int, long_tokens: int, requests: int = 8) -> dict:
+    """Steady decode steps with the device tier beside the staging ring as a page cache (``pages``) or as
+    whole resident units (``units``), the same bytes: all ``requests`` short requests' pages and a quarter of
+    the long one's per unit. Per case, the KV bytes loaded by one step after two warm-up steps, the hit rate
+    of its pages (page cache) and its median time."""
+    block, dtype = args.block_size, getattr(torch, shapes["dtype"])
+    short_pages, long_pages = short_tokens // block, long_tokens // block
+    layout = KVLayout(args.layers, shapes["num_kv_heads"], shapes["head_dim"], block,
+                      requests * short_pages + long_pages + 1, args.head_group_size, dtype)
+    cache_bytes = (requests * short_pages + long_pages // 4) * layout.unit_page_bytes * layout.num_units
+    short = (1 + torch.arange(requests * short_pages)).view(requests, short_pages)
+    long = 1 + requests * short_pages + torch.arange(long_pages)
+    cases = {
+        "short": (torch.nn.functional.pad(short, (0, long_pages - short_pages)), [short_pages * block] * requests),
+        "long": (long[None], [long_pages * block]),
+        "both": (torch.cat((torch.nn.functional.pad(short, (0, long_pages - short_pages)), long[None])),
+                 [short_pages * block] * requests + [long_pages * block]),
+    }
+    results = {"requests": requests, "short_tokens": short_pages * block, "long_tokens": long_pages * block,
+               "device_tier_bytes_beside_staging": cache_bytes}
+    for tier in ("pages", "units"):
+        resident = frozenset() if tier == "pages" else frozenset(
+            SpreadAcrossLayers().select(layout.num_layers, layout.num_groups, cache_bytes // layout.unit_bytes))
+        store = HeadPageStore(layout, resident_units=resident, num_staging_buffers=2, device=device,
+                              cache_bytes=cache_bytes if tier == "pages" else 0)
+        engine = StreamedAttention(store, num_query_heads=shapes["num_query_heads"], scale=layout.head_dim**-0.5)
+        for case, (block_table, seq_lens) in cases.items():
+            step = decode_step(engine, decode_plan(block_table, seq_lens, block, device), shapes["num_query_heads"])
+            for _ in range(2):
+                step()
+            before = engine.transfers.traffic.snapshot()
+            step()
+            after = engine.transfers.traffic.snapshot()
+            read = after.pages_read - before.pages_read
+            results[f"{tier}/{case}"] = {
+                "loaded_bytes_per_step": engine.transfers.pages_loaded * layout.unit_page_bytes,
+                "kv_bytes_read": sum(-(-n // block) for n in seq_lens) * layout.unit_page_bytes * layout.num_units,
+                "hit_rate": (after.pages_hit - before.pages_hit) / read if read else None,
+                "decode_ms": 1e3 * timed(device, step, args.repeats)[0],
+            }
+    return results
+
+
+def decode_step(engine: StreamedAttention, plan: StepPlan, num_query_heads: int):
+    """A function that runs ``plan`` (one decode token per request) through every layer of ``engine``."""
+    layout, device = engine.store.layout, engine.store.device
+    requests = len(plan.requests)
+    query = torch.randn(requests, num_query_heads, layout.head_dim, device=device, dtype=layout.dtype)
+    key = torch.randn(requests, layout.num_kv_heads, layout.head_dim, device=device, dtype=layout.dtype)
+    out = torch.empty_like(query)
+
+    def step() -> None:
+        engine.begin_step(plan)
+        for layer in range(layout.num_layers):
+            engine.forward(layer, query, key, key, out)
+
+    return step
 
 
 def measure_concurrency(shapes, device, context: int, chunk: int, load_pages: int, repeats: int) -> dict:
@@ -480,7 +535,10 @@ def main() -> int:
     # (name, seconds it may take on the GPU, work), most important first.
     sections = [("load_rates", 15, section("load_rates", lambda: measure_load_rates(device, **load_args)))]
     sections += [(f"context {contexts[0]}", 40, context_section(contexts[0]))]
+    short_tokens, long_tokens = (2 * args.block_size, 16 * args.block_size) if args.smoke else (4096, 131072)
     sections += [
+        ("page_cache", 15, section("page_cache", lambda: measure_page_cache(args, shapes, device, short_tokens,
+                                                                            long_tokens))),
         ("shared_prefix", 10, section("shared_prefix", lambda: measure_shared_prefix(args, shapes, device, prefix,
                                                                                       own))),
         ("concurrency", 10, section("concurrency", lambda: measure_concurrency(

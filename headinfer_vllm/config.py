@@ -38,8 +38,26 @@ class HeadInferConfig:
 
     ``None`` means the minimum: only the staging buffers, every head streamed
     (the paper's setting). A value below the staging size is refused with an
-    error that states the minimum; memory beyond it keeps whole head groups
-    resident on the device, which removes their transfers."""
+    error that states the minimum. When the whole cache fits, every head is
+    resident; otherwise memory beyond the staging buffers goes where
+    ``device_tier`` says: a page cache (the default) or whole resident head groups."""
+
+    device_tier: str = "pages"
+    """What device memory beyond the staging buffers holds: ``pages`` or ``units``.
+
+    ``pages``: a page cache. Every streamed head group gets the same number
+    of cache rows, and the pages that running requests read stay there,
+    shortest requests first, least recently used evicted; a step loads only
+    what the cache misses, and new pages are allocated in it without a load.
+    Requests whose KV fits run decode with no KV transfer; one longer than
+    the cache keeps a fixed part cached and streams the rest. The host tier
+    still holds every page (write-through), so capacity is set by
+    ``cpu_kv_cache_gib`` alone. ``units``: whole (layer, head group) units
+    resident on the device (every page of the capacity, used or not), the
+    rest streamed; the host tier then holds only the streamed units, so
+    capacity grows with the device budget. Ignored without
+    ``gpu_kv_cache_gib`` and on vLLM's CPU platform in place. Environment
+    variable: ``HEADINFER_DEVICE_TIER``."""
 
     head_group_size: int | None = None
     """KV heads streamed together as one unit (1..num_kv_heads, a divisor).
@@ -113,6 +131,11 @@ class HeadInferConfig:
                 f"headinfer: host_memory_check must be one of {', '.join(HOST_MEMORY_CHECK_CHOICES)}, "
                 f"got {self.host_memory_check!r}"
             )
+        if self.device_tier not in DEVICE_TIER_CHOICES:
+            raise ValueError(
+                f"headinfer: device_tier must be one of {', '.join(DEVICE_TIER_CHOICES)}, "
+                f"got {self.device_tier!r}"
+            )
         if self.cpu_attention not in CPU_ATTENTION_CHOICES:
             raise ValueError(
                 f"headinfer: cpu_attention must be one of {', '.join(CPU_ATTENTION_CHOICES)}, "
@@ -158,7 +181,12 @@ class HeadInferConfig:
 _FLOAT_FIELDS = {"cpu_kv_cache_gib", "gpu_kv_cache_gib"}
 CPU_ATTENTION_CHOICES = ("auto", "all", "off")
 HOST_MEMORY_CHECK_CHOICES = ("strict", "warn")
-_CHOICE_FIELDS = {"cpu_attention": CPU_ATTENTION_CHOICES, "host_memory_check": HOST_MEMORY_CHECK_CHOICES}
+DEVICE_TIER_CHOICES = ("pages", "units")
+_CHOICE_FIELDS = {
+    "cpu_attention": CPU_ATTENTION_CHOICES,
+    "host_memory_check": HOST_MEMORY_CHECK_CHOICES,
+    "device_tier": DEVICE_TIER_CHOICES,
+}
 
 
 def _parse(name: str, value: Any, origin: str) -> Any:

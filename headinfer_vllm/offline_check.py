@@ -72,16 +72,20 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _tiers() -> dict[str, int] | None:
-    """headinfer's tier sizes, when its runtime lives in this process."""
+    """headinfer's tier sizes and traffic totals, when its runtime lives in this process."""
     from headinfer_vllm.vllm_plugin.runtime import HeadInferRuntime
 
     for runtime in HeadInferRuntime.live:
-        store = runtime.attention.store
+        store, traffic = runtime.attention.store, runtime.attention.transfers.traffic
         return {
             "host_bytes": store.host_bytes,
             "device_bytes": store.device_bytes,
             "streamed_units": len(store.streamed_units),
             "num_blocks": store.layout.num_blocks,
+            "cache_rows": store.cache_rows,
+            "loaded_bytes": traffic.loaded_bytes,
+            "pages_read": traffic.pages_read,
+            "pages_hit": traffic.pages_hit,
         }
     return None
 

@@ -10,7 +10,10 @@ loads); per layer it calls :meth:`forward`, which:
 2. attends each resident run (one kernel call for all its head groups),
 3. for each streamed head group, takes the staging buffer that the transfer
    scheduler loaded ahead of time, adds the new tokens if it was loaded
-   before step 1, attends, and hands the buffer back.
+   before step 1, attends, and hands the buffer back. With a page cache
+   (:mod:`headinfer_vllm.core.page_cache`) the group reads its cached pages
+   in its cache rows and the others in the staging buffer, in one kernel call
+   through a table of pool rows, and its new tokens go to both (write-through).
 
 With a :class:`DecodeSplit`, decode-only steps leave some streamed groups of
 each layer to the CPU, which attends them in the host tier while the GPU
@@ -37,9 +40,11 @@ import torch
 
 from headinfer_vllm.core.cpu_split import CpuDecodeOffload, DecodeSplit
 from headinfer_vllm.core.kernels import select_kernel
+from headinfer_vllm.core.page_cache import Admissions, new_pages, page_priority
 from headinfer_vllm.core.page_store import HeadPageStore
-from headinfer_vllm.core.plan import StepPlan
-from headinfer_vllm.core.staging import StagingMap, stage_layers
+from headinfer_vllm.core.plan import PageTable, StepPlan, to_device
+from headinfer_vllm.core.residency import Unit
+from headinfer_vllm.core.staging import StagingMap, effective_windows, pages_read, stage_layers
 from headinfer_vllm.core.transfer import TransferScheduler
 from headinfer_vllm.core.variants import LayerAttention
 
@@ -90,7 +95,10 @@ class StreamedAttention:
             variant.check(num_query_heads)
         self.store = store
         self.scale = scale
-        self.transfers = TransferScheduler(store, prefetch_depth)
+        self._cpu_units = decode_split.cpu_units if decode_split is not None else frozenset()
+        """Streamed units that the CPU attends in decode-only steps (kept out of the page cache: the host
+        writes their new tokens in split steps)."""
+        self.transfers = TransferScheduler(store, prefetch_depth, uncached_units=self._cpu_units)
         self._kernels = tuple(
             select_kernel(
                 store.device, layout.dtype, layout.block_size, layout.head_dim, scale=scale,
@@ -116,8 +124,6 @@ class StreamedAttention:
         for layer, group in enumerate(self.layer_groups):
             self._streamed_units_per_group[group] += len(store.streamed_groups(layer))
         """Per KV-cache group, the streamed units of its layers (for the step's host-tier bytes)."""
-        self._cpu_units = decode_split.cpu_units if decode_split is not None else frozenset()
-        """Streamed units that the CPU attends in decode-only steps."""
         if self._cpu_units - set(store.streamed_units):
             raise ValueError(f"headinfer: units {sorted(self._cpu_units - set(store.streamed_units))} are not "
                              "streamed and cannot go to the CPU")
@@ -142,8 +148,10 @@ class StreamedAttention:
         """This step's plan of each KV-cache group."""
         self.null_block = null_block
         self._decode_split = decode_split
-        self._staging: dict[int, StagingMap] = {}
-        """This step's staging map of each layer with streamed units."""
+        self._staging: dict[Unit, StagingMap] = {}
+        """This step's staging map of each streamed unit."""
+        self._pool_tables: dict[Unit, PageTable] = {}
+        """This step's page table of each cached unit, in rows of the store's pool."""
 
     @property
     def kernel_name(self) -> str:
@@ -176,12 +184,65 @@ class StreamedAttention:
         )
         traffic.split_steps += self._split
         if store.streamed_units:
-            self._staging = {}
-            for group_plan, windows in zip(plans, self._streamed_windows, strict=True):
-                self._staging.update(stage_layers(group_plan, layout.num_blocks, windows, self.null_block))
-            self.transfers.begin_step(self._staging, stream, self._cpu_units if self._split else frozenset())
+            admissions = self._admit(plans) if self.transfers.directory is not None else None
+            self._staging = self._stage(plans, admissions)
+            self.transfers.begin_step(
+                self._staging, stream, self._cpu_units if self._split else frozenset(), admissions
+            )
+            self._pool_tables = self._tables_in_pool() if admissions is not None else {}
         if self._split:
             self._offload.begin_step(plans)
+
+    def _admit(self, plans: tuple[StepPlan, ...]) -> Admissions:
+        """Update the page cache's directory with the pages that the step's streamed layers read."""
+        num_blocks = self.store.layout.num_blocks
+        in_use = torch.zeros(num_blocks, dtype=torch.bool, device=self.store.device)
+        priority = torch.full((num_blocks,), num_blocks, dtype=torch.int64, device=self.store.device)
+        new = torch.ones(num_blocks, dtype=torch.bool, device=self.store.device)
+        bound = 0
+        for plan, windows in zip(plans, self._streamed_windows, strict=True):
+            if not windows:
+                continue
+            for window in set(effective_windows(plan, windows).values()):
+                in_use |= pages_read(plan, num_blocks, window, self.null_block)[1]
+            priority = torch.minimum(priority, page_priority(plan.home.block_table, plan.page_in_use, num_blocks))
+            if len(plans) > 1:  # a page of another group's block ids is new for this one
+                new &= new_pages(plan, num_blocks) | ~pages_read(plan, num_blocks)[1]
+            else:
+                new = new_pages(plan, num_blocks)
+            bound += plan.num_page_refs
+        return self.transfers.directory.update(in_use, priority, new, bound)
+
+    def _stage(self, plans: tuple[StepPlan, ...], admissions: Admissions | None) -> dict[Unit, StagingMap]:
+        """The staging map of each streamed unit: cached units stage what the cache does not hold."""
+        num_blocks, cached_units = self.store.layout.num_blocks, self.transfers.cached_units
+        some_uncached = len(cached_units) < len(self.store.streamed_units)
+        staging = {}
+        for plan, windows in zip(plans, self._streamed_windows, strict=True):
+            maps = stage_layers(plan, num_blocks, windows, self.null_block) if some_uncached else {}
+            cached_maps = maps if admissions is None else stage_layers(
+                plan, num_blocks, windows, self.null_block, admissions.slot_of
+            )
+            for layer in windows:
+                for group in self.store.streamed_groups(layer):
+                    staging[layer, group] = cached_maps[layer] if (layer, group) in cached_units else maps[layer]
+        return staging
+
+    def _tables_in_pool(self) -> dict[Unit, PageTable]:
+        """The page table of each cached unit of this step, as rows of the pool: a few launches per map."""
+        store, device = self.store, self.store.device
+        units_of_map: dict[int, list[Unit]] = {}
+        for unit in self.transfers.cached_units:
+            units_of_map.setdefault(id(self._staging[unit]), []).append(unit)
+        tables = {}
+        for units in units_of_map.values():
+            first_rows = torch.tensor(
+                [[store.cache_index(*unit) * store.cache_rows for unit in units],
+                 [store.staging_row(self.transfers.buffer_of(unit)) for unit in units]],
+            )
+            first_rows = to_device(first_rows, torch.int64, device)
+            tables.update(zip(units, self._staging[units[0]].pool_tables(*first_rows), strict=True))
+        return tables
 
     def forward(
         self,
@@ -222,14 +283,20 @@ class StreamedAttention:
         for run in runs:
             kernel.attend(run.first_group * group_size, run.views, plan.home)
         for group in self._gpu_groups[self._split][layer]:
-            staging = self._staging[layer]
-            buffer, fresh = self.transfers.acquire((layer, group), stream)
-            staged = store.staging_views[buffer]
-            if not fresh:
-                heads = slice(group * group_size, (group + 1) * group_size)
-                staged.token_rows.index_copy_(0, staging.table.new_rows, new_kv[:, heads])
-            kernel.attend(group * group_size, staged, staging.table)
-            self.transfers.release((layer, group), stream)
+            unit = (layer, group)
+            staging = self._staging[unit]
+            buffer, fresh = self.transfers.acquire(unit, stream)
+            heads = slice(group * group_size, (group + 1) * group_size)
+            if unit in self._pool_tables:
+                # Cached rows take the new tokens every step (write-through), staged rows too (fresh or not).
+                views, table = store.pool_views, self._pool_tables[unit]
+                views.token_rows.index_copy_(0, table.new_rows, new_kv[:, heads])
+            else:
+                views, table = store.staging_views[buffer], staging.table
+                if not fresh:
+                    views.token_rows.index_copy_(0, table.new_rows, new_kv[:, heads])
+            kernel.attend(group * group_size, views, table)
+            self.transfers.release(unit, stream)
         kernel.end_layer()
         if self._split:  # after end_layer, which writes every head's decode rows of ``out``
             self._offload.attend(layer, out)

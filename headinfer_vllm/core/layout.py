@@ -88,6 +88,9 @@ class CapacityPlan:
     num_resident_units: int
     num_staging_buffers: int
     """0 when every unit is resident, else ``prefetch_depth + 1``."""
+    cache_bytes: int = 0
+    """Device bytes of the page cache (:mod:`headinfer_vllm.core.page_cache`): the budget left beside
+    the staging buffers when not every unit fits; 0 without a device budget or with whole-unit residency."""
 
     @property
     def num_streamed_units(self) -> int:
@@ -99,7 +102,7 @@ class CapacityPlan:
 
     @property
     def device_bytes(self) -> int:
-        return (self.num_resident_units + self.num_staging_buffers) * self.layout.unit_bytes
+        return (self.num_resident_units + self.num_staging_buffers) * self.layout.unit_bytes + self.cache_bytes
 
     def describe(self) -> str:
         layout = self.layout
@@ -108,7 +111,9 @@ class CapacityPlan:
             f"{self.num_resident_units * heads} of {layout.num_units * heads} (layer, KV head) "
             f"pairs resident, {self.num_streamed_units * heads} streamed in groups of {heads}; "
             f"host tier {self.host_bytes / 2**30:.3f} GiB, device tier "
-            f"{self.device_bytes / 2**30:.3f} GiB ({self.num_staging_buffers} staging buffers); "
+            f"{self.device_bytes / 2**30:.3f} GiB ({self.num_staging_buffers} staging buffers, "
+            f"page cache {self.cache_bytes / 2**30:.3f} GiB: "
+            f"{self.cache_bytes // max(self.num_streamed_units * layout.unit_page_bytes, 1)} pages per streamed unit); "
             f"{layout.num_blocks} blocks of {layout.block_size} tokens = "
             f"{layout.max_tokens} tokens"
         )
@@ -126,6 +131,7 @@ def plan_capacity(
     head_group_size: int | None,
     prefetch_depth: int,
     in_place: bool = False,
+    page_cache: bool = True,
 ) -> CapacityPlan:
     """Choose head group size, residency count and block count from budgets.
 
@@ -135,9 +141,12 @@ def plan_capacity(
     Capacity is set by the host budget: ``num_blocks = host_bytes //
     (streamed_units * unit_page_bytes)``. The device must hold
     ``prefetch_depth + 1`` staging units plus the resident units, each
-    ``num_blocks`` pages. Extra device memory makes units resident (which
-    also frees host memory, so capacity grows with it). With
-    ``device_bytes=None`` nothing is resident.
+    ``num_blocks`` pages. When every unit fits the device, all are resident.
+    Otherwise extra device memory goes to the page cache (``page_cache``,
+    the default: the pages that running requests read stay on the device), or
+    with ``page_cache=False`` makes whole units resident (which also frees host
+    memory, so capacity grows with it). With ``device_bytes=None`` nothing is
+    resident and nothing cached.
 
     Raises ``ValueError`` when the device budget cannot hold the staging
     buffers, stating the minimum.
@@ -177,6 +186,8 @@ def plan_capacity(
         if plan.device_bytes > device_bytes:
             continue
         best = _add_resident_units(plan, host_bytes, device_bytes)
+        if page_cache and best.num_resident_units < best.layout.num_units:
+            best = dataclasses.replace(plan, cache_bytes=device_bytes - plan.device_bytes)
         break
     if best is None:
         group = min(groups)
@@ -220,13 +231,15 @@ def plan_residency(
     head_group_size: int | None,
     prefetch_depth: int,
     in_place: bool = False,
+    page_cache: bool = True,
 ) -> CapacityPlan:
     """The plan for a block count decided elsewhere (vLLM's, when its hybrid KV-cache manager sizes the
     block pool): head group size and resident units, as :func:`plan_capacity` chooses them.
 
     ``num_layers`` counts the store's slots. ``in_place``: every unit in one tier, no staging. Without a
-    device budget nothing is resident; with one, the largest head group whose staging buffers fit, and as
-    many resident units beside them as fit (all, when every unit fits).
+    device budget nothing is resident; with one, the largest head group whose staging buffers fit, and beside
+    them every unit resident when all fit, else the page cache (``page_cache``) or as many resident units as
+    fit (``page_cache=False``).
 
     Raises ``ValueError`` when the device budget cannot hold the staging buffers, stating the minimum.
     """
@@ -246,6 +259,8 @@ def plan_residency(
         if layout.num_units * layout.unit_bytes <= device_bytes:
             return CapacityPlan(layout, layout.num_units, 0)
         if num_buffers * layout.unit_bytes <= device_bytes:
+            if page_cache:
+                return CapacityPlan(layout, 0, num_buffers, cache_bytes=device_bytes - num_buffers * layout.unit_bytes)
             resident = min(layout.num_units - 1, device_bytes // layout.unit_bytes - num_buffers)
             return CapacityPlan(layout, resident, num_buffers)
     minimum = num_buffers * layout_for(min(groups)).unit_bytes

@@ -3,18 +3,25 @@
 ::
 
     host tier (pinned, mapped)    device tier
-    +-------------------------+   +-------------------------------------------+
-    | streamed units          |   | resident runs      | staging ring         |
-    | [S, N, 2, B, G, D]      |   | [N, 2, B, k*G, D]  | [P+1, N, 2, B, G, D] |
-    +-------------------------+   +-------------------------------------------+
-      home of streamed pages        home of resident     loaded per step,
-                                    pages                reused every unit
+    +-------------------------+   +-----------------------------------------------------------+
+    | streamed units          |   | resident runs      | pool: page cache  | staging ring         |
+    | [S, N, 2, B, G, D]      |   | [N, 2, B, k*G, D]  | [U * C, 2, B, G, D] [(P+1) * N, 2, B, G, D] |
+    +-------------------------+   +-----------------------------------------------------------+
+      home of streamed pages        home of resident     cached copies of     loaded per step,
+      (all of them)                 pages                streamed pages       reused every unit
 
     N blocks, B tokens per block, G KV heads per unit, D head dim,
     S streamed units, P prefetch depth. A resident run is k consecutive
     resident head groups of one layer, stored with their heads side by side
     so that one kernel call attends them all. Units are per slot: layers
     that share a slot (``layer_slots``) share its pages.
+
+The page cache and the staging ring are one device tensor of uniform page
+shape (the *pool*), so that a kernel reads a unit's cached and staged pages
+in one call through a block table of pool rows: each of the U streamed
+(layer, head group) units owns ``C`` consecutive cache rows (row ``s`` of
+every unit holds the same block id: :mod:`headinfer_vllm.core.page_cache`),
+and staging buffer ``b`` is rows ``U * C + b * N ..`` of the pool.
 
 All tensors are allocated once, here. The device tier is zero-filled (a
 kernel that reads whole pages must never meet NaN past a sequence's end),
@@ -75,8 +82,12 @@ class HeadPageStore:
         device: torch.device | str,
         device_budget_bytes: int | None = None,
         layer_slots: Sequence[int] | None = None,
+        cache_bytes: int = 0,
     ) -> None:
-        """``layer_slots``: the slot whose pages each layer uses, in layer order (None: layer ``i`` uses
+        """``cache_bytes``: device bytes of the page cache; each streamed unit gets
+        ``cache_bytes // (streamed units * page bytes)`` cache rows (at most ``N``), none below one.
+
+        ``layer_slots``: the slot whose pages each layer uses, in layer order (None: layer ``i`` uses
         slot ``i``). The layout's ``num_layers`` counts slots; units and residency are per slot.
 
         Layers may share a slot when their block ids never meet: vLLM's hybrid KV-cache manager gives
@@ -114,12 +125,19 @@ class HeadPageStore:
             for layer in range(self.num_layers)
         }
 
+        page_bytes = layout.unit_page_bytes
+        cache_rows = min(cache_bytes // (len(self.streamed_units) * page_bytes), layout.num_blocks) if streamed else 0
+        self.cache_rows: int = cache_rows
+        """Cache rows of each streamed unit (0: no page cache)."""
+        self._cache_index = {unit: i for i, unit in enumerate(self.streamed_units)} if cache_rows else {}
         device_bytes = (len(resident) + num_staging_buffers) * layout.unit_bytes
+        device_bytes += len(self._cache_index) * cache_rows * page_bytes
         if device_budget_bytes is not None and device_bytes > device_budget_bytes:
             raise ValueError(
                 f"headinfer: the device tier needs {device_bytes} bytes "
                 f"({len(resident)} resident + {num_staging_buffers} staging units of "
-                f"{layout.unit_bytes} bytes) but the budget is {device_budget_bytes} bytes"
+                f"{layout.unit_bytes} bytes, {cache_rows} cache rows per streamed unit) but the budget is "
+                f"{device_budget_bytes} bytes"
             )
         cuda = self.device.type == "cuda"
         with torch.cuda.device(self.device) if cuda else contextlib.nullcontext():
@@ -128,10 +146,15 @@ class HeadPageStore:
             # host: [S, N, 2, B, G, D]
             self.host_on_device = device_view(self.host, self.device)
         """``host`` as the device addresses it: the same memory, mapped (CUDA) or as is (CPU)."""
-        self.staging = torch.zeros(
-            (num_staging_buffers, *layout.unit_shape), dtype=layout.dtype, device=self.device
+        num_cache_rows = len(self._cache_index) * cache_rows
+        self.pool = torch.zeros(
+            (num_cache_rows + num_staging_buffers * layout.num_blocks, *layout.unit_shape[1:]),
+            dtype=layout.dtype, device=self.device,
         )
-        # staging: [P + 1, N, 2, B, G, D]
+        # pool: [U * C + (P + 1) * N, 2, B, G, D]
+        self.pool_views = PageViews.of(self.pool)
+        self.staging = self.pool[num_cache_rows:].view(num_staging_buffers, *layout.unit_shape)
+        # staging: [P + 1, N, 2, B, G, D], a view of the pool's last rows
         # Views by indexing, not iteration: iterating makes views that no_grad callers cannot write.
         self.staging_views = tuple(PageViews.of(self.staging[buffer]) for buffer in range(num_staging_buffers))
         runs = {slot: self._allocate_runs(slot, resident_units) for slot in range(layout.num_layers)}
@@ -167,7 +190,21 @@ class HeadPageStore:
             device=device,
             device_budget_bytes=plan.device_bytes,
             layer_slots=layer_slots,
+            cache_bytes=plan.cache_bytes,
         )
+
+    def cache_index(self, layer: int, group: int) -> int:
+        """Index of a streamed unit among the page cache's units: its rows are ``index * cache_rows ..``."""
+        return self._cache_index[(layer, group)]
+
+    def cache_pages(self, layer: int, group: int) -> torch.Tensor:
+        """Device tensor ``[C, 2, B, G, D]``: a streamed unit's cache rows (a view of the pool)."""
+        first = self.cache_index(layer, group) * self.cache_rows
+        return self.pool[first : first + self.cache_rows]
+
+    def staging_row(self, buffer: int) -> int:
+        """First pool row of staging buffer ``buffer``."""
+        return len(self._cache_index) * self.cache_rows + buffer * self.layout.num_blocks
 
     @property
     def num_layers(self) -> int:
@@ -184,8 +221,8 @@ class HeadPageStore:
 
     @property
     def device_bytes(self) -> int:
-        """Bytes of every device-tier tensor (resident runs and staging)."""
-        tensors = [run.views.pages for runs in self._resident_runs.values() for run in runs] + [self.staging]
+        """Bytes of every device-tier tensor (resident runs, and the pool: page cache and staging)."""
+        tensors = [run.views.pages for runs in self._resident_runs.values() for run in runs] + [self.pool]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def resident_runs(self, layer: int) -> tuple[ResidentRun, ...]:

@@ -21,6 +21,10 @@ a kernel on one copy stream that addresses the mapped host tier directly::
   host lazily (:attr:`TransferScheduler.traffic`): a pinned copy made each step
   without waiting, so metrics cost no sync. Off CUDA the count is read once per
   step and map (free on the host) and each load is one ``index_select``.
+- With a page cache (:mod:`headinfer_vllm.core.page_cache`), a cached unit's
+  load first copies the step's admitted pages into its cache rows, then stages
+  only the pages the cache does not hold; the engine writes each step's new
+  tokens into the cache rows too (write-through: the host tier keeps every page).
 - A layer's new K/V go to the host pages of all its streamed units in one
   launch. Loads issued after it read them; a unit loaded before it (the first
   units of a layer, prefetched during the previous layer) is *stale*, and the
@@ -42,6 +46,7 @@ from collections.abc import Mapping
 
 import torch
 
+from headinfer_vllm.core.page_cache import COUNTERS, Admissions, PageDirectory
 from headinfer_vllm.core.page_loader import PageLoader, accumulate_pages
 from headinfer_vllm.core.page_store import HeadPageStore
 from headinfer_vllm.core.residency import Unit
@@ -60,19 +65,29 @@ def as_words(tensor: torch.Tensor) -> torch.Tensor:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class HostLayer:
-    """The host pages of one layer's streamed units (consecutive in the host tier), as words."""
+    """The host pages of some streamed units of one layer, as words.
+
+    The host tier holds a layer's streamed units consecutively; ``rows`` spans those from the first
+    unit written to the last, and ``positions`` says which of them are written (all, unless the CPU
+    decode split leaves out some in between).
+    """
 
     rows: torch.Tensor
-    """shape: [units * N * 2 * B, row words]: the token rows (see ``plan``) of each unit in turn."""
-    num_units: int
+    """shape: [span * N * 2 * B, row words]: the token rows (see ``plan``) of each unit of the span in turn."""
+    positions: tuple[int, ...]
+    """Index within the span of each unit written, in group order."""
     groups: slice | torch.Tensor | None
-    """The layer's streamed head groups, indexing dimension 1 of ``[T * 2, groups, row words]``; None: all."""
+    """The units' head groups, indexing dimension 1 of ``[T * 2, groups, row words]``; None: all."""
     head_group_size: int
 
+    @property
+    def num_units(self) -> int:
+        return len(self.positions)
+
     def unit_rows(self, new_rows: torch.Tensor) -> torch.Tensor:
-        """``[T * 2 * units]``: each of ``new_rows [T * 2]`` in each unit in turn."""
-        rows_per_unit = self.rows.shape[0] // self.num_units
-        offsets = torch.arange(self.num_units, device=new_rows.device) * rows_per_unit
+        """``[T * 2 * units]``: each of ``new_rows [T * 2]`` in each unit written in turn."""
+        rows_per_unit = self.rows.shape[0] // (self.positions[-1] + 1)
+        offsets = torch.tensor(self.positions, device=new_rows.device) * rows_per_unit
         return (new_rows[:, None] + offsets).flatten()
 
     def write(self, new_kv: torch.Tensor, unit_rows: torch.Tensor) -> None:
@@ -120,6 +135,19 @@ class Traffic:
     step_host_bytes: int = 0
     """Host-tier bytes of the pages the last step's requests hold (a page shared by two requests
     counts twice; at most the tier)."""
+    pages_read: int = 0
+    """Distinct pages that steps read, summed over steps (page cache only; read lazily as ``loaded_bytes``)."""
+    pages_hit: int = 0
+    """Of ``pages_read``, those the page cache held before the step."""
+    pages_admitted: int = 0
+    """Pages brought into the page cache (each loaded once per cached unit)."""
+    cached_bytes: int = 0
+    """Device bytes of the pages the page cache holds now, over all cached units."""
+
+    @property
+    def hit_rate(self) -> float:
+        """Share of the pages read that the page cache held (0 without reads)."""
+        return self.pages_hit / self.pages_read if self.pages_read else 0.0
 
     def snapshot(self) -> Traffic:
         return dataclasses.replace(self)
@@ -128,7 +156,11 @@ class Traffic:
 class TransferScheduler:
     """Loads streamed units into staging buffers ahead of use; writes new tokens to the host tier."""
 
-    def __init__(self, store: HeadPageStore, prefetch_depth: int) -> None:
+    def __init__(
+        self, store: HeadPageStore, prefetch_depth: int, uncached_units: frozenset[Unit] = frozenset()
+    ) -> None:
+        """``uncached_units``: streamed units kept out of the page cache (those whose new tokens the host
+        writes: the CPU decode split's), which stage every page they read."""
         self.store = store
         num_buffers = store.num_staging_buffers
         if store.streamed_units and not 1 <= prefetch_depth < num_buffers:
@@ -158,6 +190,20 @@ class TransferScheduler:
         self._page_bytes = layout.unit_bytes // layout.num_blocks
         self._row_bytes = layout.head_group_size * layout.head_dim * layout.dtype.itemsize
         self._traffic = Traffic()
+        self.directory = PageDirectory(layout.num_blocks, store.cache_rows, store.device) if store.cache_rows else None
+        """The page cache's directory; None without a page cache."""
+        self.cached_units = frozenset(
+            unit for unit in store.streamed_units if self.directory is not None and unit not in uncached_units
+        )
+        """Streamed units that read cached pages in their cache rows."""
+        self._cache_pages = {
+            unit: as_words(store.cache_pages(*unit).view(store.cache_rows, -1)) for unit in self.cached_units
+        }
+        # _cache_pages: per cached unit [C, page words]
+        self._admissions: Admissions | None = None
+        """This step's admissions to the page cache (off CUDA: cut at their count)."""
+        self._cache_seen = torch.zeros(len(COUNTERS), dtype=torch.int64, pin_memory=self._cuda)
+        """The host's copy of the directory's counters, refreshed at each step's start without waiting."""
         self.loader = PageLoader(store.device)
         """Copies pages up to a count known on the device (the Triton kernel, or ``index_select``)."""
         self._counts_padding = self._cuda and self.loader.path == "index_select"
@@ -166,10 +212,10 @@ class TransferScheduler:
         """[pages loaded since the store was made, pages loaded this step], counted on the device."""
         self._pages_loaded_seen = torch.zeros(2, dtype=torch.int64, pin_memory=self._cuda)
         """The host's copy of ``_pages_loaded``, refreshed at each step's start without waiting."""
-        self._loads: dict[int, tuple[torch.Tensor, torch.Tensor | list[torch.Tensor]]] = {}
-        """Per layer with streamed units, this step's pages to load (``[num_loads]``, int64) and, on CUDA,
-        their distinct count (``[1]``, int64, on the device); off CUDA the pages cut at that count and
-        each buffer's rows for them (:meth:`_host_loads`)."""
+        self._loads: dict[Unit, tuple[torch.Tensor, torch.Tensor | list[torch.Tensor]]] = {}
+        """Per streamed unit, this step's pages to stage (``[num_loads]``, int64) and, on CUDA, their
+        distinct count (``[1]``, int64, on the device); off CUDA the pages cut at that count and each
+        buffer's rows for them (:meth:`_host_loads`)."""
         self._unit_rows: dict[tuple[int, int], torch.Tensor] = {}
         """Per (new-token rows, count of streamed units in a layer), where this step's new tokens go
         (``HostLayer.unit_rows``)."""
@@ -197,12 +243,13 @@ class TransferScheduler:
         return schedule
 
     def _host_layer(self, layer: int, groups: tuple[int, ...]) -> HostLayer | None:
-        """The host pages of ``groups`` (streamed, consecutive in the host tier) of ``layer``."""
+        """The host pages of ``groups`` (streamed, in order) of ``layer``."""
         store, layout = self.store, self.store.layout
         if not groups:
             return None
         first = store.host_index(layer, groups[0])
-        units = store.host_on_device[first : first + len(groups)]
+        positions = tuple(store.host_index(layer, group) - first for group in groups)
+        units = store.host_on_device[first : first + positions[-1] + 1]
         rows = as_words(units.view(-1, layout.head_group_size * layout.head_dim))
         if len(groups) == layout.num_groups:
             index = None
@@ -210,16 +257,18 @@ class TransferScheduler:
             index = slice(groups[0], groups[0] + len(groups))
         else:
             index = torch.tensor(groups, device=store.device)
-        return HostLayer(rows, len(groups), index, layout.head_group_size)
+        return HostLayer(rows, positions, index, layout.head_group_size)
 
     def begin_step(
         self,
-        staging: Mapping[int, StagingMap],
+        staging: Mapping[Unit, StagingMap],
         stream: torch.cuda.Stream | None,
         left_out: frozenset[Unit] = frozenset(),
+        admissions: Admissions | None = None,
     ) -> None:
-        """Start a step (``staging``: the map of each layer with streamed units; ``stream``: the
-        compute stream); issues the first loads at once.
+        """Start a step (``staging``: the map of each streamed unit; ``stream``: the compute stream);
+        issues the first loads at once. ``admissions``: the pages that the page cache takes this step
+        (:meth:`PageDirectory.update`), loaded into every cached unit's rows; None: no page cache.
 
         ``left_out``: streamed units this step neither loads nor writes home (the CPU attends them
         in the host tier). The compute stream then waits for the copy stream's earlier work, so that
@@ -232,11 +281,21 @@ class TransferScheduler:
         self._unit_rows = {}
         if not self._cuda:
             self._loads = self._host_loads(staging)
-            step_pages = sum(self._loads[layer][0].shape[0] for layer, _ in self._schedule.order)
+            self._admissions = admissions
+            if admissions is not None:
+                count = int(admissions.count)
+                self._admissions = dataclasses.replace(
+                    admissions, pages=admissions.pages[:count], slots=admissions.slots[:count]
+                )
+            cached = sum(unit in self.cached_units for unit in self._schedule.order)
+            step_pages = sum(self._loads[unit][0].shape[0] for unit in self._schedule.order) + cached * (
+                0 if self._admissions is None else self._admissions.pages.shape[0]
+            )
             self._pages_loaded[0] += step_pages
             self._pages_loaded[1] = step_pages
         else:
-            self._loads = {layer: (maps.load_pages, maps.num_pages) for layer, maps in staging.items()}
+            self._admissions = admissions
+            self._loads = {unit: (maps.load_pages, maps.num_pages) for unit, maps in staging.items()}
             if left_out:
                 stream.wait_stream(self._copy)
             self._add_step_span()
@@ -244,25 +303,30 @@ class TransferScheduler:
             # work that a step cut short by an exception left behind without ``released`` events.)
             self._copy.wait_stream(stream)
             self._step_span[0].record(self._copy)
-            for load in {id(pages): (pages, count) for pages, count in self._loads.values()}.values():
+            loads = {id(pages): (pages, count) for pages, count in self._loads.values()}
+            if admissions is not None:
+                loads[id(admissions)] = (admissions.pages, admissions.slots, admissions.count)
+            for load in loads.values():
                 for tensor in load:
                     tensor.record_stream(self._copy)
             with _running_on(self._copy, then=stream):
                 self._pages_loaded_seen.copy_(self._pages_loaded, non_blocking=True)  # the last step's totals
+                if self.directory is not None:
+                    self._cache_seen.copy_(self.directory.counters, non_blocking=True)
                 self._pages_loaded[1].zero_()
         self._issue_loads_through(self.prefetch_depth - 1, stream)
 
-    def _host_loads(self, staging: Mapping[int, StagingMap]) -> dict[int, tuple[torch.Tensor, list[torch.Tensor]]]:
-        """Off CUDA, per layer: the pages to load, cut at their count (read on the host once per map: free
+    def _host_loads(self, staging: Mapping[Unit, StagingMap]) -> dict[Unit, tuple[torch.Tensor, list[torch.Tensor]]]:
+        """Off CUDA, per unit: the pages to load, cut at their count (read on the host once per map: free
         there), and the staging buffers' first rows as targets. Each load is then one ``index_select``."""
         loads, cut, targets = {}, {}, {}
-        for layer, maps in staging.items():
+        for unit, maps in staging.items():
             if id(maps) not in cut:
                 count = int(maps.num_pages)
                 cut[id(maps)] = maps.load_pages[:count]
                 if count not in targets:
                     targets[count] = [pages[:count] for pages in self._staging_pages]
-            loads[layer] = (cut[id(maps)], targets[cut[id(maps)].shape[0]])
+            loads[unit] = (cut[id(maps)], targets[cut[id(maps)].shape[0]])
         return loads
 
     def write_home(
@@ -290,6 +354,10 @@ class TransferScheduler:
             host_layer.write(new_kv, unit_rows)
         for tensor in (new_kv, unit_rows):
             tensor.record_stream(self._copy)
+
+    def buffer_of(self, unit: Unit) -> int:
+        """The staging buffer that ``unit`` uses this step (after :meth:`begin_step`)."""
+        return self._schedule.position[unit] % self.store.num_staging_buffers
 
     def acquire(self, unit: Unit, stream: torch.cuda.Stream | None) -> tuple[int, bool]:
         """The staging buffer (an index of ``store.staging``) holding ``unit``, ready for ``stream``.
@@ -327,8 +395,13 @@ class TransferScheduler:
         as of now off CUDA."""
         if not self._cuda:
             self._pages_loaded_seen.copy_(self._pages_loaded)
-        self._traffic.loaded_bytes = int(self._pages_loaded_seen[0]) * self._page_bytes
-        return self._traffic
+            if self.directory is not None:
+                self._cache_seen.copy_(self.directory.counters)
+        traffic = self._traffic
+        traffic.loaded_bytes = int(self._pages_loaded_seen[0]) * self._page_bytes
+        traffic.pages_read, traffic.pages_hit, traffic.pages_admitted, cached_pages = self._cache_seen.tolist()
+        traffic.cached_bytes = cached_pages * len(self.cached_units) * self._page_bytes
+        return traffic
 
     @property
     def pages_loaded(self) -> int:
@@ -353,25 +426,35 @@ class TransferScheduler:
                 buffer = position % self.store.num_staging_buffers
                 if self._cuda:
                     self._copy.wait_event(self._released[buffer])
-                layer = units[position][0]
-                self._fresh[buffer] = layer <= self._written_layer
+                unit = units[position]
+                self._fresh[buffer] = unit[0] <= self._written_layer
                 self._issued += 1
+                admissions = self._admissions if unit in self.cached_units else None
                 if not self._cuda:
-                    pages, targets = self._loads[layer]
+                    pages, targets = self._loads[unit]
                     started = time.perf_counter()
                     with torch.profiler.record_function("headinfer::load"):
-                        torch.index_select(self._host_pages[units[position]], 0, pages, out=targets[buffer])
+                        if admissions is not None:
+                            self._cache_pages[unit].index_copy_(
+                                0, admissions.slots, self._host_pages[unit].index_select(0, admissions.pages)
+                            )
+                        torch.index_select(self._host_pages[unit], 0, pages, out=targets[buffer])
                     self._traffic.transfer_seconds += time.perf_counter() - started
                     continue
-                load_pages, num_pages = self._loads[layer]
+                load_pages, num_pages = self._loads[unit]
                 with torch.profiler.record_function("headinfer::load"):
-                    self.loader.load(self._host_pages[units[position]], self._staging_pages[buffer], load_pages,
-                                     num_pages)
+                    if admissions is not None:
+                        self.loader.load(self._host_pages[unit], self._cache_pages[unit], admissions.pages,
+                                         admissions.count, admissions.slots)
+                    self.loader.load(self._host_pages[unit], self._staging_pages[buffer], load_pages, num_pages)
                 self._loaded[buffer].record(self._copy)
-                if self._counts_padding:
-                    self._pages_loaded.add_(load_pages.shape[0])
-                else:  # the count the load stopped at
-                    accumulate_pages(self._pages_loaded, num_pages)
+                for pages, count in ((load_pages, num_pages),) + (
+                    () if admissions is None else ((admissions.pages, admissions.count),)
+                ):
+                    if self._counts_padding:
+                        self._pages_loaded.add_(pages.shape[0])
+                    else:  # the count the load stopped at
+                        accumulate_pages(self._pages_loaded, count)
 
 
 @contextlib.contextmanager

@@ -124,7 +124,7 @@ class HeadInferCache(Cache):
         config: the model's config (``model.config``), of a family in
             :data:`~headinfer_vllm.hf.support.SUPPORTED_MODEL_TYPES`; it gives
             each layer's sliding window, soft-cap and sinks, and the scale.
-        cpu_kv_cache_gib, gpu_kv_cache_gib, head_group_size, prefetch_depth:
+        cpu_kv_cache_gib, gpu_kv_cache_gib, device_tier, head_group_size, prefetch_depth:
             as in :class:`headinfer_vllm.config.HeadInferConfig`.
         host_memory_check: ``strict`` or ``warn``, as in
             :class:`~headinfer_vllm.config.HeadInferConfig`; ``None`` reads
@@ -143,6 +143,7 @@ class HeadInferCache(Cache):
         *,
         cpu_kv_cache_gib: float = HeadInferConfig.cpu_kv_cache_gib,
         gpu_kv_cache_gib: float | None = HeadInferConfig.gpu_kv_cache_gib,
+        device_tier: str = HeadInferConfig.device_tier,
         head_group_size: int | None = HeadInferConfig.head_group_size,
         prefetch_depth: int = HeadInferConfig.prefetch_depth,
         host_memory_check: str | None = None,
@@ -157,6 +158,7 @@ class HeadInferCache(Cache):
         self.settings = HeadInferConfig(
             cpu_kv_cache_gib=cpu_kv_cache_gib,
             gpu_kv_cache_gib=gpu_kv_cache_gib,
+            device_tier=device_tier,
             head_group_size=head_group_size,
             prefetch_depth=prefetch_depth,
             host_memory_check=host_memory_check or _environment_host_memory_check(),
@@ -171,6 +173,7 @@ class HeadInferCache(Cache):
             device_bytes=self.settings.gpu_kv_cache_bytes,
             head_group_size=self.settings.head_group_size,
             prefetch_depth=self.settings.prefetch_depth,
+            page_cache=self.settings.device_tier == "pages",
         )
         super().__init__(layers=[HeadInferLayer(self, index) for index in range(self.geometry.num_layers)])
         self.model_config = config

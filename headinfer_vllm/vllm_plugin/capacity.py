@@ -94,6 +94,7 @@ def _plan_largest_stage(vllm_config: VllmConfig, config: HeadInferConfig) -> Cap
         head_group_size=config.head_group_size,
         prefetch_depth=config.prefetch_depth,
         in_place=attends_in_place(config),
+        page_cache=config.device_tier == "pages",
     )
 
 
@@ -146,6 +147,7 @@ def worker_capacity(vllm_config: VllmConfig, config: HeadInferConfig, num_slots:
         head_group_size=config.head_group_size,
         prefetch_depth=config.prefetch_depth,
         in_place=attends_in_place(config),
+        page_cache=config.device_tier == "pages",
     )
 
 

@@ -31,6 +31,13 @@ metric                                    type     meaning
 ``headinfer:host_tier_used_bytes``        gauge    host-tier bytes of the pages the last step's
                                                    requests hold (a page shared by two requests
                                                    counts twice; at most the tier)
+``headinfer:cache_pages_read_total``      counter  distinct pages that steps read (device page
+                                                   cache, ``device_tier=pages``)
+``headinfer:cache_pages_hit_total``       counter  of those, the pages the cache held: the hit
+                                                   rate is their ratio (of rates, in PromQL)
+``headinfer:cache_hit_rate``              gauge    hits / reads since start (the highest of the
+                                                   ranks: each rank reads the same pages)
+``headinfer:cached_bytes``                gauge    device bytes of the pages the cache holds now
 ========================================  =======  =============================================
 
 Transfer time: on CUDA, the span of each step's copies on the copy stream
@@ -151,6 +158,16 @@ class HeadInferMetrics:
                 "headinfer:host_tier_used_bytes",
                 "Host-tier bytes of the pages the last step's requests hold (shared pages counted per request).",
                 multiprocess_mode="livesum")
+            self.cache_pages_read = Counter(
+                "headinfer:cache_pages_read", "Distinct pages that steps read through the device page cache.")
+            self.cache_pages_hit = Counter(
+                "headinfer:cache_pages_hit", "Pages read that the device page cache held.")
+            self.cache_hit_rate = Gauge(
+                "headinfer:cache_hit_rate", "Device page cache hits per page read since start.",
+                multiprocess_mode="livemax")
+            self.cached_bytes = Gauge(
+                "headinfer:cached_bytes", "Device bytes of the pages the device page cache holds.",
+                multiprocess_mode="livesum")
         self._recorded = Traffic()
 
     def describe_store(self, *, resident_units: int, streamed_units: int, cpu_decode_units: int,
@@ -171,4 +188,8 @@ class HeadInferMetrics:
         self.steps.inc(traffic.steps - recorded.steps)
         self.split_steps.inc(traffic.split_steps - recorded.split_steps)
         self.host_tier_used_bytes.set(traffic.step_host_bytes)
+        self.cache_pages_read.inc(traffic.pages_read - recorded.pages_read)
+        self.cache_pages_hit.inc(traffic.pages_hit - recorded.pages_hit)
+        self.cache_hit_rate.set(traffic.hit_rate)
+        self.cached_bytes.set(traffic.cached_bytes)
         self._recorded = traffic.snapshot()

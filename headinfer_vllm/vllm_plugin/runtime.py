@@ -213,6 +213,15 @@ class HeadInferRuntime:
             " (pinned)" if store.host.is_pinned() else "", store.device_bytes / GIB, self.attention.kernel_name,
             describe_groups(self.groups, layout), describe_variants(self.attention.layers, self.windows_free_pages),
         )
+        if store.cache_rows:
+            cached = len(self.attention.transfers.cached_units)
+            logger.info(
+                "headinfer: device page cache (device_tier=pages): %d pages (of %d blocks) in each of %d "
+                "streamed units, %.3f GiB; shortest requests first, least recently used evicted%s",
+                store.cache_rows, layout.num_blocks, cached, cached * store.cache_rows * layout.unit_page_bytes / GIB,
+                f"; {len(store.streamed_units) - cached} CPU-split units stay out" if cached < len(
+                    store.streamed_units) else "",
+            )
         if device.type == "cuda":
             report_numa_placement(store.host, device)
 

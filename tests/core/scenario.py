@@ -55,6 +55,8 @@ class Scenario:
     """Per layer, the streamed groups that the CPU attends in decode-only steps (:class:`DecodeSplit`)."""
     reference: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None
     """``(layer, query, keys, values, scale)`` -> float64 output, as :func:`dense_attention`; None: it."""
+    cache_pages: int = 0
+    """Page-cache rows of each streamed unit (:mod:`headinfer_vllm.core.page_cache`); 0: no page cache."""
     kv_groups: int = 1
     """KV-cache groups, as vLLM's hybrid manager makes them: layer ``l`` is in group ``l % kv_groups`` and
     uses slot ``l // kv_groups``; each group has its own block ids, from one pool."""
@@ -88,10 +90,13 @@ class Scenario:
         )
         resident = SpreadAcrossLayers().select(num_slots, self.layout.num_groups, self.num_resident_units)
         buffers = self.prefetch_depth + 1
+        cache_bytes = self.cache_pages * self.layout.unit_page_bytes * (self.num_layers * self.layout.num_groups
+                                                                         - self.num_resident_units * self.kv_groups)
         self.store = HeadPageStore(
             self.layout, resident_units=resident, num_staging_buffers=buffers, device=self.device,
-            device_budget_bytes=(self.num_resident_units + buffers) * self.layout.unit_bytes,
+            device_budget_bytes=(self.num_resident_units + buffers) * self.layout.unit_bytes + cache_bytes,
             layer_slots=[layer // self.kv_groups for layer in range(self.num_layers)],
+            cache_bytes=cache_bytes,
         )
         self.attention = StreamedAttention(
             self.store, num_query_heads=self.num_kv_heads * self.query_per_kv,
@@ -131,6 +136,12 @@ class Scenario:
                         home = self.store.home(layer, group)
                         home[block, 0, offset] = keys[layer, position, heads].to(home.device)
                         home[block, 1, offset] = values[layer, position, heads].to(home.device)
+
+    def restart(self, request: int) -> None:
+        """Forget ``request``'s tokens: its next step prefills it again over the same block ids (as vLLM
+        reuses a freed request's blocks), through ``forward``, whatever its pages held."""
+        self.keys[request] = self.keys[request][:, :0]
+        self.values[request] = self.values[request][:, :0]
 
     def step(self, query_lens: list[int], padding: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
         """Run one step where request r appends ``query_lens[r]`` tokens.

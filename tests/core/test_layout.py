@@ -9,11 +9,11 @@ SHAPE = dict(num_layers=4, num_kv_heads=4, head_dim=8, block_size=4, dtype=torch
 PAGE = 2 * 4 * 8 * 4  # bytes of one page of one KV head
 
 
-def plan(host_pages, device_pages=None, group=None, depth=1):
+def plan(host_pages, device_pages=None, group=None, depth=1, page_cache=True):
     return plan_capacity(
         **SHAPE, host_bytes=host_pages * PAGE,
         device_bytes=None if device_pages is None else device_pages * PAGE,
-        head_group_size=group, prefetch_depth=depth,
+        head_group_size=group, prefetch_depth=depth, page_cache=page_cache,
     )
 
 
@@ -38,9 +38,18 @@ def test_device_budget_picks_largest_group_that_fits():
     assert result.device_bytes <= 400 * PAGE
 
 
-def test_extra_device_memory_makes_units_resident_and_grows_capacity():
+def test_extra_device_memory_goes_to_the_page_cache():
     result = plan(host_pages=16 * 100, device_pages=600, group=1)
-    assert result.num_resident_units > 0
+    assert (result.num_resident_units, result.layout.num_blocks) == (0, 100)  # the host holds every page
+    assert result.cache_bytes == (600 - 2 * 100) * PAGE and result.device_bytes == 600 * PAGE
+    store = HeadPageStore.from_plan(result, "cpu")
+    assert store.cache_rows == 400 // 16  # rows of every one of the 16 streamed units
+    assert store.device_bytes == (2 * 100 + 16 * store.cache_rows) * PAGE <= result.device_bytes
+
+
+def test_extra_device_memory_makes_units_resident_and_grows_capacity():
+    result = plan(host_pages=16 * 100, device_pages=600, group=1, page_cache=False)
+    assert result.num_resident_units > 0 and result.cache_bytes == 0
     assert result.layout.num_blocks == (16 * 100) // (16 - result.num_resident_units)
     assert result.device_bytes <= 600 * PAGE
     assert result.host_bytes <= 16 * 100 * PAGE
@@ -60,7 +69,7 @@ def test_group_must_divide_heads():
 
 
 def test_store_never_exceeds_device_budget():
-    result = plan(host_pages=16 * 50, device_pages=500, group=1)
+    result = plan(host_pages=16 * 50, device_pages=500, group=1, page_cache=False)
     store = HeadPageStore.from_plan(result, "cpu")
     assert store.device_bytes == result.device_bytes <= 500 * PAGE
     assert store.host_bytes == result.host_bytes
@@ -84,11 +93,11 @@ def test_in_place_keeps_every_unit_in_one_tier_without_staging():
                       in_place=True)
 
 
-def residency(device_pages=None, group=None, in_place=False, num_blocks=100):
+def residency(device_pages=None, group=None, in_place=False, num_blocks=100, page_cache=True):
     """A plan for vLLM's block count (KV-cache groups): 4 slots of 4 KV heads."""
     return plan_residency(
         **SHAPE, num_blocks=num_blocks, device_bytes=None if device_pages is None else device_pages * PAGE,
-        head_group_size=group, prefetch_depth=1, in_place=in_place,
+        head_group_size=group, prefetch_depth=1, in_place=in_place, page_cache=page_cache,
     )
 
 
@@ -97,9 +106,12 @@ def test_residency_around_a_given_block_count():
     assert (streamed.layout.num_blocks, streamed.layout.head_group_size, streamed.num_resident_units) == (100, 1, 0)
     assert streamed.host_bytes == 16 * 100 * PAGE and streamed.num_staging_buffers == 2
     # Device room for the staging buffers of the largest group (4 heads: 2 x 400 pages) and one unit more.
-    partial = residency(device_pages=3 * 400 + 399)
+    partial = residency(device_pages=3 * 400 + 399, page_cache=False)
     assert (partial.layout.head_group_size, partial.num_resident_units, partial.num_staging_buffers) == (4, 1, 2)
     assert partial.device_bytes <= (3 * 400 + 399) * PAGE
+    cached = residency(device_pages=3 * 400 + 399)
+    assert (cached.layout.head_group_size, cached.num_resident_units, cached.num_staging_buffers) == (4, 0, 2)
+    assert cached.cache_bytes == (400 + 399) * PAGE and cached.device_bytes == (3 * 400 + 399) * PAGE
     every = residency(device_pages=16 * 100)
     assert every.num_resident_units == every.layout.num_units and every.num_staging_buffers == 0
     in_place = residency(in_place=True)

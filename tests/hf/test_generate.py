@@ -32,15 +32,22 @@ def test_chunked_prefill_batch_of_two(family):
     assert cache.get_seq_length() == 1500 + 8 - 1
 
 
-def test_partially_resident_and_deeper_prefetch():
-    """A device budget that keeps some head groups resident; the others stream 2 ahead."""
+@pytest.mark.parametrize("device_tier", ["units", "pages"])
+def test_partially_resident_and_deeper_prefetch(device_tier):
+    """A device budget beside the staging ring: some head groups resident (``units``) or a page cache that
+    holds part of the prompt in every head group (``pages``); the rest streams 2 ahead."""
     reference_model, model = build_pair("mistral", seed=5)
     probe = make_cache(model, prefetch_depth=2)
     unit_bytes = probe.plan.layout.unit_bytes
-    cache = make_cache(model, prefetch_depth=2, gpu_kv_cache_gib=7 * unit_bytes / 2**30)
-    assert 0 < cache.plan.num_resident_units < cache.plan.layout.num_units
+    cache = make_cache(model, prefetch_depth=2, gpu_kv_cache_gib=7 * unit_bytes / 2**30, device_tier=device_tier)
     ids = prompt(1, 900, seed=6)
     assert_same(greedy(reference_model, ids), greedy(model, ids, past_key_values=cache))
+    if device_tier == "units":
+        assert 0 < cache.plan.num_resident_units < cache.plan.layout.num_units
+        return
+    traffic = cache.attention.transfers.traffic
+    assert cache.plan.num_resident_units == 0 and cache.store.cache_rows > 0
+    assert 0 < traffic.pages_hit < traffic.pages_read
 
 
 def test_generate_continues_a_cache():

@@ -37,14 +37,20 @@ def test_generate_matches_transformers(family):
     assert len(cache.store.streamed_units) == cache.plan.layout.num_units
 
 
+@pytest.mark.parametrize("device_tier", ["units", "pages"])
 @pytest.mark.parametrize("family", VARIANT_FAMILIES)
-def test_chunked_prefill_partially_resident(family):
-    """hf.generate: 2 rows prefilled in 50-token chunks, some head groups resident, the rest streamed."""
+def test_chunked_prefill_partially_resident(family, device_tier):
+    """hf.generate: 2 rows prefilled in 50-token chunks, some head groups resident (or a page cache), the rest
+    streamed."""
     reference_model, model = build_pair(family, seed=3)
     ids = prompt(2, 420, seed=4)
     unit_bytes = make_cache(model, head_group_size=2).plan.layout.unit_bytes
-    cache = make_cache(model, head_group_size=2, prefill_chunk_size=50, gpu_kv_cache_gib=9 * unit_bytes / 2**30)
-    assert 0 < cache.plan.num_resident_units < cache.plan.layout.num_units
+    cache = make_cache(model, head_group_size=2, prefill_chunk_size=50, gpu_kv_cache_gib=9 * unit_bytes / 2**30,
+                       device_tier=device_tier)
+    if device_tier == "units":
+        assert 0 < cache.plan.num_resident_units < cache.plan.layout.num_units
+    else:
+        assert cache.plan.num_resident_units == 0 and cache.plan.cache_bytes > 0
     result = greedy(model, ids, generate=lambda **kw: hf.generate(model, past_key_values=cache, **kw))
     assert_same(greedy(reference_model, ids), result, tolerance(family))
 

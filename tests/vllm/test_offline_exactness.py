@@ -39,7 +39,12 @@ def prompts(seed: int) -> list[list[list[int]]]:
     return [first, second]
 
 
-def engine(backend: str, compiled: bool = False, in_place: bool = False) -> dict:
+PAGE_CACHE_GIB = 40 * BYTES_PER_BLOCK / 2**30
+"""A device tier with room for about 40 blocks of page cache beside the staging ring (2 x 129 blocks of one
+unit, one KV head per unit): the 4000-token prompt (125 blocks) does not fit, the short requests do."""
+
+
+def engine(backend: str, compiled: bool = False, in_place: bool = False, page_cache: bool = False) -> dict:
     common = dict(
         dtype="float32", max_model_len=4096, block_size=BLOCK_SIZE, enforce_eager=not compiled, seed=0,
         enable_chunked_prefill=True, max_num_batched_tokens=512, long_prefill_token_threshold=128,
@@ -49,22 +54,28 @@ def engine(backend: str, compiled: bool = False, in_place: bool = False) -> dict
         return {**common, "num_gpu_blocks_override": NUM_BLOCKS, "kv_cache_memory_bytes": 64 << 20}
     cpu_gib = (NUM_BLOCKS + 0.5) * BYTES_PER_BLOCK / 2**30
     settings = {"headinfer": {"cpu_kv_cache_gib": cpu_gib, "cpu_attention": "auto" if in_place else "off"}}
+    if page_cache:
+        staging_gib = 2 * NUM_BLOCKS * BYTES_PER_BLOCK / UNITS / 2**30  # two one-head units
+        settings["headinfer"].update(gpu_kv_cache_gib=PAGE_CACHE_GIB + staging_gib, head_group_size=1)
     return {**common, "attention_backend": "headinfer", "additional_config": settings}
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "llama-compiled", "llama-in-place"])
+@pytest.fixture(scope="module",
+                params=["llama", "mistral", "qwen2", "llama-compiled", "llama-in-place", "qwen2-page-cache"])
 def runs(request, tmp_path_factory):
     """``-compiled``: vLLM's torch.compile path (``enforce_eager=False``) for both backends.
-    ``-in-place``: headinfer's default on the CPU platform, the KV attended where it lies (C++ kernel)."""
-    family = request.param.removesuffix("-compiled").removesuffix("-in-place")
+    ``-in-place``: headinfer's default on the CPU platform, the KV attended where it lies (C++ kernel).
+    ``-page-cache``: streamed, with a device page cache that holds part of the KV (``gpu_kv_cache_gib``)."""
+    family = request.param.split("-")[0]
     compiled, in_place = request.param.endswith("-compiled"), request.param.endswith("-in-place")
+    page_cache = request.param.endswith("-page-cache")
     model = save_tiny_model(tmp_path_factory.mktemp(request.param), family)
     spec = {"model": str(model), "batches": prompts(seed=len(family)), "max_tokens": 12, "logprobs": 3}
     results = {
-        backend: run_in_subprocess({**spec, "engine": engine(backend, compiled, in_place)})
+        backend: run_in_subprocess({**spec, "engine": engine(backend, compiled, in_place, page_cache)})
         for backend in ("stock", "headinfer")
     }
-    return {**results, "in_place": in_place}
+    return {**results, "in_place": in_place, "page_cache": page_cache}
 
 
 def test_tokens_and_logprobs_match_stock_backend(runs):
@@ -89,6 +100,12 @@ def test_device_tier_is_small_and_kv_is_streamed(runs):
     assert tiers["streamed_units"] == UNITS
     total_kv = NUM_BLOCKS * BYTES_PER_BLOCK
     assert tiers["host_bytes"] == total_kv
+    if runs["page_cache"]:  # the cache holds about 40 of the 129 blocks; hits spare their loads
+        assert 35 <= tiers["cache_rows"] <= 40
+        assert 0 < tiers["pages_hit"] < tiers["pages_read"]
+        assert "device page cache (device_tier=pages)" in runs["headinfer"]["log"]
+        return
+    assert tiers["cache_rows"] == 0
     assert tiers["device_bytes"] <= 0.10 * total_kv
     longest_prompt_kv = 4000 * BYTES_PER_BLOCK // BLOCK_SIZE
     assert longest_prompt_kv >= 10 * tiers["device_bytes"]
