@@ -5,10 +5,11 @@ platform; 32 query heads, head_dim 128), pages ``[N, 2, B, 8, D]`` on shuffled
 block ids, through the engine's kernel interface (``begin_step``,
 ``begin_layer``, ``attend``, ``end_layer``):
 
-- ``new``: :class:`CpuKernel`, every chunk of the step in one call of the C++
-  kernel (``cpu_attention.prefill_attention_units``);
+- ``new``: :class:`CpuKernel` with ``prefill="kernel"``, every chunk of the
+  step in one call of the C++ kernel (``cpu_attention.prefill_attention_units``);
 - ``old``: :class:`TorchKernel`, a gather of each request's K/V and one SDPA
-  call per request (what ``CpuKernel`` ran for prefill chunks before).
+  call per request (what ``CpuKernel`` ran for prefill chunks before, and
+  still runs for bf16 on a CPU with AMX: ``kernels.cpu_prefill_path``).
 
 Workloads: ``8x300-650`` (8 requests of 300 to 650 tokens, one step) and
 ``1x8192`` (one prompt of 8192 tokens in chunks of ``--chunk`` tokens, one step
@@ -16,7 +17,7 @@ per chunk, summed). The two kernels' layers alternate (old, new, old, new, ...)
 ``--repeats`` times; medians of wall seconds per layer, the ratio old / new per
 repeat (median), the largest difference between their outputs, the CPU model,
 the kernel's instruction path and the load average go to
-``bench_cpu_prefill.json`` and ``.png`` in ``--out``.
+``bench_cpu_prefill.json`` and ``.png`` in ``--out`` (``--name`` changes the names).
 
     python benchmarks/bench_cpu_prefill.py --out benchmarks/results     # about 3 minutes on 2 cores
     python benchmarks/bench_cpu_prefill.py --smoke --out benchmarks/out  # seconds
@@ -57,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chunk", type=int, default=2048, help="prefill tokens per step of the long prompt")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--name", default="bench_cpu_prefill", help="result file names (.json, .png)")
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (1 if args.smoke else 3)
     args.workloads = {"8x30-65": ([30, 65], 8), "1x512": ([512, 512], 1)} if args.smoke else {
@@ -129,7 +131,7 @@ def measure(name: str, lengths_range: list[int], count: int, args: argparse.Name
     dtype = getattr(torch, args.dtype)
     kernels = {
         "old": TorchKernel(scale=HEAD_DIM**-0.5, query_per_kv=QUERY_PER_KV, dtype=dtype, expand_grouped_heads=False),
-        "new": CpuKernel(scale=HEAD_DIM**-0.5, query_per_kv=QUERY_PER_KV),
+        "new": CpuKernel(scale=HEAD_DIM**-0.5, query_per_kv=QUERY_PER_KV, dtype=dtype, prefill="kernel"),
     }
     for kernel in kernels.values():  # warm-up
         layer.run(kernel)
@@ -200,8 +202,8 @@ def main(argv: list[str] | None = None) -> dict:
     report["load_average"] = {"before": [round(x, 2) for x in load_before],
                               "after": [round(x, 2) for x in os.getloadavg()]}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_cpu_prefill.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, args.out / "bench_cpu_prefill.png")
+    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, args.out / f"{args.name}.png")
     for row in report["results"]:
         print(f"{row['workload']}: old {row['old_s_per_layer'] * 1e3:.0f} ms, "
               f"new {row['new_s_per_layer'] * 1e3:.0f} ms "

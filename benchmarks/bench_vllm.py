@@ -46,12 +46,14 @@ import shlex
 import statistics
 import sys
 import tempfile
+import textwrap
 import time
 
 from headinfer_vllm.offline_check import run_in_subprocess
 from headinfer_vllm.tiny_models import SHAPE, save_tiny_model
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import run_context
 from machine_facts import cpu_model
 
 BACKENDS = ("stock", "headinfer", "headinfer-streamed")
@@ -178,7 +180,7 @@ def plot(report: dict, path: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (prefill, decode) = plt.subplots(1, 2, figsize=(11, 4))
+    figure, (prefill, decode) = plt.subplots(1, 2, figsize=(11, 4.5))
     for backend in report["backends"]:
         rows = report["backends"][backend]["results"]
         contexts = [row["context"] for row in rows]
@@ -192,10 +194,11 @@ def plot(report: dict, path: pathlib.Path) -> None:
     settings = report["settings"]
     lengths = f", prompts of {settings['min_length']} .. context tokens" if settings["min_length"] else ""
     title = (f"tiny Llama ({settings['geometry']} attention, {settings['dtype']}), {settings['concurrency']} "
-             f"requests{lengths}, medians of {settings['rounds']} alternated rounds\n{report['device']}, "
-             f"kernel path {report['cpu_attention_path']}, load average {report['load_average']['before'][0]} -> "
+             f"requests{lengths}, medians of {report['rounds_done']} alternated rounds\n{report['device']}, "
+             f"kernel path {report['cpu_attention_path']}, prefill {report['cpu_prefill_path']}, "
+             f"load average {report['load_average']['before'][0]} -> "
              f"{report['load_average']['after'][0]}, {report['date']}")
-    figure.suptitle(f"{title}\n{report['command']}", fontsize=9)
+    figure.suptitle(f"{title}\n" + "\n".join(textwrap.wrap(report["command"], 170)), fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -219,6 +222,15 @@ def cpu_attention_path() -> str:
         return f"none ({str(error).splitlines()[0]})"
 
 
+def cpu_prefill_path(dtype: str) -> str:
+    """How headinfer's in-place CPU kernel attends prefill chunks at ``dtype`` here (``kernel`` or ``sdpa``)."""
+    import torch
+
+    from headinfer_vllm.core.kernels import cpu_prefill_path as path_for
+
+    return path_for(getattr(torch, dtype))
+
+
 def cpu_flags() -> list[str]:
     """The CPU's AVX-512 and AMX flags (what the stock CPU backend's kernels choose by)."""
     try:
@@ -238,8 +250,10 @@ def main(argv: list[str]) -> dict:
         "cpu_model": cpu_model(),
         "cpu_flags": cpu_flags(),
         "cpu_attention_path": cpu_attention_path(),
+        "cpu_prefill_path": cpu_prefill_path(args.dtype),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join(["python", *sys.argv]),
+        "commit": run_context.commit(),
         "settings": {key: getattr(args, key) for key in ("contexts", "min_length", "repeats", "rounds", "decode_tokens",
                                                           "chunk", "cpu_kv_gib", "dtype", "geometry", "concurrency")},
         "backends": {},
@@ -250,16 +264,18 @@ def main(argv: list[str]) -> dict:
         for backend in args.backends:
             rounds[backend].append(measure(backend, model, args))
             print(f"round {index + 1}/{args.rounds}, {backend}: {rounds[backend][-1]['results']}", flush=True)
-    report["wall_s"] = time.time() - started
-    report["load_average"] = {"before": [round(x, 2) for x in load_before],
-                              "after": [round(x, 2) for x in os.getloadavg()],
-                              "note": "1/5/15-minute load averages of the machine: above its CPUs' count, "
-                                      "other work shared the cores"}
-    report["backends"] = {backend: combine(entries) for backend, entries in rounds.items()}
-    report["ratios"] = {backend: round_ratios(rounds["stock"], rounds[backend]) for backend in args.backends[1:]}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, args.out / f"{args.name}.png")
+        # After every round, so that a run stopped by a time limit keeps its finished rounds.
+        report["rounds_done"] = index + 1
+        report["wall_s"] = time.time() - started
+        report["load_average"] = {"before": [round(x, 2) for x in load_before],
+                                  "after": [round(x, 2) for x in os.getloadavg()],
+                                  "note": "1/5/15-minute load averages of the machine: above its CPUs' count, "
+                                          "other work shared the cores"}
+        report["backends"] = {backend: combine(entries) for backend, entries in rounds.items()}
+        report["ratios"] = {backend: round_ratios(rounds["stock"], rounds[backend]) for backend in args.backends[1:]}
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+        plot(report, args.out / f"{args.name}.png")
     for backend, ratios in report["ratios"].items():
         for ratio in ratios:
             print(f"context {ratio['context']:>6}: {backend}/stock time, prefill {ratio['prefill_time_ratio']:.2f}, "
