@@ -535,7 +535,7 @@ def main() -> int:
     # (name, seconds it may take on the GPU, work), most important first.
     sections = [("load_rates", 15, section("load_rates", lambda: measure_load_rates(device, **load_args)))]
     sections += [(f"context {contexts[0]}", 40, context_section(contexts[0]))]
-    short_tokens, long_tokens = (2 * args.block_size, 16 * args.block_size) if args.smoke else (4096, 131072)
+    short_tokens, long_tokens = (2 * args.block_size, 64 * args.block_size) if args.smoke else (4096, 131072)
     sections += [
         ("page_cache", 15, section("page_cache", lambda: measure_page_cache(args, shapes, device, short_tokens,
                                                                             long_tokens))),
