@@ -49,6 +49,7 @@ import torch
 from headinfer_vllm.core.page_cache import COUNTERS, Admissions, PageDirectory
 from headinfer_vllm.core.page_loader import PageLoader, accumulate_pages
 from headinfer_vllm.core.page_store import HeadPageStore
+from headinfer_vllm.core.plan import to_device
 from headinfer_vllm.core.residency import Unit
 from headinfer_vllm.core.staging import StagingMap
 
@@ -68,27 +69,25 @@ class HostLayer:
     """The host pages of some streamed units of one layer, as words.
 
     The host tier holds a layer's streamed units consecutively; ``rows`` spans those from the first
-    unit written to the last, and ``positions`` says which of them are written (all, unless the CPU
-    decode split leaves out some in between).
+    unit written to the last, and ``unit_offsets`` says where those written start (all of them, unless
+    the CPU decode split leaves out some in between).
     """
 
     rows: torch.Tensor
     """shape: [span * N * 2 * B, row words]: the token rows (see ``plan``) of each unit of the span in turn."""
-    positions: tuple[int, ...]
-    """Index within the span of each unit written, in group order."""
+    unit_offsets: torch.Tensor
+    """shape: [units], int64, device: the first row in ``rows`` of each unit written, in group order."""
     groups: slice | torch.Tensor | None
     """The units' head groups, indexing dimension 1 of ``[T * 2, groups, row words]``; None: all."""
     head_group_size: int
 
     @property
     def num_units(self) -> int:
-        return len(self.positions)
+        return self.unit_offsets.shape[0]
 
     def unit_rows(self, new_rows: torch.Tensor) -> torch.Tensor:
         """``[T * 2 * units]``: each of ``new_rows [T * 2]`` in each unit written in turn."""
-        rows_per_unit = self.rows.shape[0] // (self.positions[-1] + 1)
-        offsets = torch.tensor(self.positions, device=new_rows.device) * rows_per_unit
-        return (new_rows[:, None] + offsets).flatten()
+        return (new_rows[:, None] + self.unit_offsets).flatten()
 
     def write(self, new_kv: torch.Tensor, unit_rows: torch.Tensor) -> None:
         """Store ``new_kv [T * 2, num_kv_heads, D]`` (K, V rows of each new token) at ``unit_rows``."""
@@ -248,16 +247,19 @@ class TransferScheduler:
         if not groups:
             return None
         first = store.host_index(layer, groups[0])
-        positions = tuple(store.host_index(layer, group) - first for group in groups)
+        positions = [store.host_index(layer, group) - first for group in groups]
         units = store.host_on_device[first : first + positions[-1] + 1]
         rows = as_words(units.view(-1, layout.head_group_size * layout.head_dim))
+        # Made once per kind of step; an asynchronous copy (a list made into a device tensor would sync).
+        offsets = to_device(torch.tensor(positions) * (rows.shape[0] // (positions[-1] + 1)), torch.int64,
+                            store.device)
         if len(groups) == layout.num_groups:
             index = None
         elif groups == tuple(range(groups[0], groups[0] + len(groups))):
             index = slice(groups[0], groups[0] + len(groups))
         else:
-            index = torch.tensor(groups, device=store.device)
-        return HostLayer(rows, positions, index, layout.head_group_size)
+            index = to_device(torch.tensor(groups), torch.int64, store.device)
+        return HostLayer(rows, offsets, index, layout.head_group_size)
 
     def begin_step(
         self,
