@@ -15,25 +15,31 @@ SIZES = {
 }
 
 
-def make_engine(layout, streamed, device):
+def make_engine(layout, streamed, device, cache_pages=0):
+    """``cache_pages``: page-cache rows of each streamed unit (0: staging only)."""
     units = layout.num_layers * layout.num_groups
     resident = frozenset() if streamed else frozenset(
         (layer, group) for layer in range(layout.num_layers) for group in range(layout.num_groups)
     )
+    cache_bytes = cache_pages * layout.unit_page_bytes * units
     store = HeadPageStore(layout, resident_units=resident, num_staging_buffers=2 if streamed else 0,
-                          device=device, device_budget_bytes=(2 if streamed else units) * layout.unit_bytes)
+                          device=device, cache_bytes=cache_bytes,
+                          device_budget_bytes=(2 if streamed else units) * layout.unit_bytes + cache_bytes)
     return StreamedAttention(store, num_query_heads=4 * layout.num_kv_heads,
                              scale=layout.head_dim**-0.5)
 
 
+@pytest.mark.parametrize("page_cache", [False, True])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-def test_streamed_equals_resident_bitwise(device):
+def test_streamed_equals_resident_bitwise(device, page_cache):
+    """With a page cache of a third of the blocks, pages are admitted, evicted and staged across steps."""
     size = SIZES[device]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     block = 16
     num_blocks = 2 * ((size["context"] + size["chunk"]) // block + 4)
     layout = KVLayout(size["layers"], size["kv_heads"], size["head_dim"], block, num_blocks, 1, dtype)
-    streamed, resident = make_engine(layout, True, device), make_engine(layout, False, device)
+    streamed = make_engine(layout, True, device, cache_pages=num_blocks // 3 if page_cache else 0)
+    resident = make_engine(layout, False, device)
     generator = torch.Generator(device=device).manual_seed(0)
     # Two requests over reversed (non-consecutive) block ids; prefill in chunks, then decode.
     blocks = torch.arange(num_blocks - 1, -1, -1)
@@ -90,8 +96,10 @@ def test_step_with_device_tables_never_synchronizes_the_host():
     device_table, device_slots = table.cuda(), slots.cuda()
     q = torch.randn(2001, 32, 128, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(2001, 8, 128, device="cuda", dtype=torch.bfloat16)
+    cached = make_engine(layout, True, "cuda", cache_pages=100)  # the page cache's directory, tables and loads
+    cached.store.host.zero_()
     outputs = {}
-    for name, engine in (("streamed", streamed), ("resident", resident)):
+    for name, engine in (("streamed", streamed), ("cached", cached), ("resident", resident)):
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
@@ -104,5 +112,6 @@ def test_step_with_device_tables_never_synchronizes_the_host():
         finally:
             torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
-    for got, want in zip(outputs["streamed"], outputs["resident"], strict=True):
-        assert torch.equal(got, want)
+    for name in ("streamed", "cached"):
+        for got, want in zip(outputs[name], outputs["resident"], strict=True):
+            assert torch.equal(got, want), name
