@@ -70,8 +70,8 @@ class StreamedAttention:
     ) -> None:
         """``flash_version``: the FlashAttention version to call on CUDA (vLLM's own choice); None probes.
         ``layers``: each layer's attention variant, in layer order; None: plain causal attention everywhere.
-        ``cpu_kernel``: on the CPU, attend decode tokens with headinfer's C++ kernel (:class:`CpuKernel`),
-        with ``cpu_threads`` threads (None: torch's count).
+        ``cpu_kernel``: on the CPU, attend with headinfer's C++ kernels (:class:`CpuKernel`: decode tokens, and
+        prefill chunks where its prefill path is the kernel's), with ``cpu_threads`` threads (None: torch's count).
         ``decode_split``: the streamed groups that the CPU attends in decode-only steps (None: none).
         ``layer_groups``: the KV-cache group of each layer, in layer order: the index of the step plan
         it attends with (:meth:`begin_step`); None: one group.
