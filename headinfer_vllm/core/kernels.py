@@ -289,9 +289,18 @@ def cpu_prefill_path(dtype: torch.dtype) -> str:
     return "sdpa" if dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported() else "kernel"
 
 
+SPLIT_MIN_QUERY_LEN = 512
+"""Query tokens from which a causal chunk after earlier tokens goes through two flash calls on the CPU
+(:func:`split_causal_prefill`). Measured per call (bf16, 32 query / 8 KV heads, 2 Sapphire Rapids
+cores, medians of 5 alternated calls), masked time over split time: 0.43-0.59 for 16 queries, 0.54-1.14
+for 64, 0.89-1.14 for 256, 1.21-1.42 for 1,024 (after 500 and 4,000 earlier tokens): the per-head
+merge costs more than the mask saves below a few hundred queries."""
+
+
 def split_causal_prefill(query: torch.Tensor, request: RequestSpan) -> bool:
     """Whether a causal chunk goes through :func:`prefix_then_causal_attention`: on the CPU, in the
-    dtypes of torch's CPU flash kernel, for a chunk that follows earlier tokens of its request.
+    dtypes of torch's CPU flash kernel, for a chunk of at least :data:`SPLIT_MIN_QUERY_LEN` tokens that
+    follows earlier tokens of its request.
 
     Why: torch runs a lower-right causal mask on the CPU by materializing it, which makes its flash
     kernel score every (query, key) pair and apply the mask. Measured on 2 Sapphire Rapids cores
@@ -303,7 +312,7 @@ def split_causal_prefill(query: torch.Tensor, request: RequestSpan) -> bool:
     return (
         query.device.type == "cpu"
         and query.dtype in (torch.float32, torch.bfloat16, torch.float16)
-        and 1 < request.query_len < request.seq_len
+        and SPLIT_MIN_QUERY_LEN <= request.query_len < request.seq_len
     )
 
 
@@ -347,11 +356,20 @@ def prefix_then_causal_attention(
     return out
 
 
+KERNEL_MAX_QUERY_LEN = 16
+"""With ``prefill="sdpa"``, chunks of at most this many query tokens still go through the C++ prefill
+kernel. Measured per layer (bf16, 32 query / 8 KV heads, 8 requests over 500 keys, 2 Sapphire Rapids
+cores, medians of 5 alternated runs), SDPA's time over the kernel's: 2.0 for 8 query tokens per request,
+1.0 for 32, 0.64 for 64: the gather and the SDPA call cost more than a few queries' arithmetic. Such
+chunks are a prompt's last tokens after a prefix-cache hit, or the tail of a chunked prefill."""
+
+
 class CpuKernel(TorchKernel):
     """Decode tokens through the C++ decode kernel over the pages in place, every decode token of the
     step in one call per unit; prefill chunks (query length > 1) through the C++ prefill kernel, every
-    chunk of the step in one call per unit (``prefill="kernel"``), or as :class:`TorchKernel` (a gather
-    and one SDPA call per request, ``prefill="sdpa"``); see :func:`cpu_prefill_path`."""
+    chunk of the step in one call per unit (``prefill="kernel"``), or, but for chunks of at most
+    :data:`KERNEL_MAX_QUERY_LEN` tokens, as :class:`TorchKernel` (a gather and one SDPA call per request,
+    ``prefill="sdpa"``); see :func:`cpu_prefill_path`."""
 
     name = "cpu"
 
@@ -384,7 +402,10 @@ class CpuKernel(TorchKernel):
         super().begin_step(plan)
         self._decodes = []  # decode tokens go through the C++ kernel instead
         self._decode = _RequestRows.of(plan, [i for i, request in enumerate(plan.requests) if request.query_len == 1])
-        self._prefill = _RequestRows.of(plan, [index for index, _ in self._prefills])
+        longest = KERNEL_MAX_QUERY_LEN if self.prefill_path == "sdpa" else None  # None: every chunk
+        in_kernel = [index for index, request in self._prefills if longest is None or request.query_len <= longest]
+        self._prefill = _RequestRows.of(plan, in_kernel)
+        self._prefills = [(index, request) for index, request in self._prefills if index not in in_kernel]  # SDPA
 
     def begin_layer(self, query: torch.Tensor, out: torch.Tensor, variant: LayerAttention) -> None:
         super().begin_layer(query, out, variant)
@@ -401,15 +422,14 @@ class CpuKernel(TorchKernel):
             "num_threads": self._num_threads,
         }
         units = [(first_head, unit.pages)]
-        if self._prefill.count and self.prefill_path == "kernel":
+        if self._prefill.count:
             prefill = self._prefill
             self._prefill_attention(
                 self._query, units, prefill.starts, prefill.query_lens, prefill.block_table(table), prefill.seq_lens,
                 self.scale, out=self._out, **options,
             )
-        elif self._prefill.count:
-            for index, request in self._prefills:
-                self._attend_prefill(index, request, first_head, unit.head_rows, unit.pages.shape[3], table)
+        for index, request in self._prefills:
+            self._attend_prefill(index, request, first_head, unit.head_rows, unit.pages.shape[3], table)
         if self._decode.count:
             decode = self._decode
             self._decode_attention(

@@ -304,3 +304,40 @@ def test_prefill_path_rule(monkeypatch):
     monkeypatch.setenv(PREFILL_ENV, "fast")
     with pytest.raises(ValueError, match="auto, kernel, sdpa"):
         cpu_prefill_path(torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sdpa_path_sends_short_chunks_to_the_kernel(monkeypatch, isa, dtype):
+    """With ``prefill="sdpa"``, chunks of at most KERNEL_MAX_QUERY_LEN tokens go through the C++ kernel in
+    one call per unit, longer ones through SDPA one request at a time; the steps stay exact."""
+    from headinfer_vllm.core import kernels as kernels_module
+    from tests.core.test_variants import TOLERANCE as STEP_TOLERANCE
+    from tests.core.test_variants import run_steps, variant_scenario
+
+    if isa != (ISA_PATHS or ["auto"])[0]:
+        pytest.skip("the routing does not depend on the kernel's instruction path")
+    monkeypatch.setenv(PREFILL_ENV, "sdpa")
+    monkeypatch.setattr(kernels_module, "KERNEL_MAX_QUERY_LEN", 12)
+    kernel_chunks, sdpa_chunks = [], []
+    prefill_units = cpu_attention.prefill_attention_units
+
+    def counting_kernel(query, units, starts, query_lens, *args, **kwargs):
+        kernel_chunks.append(sorted(query_lens.tolist()))
+        return prefill_units(query, units, starts, query_lens, *args, **kwargs)
+
+    attend_prefill = CpuKernel._attend_prefill
+
+    def counting_sdpa(self, index, request, *args):
+        sdpa_chunks.append(request.query_len)
+        return attend_prefill(self, index, request, *args)
+
+    monkeypatch.setattr(cpu_attention, "prefill_attention_units", counting_kernel)
+    monkeypatch.setattr(CpuKernel, "_attend_prefill", counting_sdpa)
+    scenario = variant_scenario("windows", device="cpu", dtype=dtype, query_per_kv=2, head_dim=64,
+                                head_group_size=4, num_resident_units=4, seed=5)
+    scenario.cpu_kernel = True
+    # Per request: history, then two steps: chunks of 12 (kernel) and 13 (SDPA), decodes, 2 and 40.
+    assert run_steps(scenario, [[12, 13, 1, 2], [1, 1, 40, 1]], [20, 0, 30, 5]) <= STEP_TOLERANCE[dtype]
+    assert scenario.attention.kernel_name == "cpu"
+    assert set(map(tuple, kernel_chunks)) == {(2, 12)}  # the first step's short chunks, together
+    assert set(sdpa_chunks) == {13, 40}

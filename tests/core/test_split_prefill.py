@@ -7,6 +7,7 @@ import torch
 from headinfer_vllm.core import LayerAttention
 from headinfer_vllm.core import kernels as kernels_module
 from headinfer_vllm.core.kernels import prefix_then_causal_attention
+from headinfer_vllm.core.plan import RequestSpan
 from tests.core.scenario import relative_error
 from tests.core.test_variants import TOLERANCE, run_steps, variant_reference, variant_scenario
 
@@ -60,6 +61,7 @@ def test_torch_kernel_splits_chunks_after_earlier_tokens(monkeypatch, dtype):
         return prefix_then_causal_attention(query, key, value, scale)
 
     monkeypatch.setattr(kernels_module, "prefix_then_causal_attention", counting)
+    monkeypatch.setattr(kernels_module, "SPLIT_MIN_QUERY_LEN", 2)
     scenario = variant_scenario("windows", device="cpu", dtype=dtype, query_per_kv=4, head_dim=64,
                                 head_group_size=2, num_resident_units=2, seed=3)
     history, first, second = [37, 0, 130, 16], [12, 48, 1, 1], [1, 20, 1, 30]
@@ -69,3 +71,13 @@ def test_torch_kernel_splits_chunks_after_earlier_tokens(monkeypatch, dtype):
     # request 0's chunk of 12 on 37, request 1's chunk of 20 on 48 and request 3's of 30 on 17 (not the
     # first chunk of request 1, which starts from scratch).
     assert set(split_lengths) == {(12, 49), (20, 68), (30, 47)}
+
+
+def test_short_chunks_keep_the_mask():
+    """Below SPLIT_MIN_QUERY_LEN query tokens, and for a first chunk, the masked call stays."""
+    minimum = kernels_module.SPLIT_MIN_QUERY_LEN
+    query = torch.zeros(1, 4, minimum, 64)
+    assert kernels_module.split_causal_prefill(query, RequestSpan(0, minimum, 2 * minimum))
+    assert not kernels_module.split_causal_prefill(query, RequestSpan(0, minimum - 1, 2 * minimum))
+    assert not kernels_module.split_causal_prefill(query, RequestSpan(0, minimum, minimum))
+    assert not kernels_module.split_causal_prefill(query.double(), RequestSpan(0, minimum, 2 * minimum))
