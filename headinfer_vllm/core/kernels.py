@@ -24,14 +24,16 @@ Three kernels, chosen once per device and dtype:
   more batches only where lengths differ so much that padding would more than
   double the tokens); each prefill chunk with torch's
   ``scaled_dot_product_attention`` over its gathered K/V (the keys of its
-  windows only), or, in layers with soft-capping or sinks, with explicit
-  scores one precision above the cache's.
+  windows only; on the CPU, a long chunk after earlier tokens as two calls
+  merged by log-sum-exp, :func:`split_causal_prefill`), or, in layers with
+  soft-capping or sinks, with explicit scores one precision above the cache's.
 - ``cpu`` (:class:`CpuKernel`; on the CPU, when asked for): headinfer's C++
   kernels (:mod:`headinfer_vllm.core.cpu_attention`), which read the pages
   where they lie: every decode token of the step in one call per unit, and
   every prefill chunk of the step in one causal, paged, variable-length call
   per unit (no gather); or prefill chunks as ``sdpa`` where torch's SDPA is
-  the faster (bf16 on a CPU with AMX; :func:`cpu_prefill_path`).
+  the faster (bf16 on a CPU with AMX; :func:`cpu_prefill_path`), but for
+  chunks of a few tokens (:data:`KERNEL_MAX_QUERY_LEN`).
 """
 
 from __future__ import annotations
@@ -200,7 +202,7 @@ class TorchKernel:
         if causal and split_causal_prefill(q, request):
             self._out[tokens, query_heads] = prefix_then_causal_attention(q, k, v, self.scale)[0].transpose(0, 1)
             return
-        # the window hides keys that the causal mask shows
+        # A window hides keys that the causal mask shows.
         mask = request.causal_mask() if causal else self._visible_keys(index, request, window)
         grouped = self.query_per_kv != 1
         if grouped and self.expand_grouped_heads:
