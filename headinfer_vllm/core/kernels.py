@@ -295,8 +295,8 @@ SPLIT_MIN_QUERY_LEN = 512
 """Query tokens from which a causal chunk after earlier tokens goes through two flash calls on the CPU
 (:func:`split_causal_prefill`). Measured per call (bf16, 32 query / 8 KV heads, 2 Sapphire Rapids
 cores, medians of 5 alternated calls), masked time over split time: 0.43-0.59 for 16 queries, 0.54-1.14
-for 64, 0.89-1.14 for 256, 1.21-1.42 for 1,024 (after 500 and 4,000 earlier tokens): the per-head
-merge costs more than the mask saves below a few hundred queries."""
+for 64, 0.89-1.14 for 256, 1.21-1.42 for 1,024 (after 500 and 4,000 earlier tokens), with the merge
+then done head by head: the merge costs more than the mask saves below a few hundred queries."""
 
 
 def split_causal_prefill(query: torch.Tensor, request: RequestSpan) -> bool:
@@ -345,17 +345,21 @@ def prefix_then_causal_attention(
     prefix = prefix.view(kv_heads, query_len, per_kv, head_dim)
     prefix_lse = prefix_lse.view(kv_heads, query_len, per_kv)
     chunk, chunk_lse = flash(query, key[:, :, prefix_len:], value[:, :, prefix_len:], 0.0, True, scale=scale)[:2]
-    # The softmax over both key sets weighs the two partial outputs by exp(lse) each:
-    # chunk + (prefix - chunk) * sigmoid(prefix_lse - chunk_lse); lse in float32.
-    # Head by head, so that a head's result does not depend on how many heads the call has: torch's
-    # elementwise kernels take a scalar path for a tensor's last elements, whose bits can differ
-    # from the vector path's (the engine's streamed and resident units must agree bit for bit).
-    out = torch.empty_like(query)
-    for head in range(query_heads):
-        group, member = divmod(head, per_kv)
-        weight = torch.sigmoid(prefix_lse[group, :, member] - chunk_lse[0, head]).unsqueeze(-1)
-        out[0, head] = torch.lerp(chunk[0, head].float(), prefix[group, :, member].float(), weight)
-    return out
+    # The softmax over both key sets weighs the two partial outputs by exp(lse) each: prefix by
+    # w = sigmoid(prefix_lse - chunk_lse), chunk by 1 - w; in float32. The weights head by head, and
+    # the rest in separate multiplies and adds (each rounded once, whatever the vector width), so that
+    # a head's result does not depend on how many heads the call has: torch's elementwise kernels
+    # take a scalar path for a tensor's last elements, whose exp can differ from the vector path's
+    # in the last bit (the engine's streamed and resident units must agree bit for bit).
+    weight = torch.stack([
+        torch.sigmoid(prefix_lse[group, :, member] - chunk_lse[0, group * per_kv + member])
+        for group in range(kv_heads) for member in range(per_kv)
+    ]).unsqueeze(-1)  # [H, L, 1]
+    # [kv_heads, L, per_kv, D] -> [H, L, D], copied in float32.
+    prefix_rows = torch.empty(query_heads, query_len, head_dim, dtype=torch.float32)
+    prefix_rows.view(kv_heads, per_kv, query_len, head_dim).copy_(prefix.transpose(1, 2))
+    merged = chunk[0].float().mul_(1 - weight).add_(prefix_rows.mul_(weight))
+    return merged.to(query.dtype)[None]
 
 
 KERNEL_MAX_QUERY_LEN = 16
