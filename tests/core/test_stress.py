@@ -7,7 +7,7 @@ from a page that was stale, half-copied or overwritten too early.
 import pytest
 import torch
 
-from headinfer_vllm.core import HeadPageStore, KVLayout, StreamedAttention, build_step_plan
+from headinfer_vllm.core import HeadPageStore, KVLayout, StreamedAttention, build_step_plan, kernels
 
 SIZES = {
     "cpu": dict(layers=3, kv_heads=4, head_dim=64, context=700, chunk=128, steps=4),
@@ -33,6 +33,17 @@ def make_engine(layout, streamed, device, cache_pages=0):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_streamed_equals_resident_bitwise(device, page_cache):
     """With a page cache of a third of the blocks, pages are admitted, evicted and staged across steps."""
+    check_streamed_equals_resident(device, page_cache)
+
+
+def test_split_chunks_stay_bitwise(monkeypatch):
+    """The CPU's chunks after earlier tokens through two flash calls (kernels.split_causal_prefill, here
+    from 2 query tokens on): a streamed unit of one KV head equals the same head in a resident run."""
+    monkeypatch.setattr(kernels, "SPLIT_MIN_QUERY_LEN", 2)
+    check_streamed_equals_resident("cpu", page_cache=False)
+
+
+def check_streamed_equals_resident(device, page_cache):
     size = SIZES[device]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     block = 16
