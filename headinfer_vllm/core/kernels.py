@@ -411,7 +411,8 @@ class CpuKernel(TorchKernel):
         longest = KERNEL_MAX_QUERY_LEN if self.prefill_path == "sdpa" else None  # None: every chunk
         in_kernel = [index for index, request in self._prefills if longest is None or request.query_len <= longest]
         self._prefill = _RequestRows.of(plan, in_kernel)
-        self._prefills = [(index, request) for index, request in self._prefills if index not in in_kernel]  # SDPA
+        self._prefills = [(index, request) for index, request in self._prefills
+                          if longest is not None and request.query_len > longest]  # through SDPA
 
     def begin_layer(self, query: torch.Tensor, out: torch.Tensor, variant: LayerAttention) -> None:
         super().begin_layer(query, out, variant)
