@@ -36,6 +36,7 @@ bench-smoke: install
 	$(PYTHON) benchmarks/bench_core.py --smoke --out benchmarks/out
 	$(PYTHON) benchmarks/bench_cpu_attention.py --smoke --out benchmarks/out
 	$(PYTHON) benchmarks/bench_cpu_prefill.py --smoke --out benchmarks/out
+	$(PYTHON) benchmarks/bench_sdpa_prefill.py --smoke --out benchmarks/out
 	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/bench_hf.py --smoke --out benchmarks/out
 	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/bench_vllm.py --smoke --out benchmarks/out
 

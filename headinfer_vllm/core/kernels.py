@@ -293,10 +293,12 @@ def cpu_prefill_path(dtype: torch.dtype) -> str:
 
 SPLIT_MIN_QUERY_LEN = 512
 """Query tokens from which a causal chunk after earlier tokens goes through two flash calls on the CPU
-(:func:`split_causal_prefill`). Measured per call (bf16, 32 query / 8 KV heads, 2 Sapphire Rapids
-cores, medians of 5 alternated calls), masked time over split time: 0.43-0.59 for 16 queries, 0.54-1.14
-for 64, 0.89-1.14 for 256, 1.21-1.42 for 1,024 (after 500 and 4,000 earlier tokens), with the merge
-then done head by head: the merge costs more than the mask saves below a few hundred queries."""
+(:func:`split_causal_prefill`). Measured by ``benchmarks/bench_sdpa_prefill.py`` (bf16, 32 query / 8 KV
+heads, 2 Sapphire Rapids cores, medians of 5 alternated calls; ``benchmarks/results/bench_sdpa_prefill.json``),
+masked time over split time after 500 / 4,000 earlier tokens: 0.63 / 0.98 for 16 query tokens, 0.50 / 1.01
+for 64, 0.83 / 1.16 for 256, 0.94 / 1.15 for 1,024: below a few hundred query tokens the merge costs more
+than the mask saves; the gain grows with the earlier tokens (1.34x per layer for an 8K prompt's chunks
+of 2,048)."""
 
 
 def split_causal_prefill(query: torch.Tensor, request: RequestSpan) -> bool:
@@ -364,10 +366,11 @@ def prefix_then_causal_attention(
 
 KERNEL_MAX_QUERY_LEN = 16
 """With ``prefill="sdpa"``, chunks of at most this many query tokens still go through the C++ prefill
-kernel. Measured per layer (bf16, 32 query / 8 KV heads, 8 requests over 500 keys, 2 Sapphire Rapids
-cores, medians of 5 alternated runs), SDPA's time over the kernel's: 2.0 for 8 query tokens per request,
-1.0 for 32, 0.64 for 64: the gather and the SDPA call cost more than a few queries' arithmetic. Such
-chunks are a prompt's last tokens after a prefix-cache hit, or the tail of a chunked prefill."""
+kernel. Measured by ``benchmarks/bench_sdpa_prefill.py`` (one layer, bf16, 32 query / 8 KV heads, 8
+requests over 500 keys, 2 Sapphire Rapids cores, medians of 5 alternated runs), SDPA's time over the
+kernel's: 2.34 for 8 query tokens per request, 1.72 for 32, 0.99 for 64: the gather and the SDPA call
+cost more than a few queries' arithmetic. Such chunks are a prompt's last tokens after a prefix-cache
+hit, or the tail of a chunked prefill."""
 
 
 class CpuKernel(TorchKernel):
