@@ -11,6 +11,9 @@ times, medians of wall seconds and of the per-repeat ratios:
   tokens over ``keys`` keys each, through :class:`TorchKernel` (a gather and one SDPA call per request)
   against :class:`CpuKernel` with ``prefill="kernel"`` (the C++ paged kernel, one call);
   ``sdpa_over_kernel`` above 1 means the C++ kernel is faster.
+- ``amx`` (``AMX_KERNEL_MAX_KEYS``): the same comparison for ``requests`` requests with chunks of
+  ``query_len`` tokens over ``keys`` keys, long ones included, with the kernel's bf16 prefill path
+  (``prefill_path``: ``amx`` where it multiplies with AMX tiles).
 
 Writes ``bench_sdpa_prefill.json`` and ``.png`` to ``--out``.
 
@@ -56,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.split = [(16, 64), (64, 64)] if args.smoke else [
         (query_len, earlier) for query_len in (16, 64, 256, 1024) for earlier in (500, 4000)]
     args.short = [(4, 64), (16, 64)] if args.smoke else [(8, 500), (32, 500), (64, 500)]
+    args.amx = [(1, 64, 64)] if args.smoke else [
+        (8, 64, 500), (8, 256, 500), (8, 500, 500), (1, 512, 512), (1, 1024, 1024), (1, 1536, 1536),
+        (1, 2048, 2048), (1, 256, 4096), (1, 1024, 4096), (1, 512, 8192)]
     return args
 
 
@@ -93,14 +99,15 @@ def measure_split(query_len: int, earlier: int, repeats: int, generator: torch.G
     return {"query_len": query_len, "earlier": earlier, **summary(seconds, "masked", "split")}
 
 
-def measure_short(query_len: int, keys: int, repeats: int, generator: torch.Generator) -> dict:
+def measure_short(query_len: int, keys: int, repeats: int, generator: torch.Generator,
+                  requests: int = REQUESTS) -> dict:
     pages = -(-keys // BLOCK_SIZE)
-    num_blocks = REQUESTS * pages + 1
-    block_table = torch.randperm(num_blocks, generator=generator)[: REQUESTS * pages].view(REQUESTS, pages).int()
+    num_blocks = requests * pages + 1
+    block_table = torch.randperm(num_blocks, generator=generator)[: requests * pages].view(requests, pages).int()
     unit = PageViews.of(torch.randn(num_blocks, 2, BLOCK_SIZE, KV_HEADS, HEAD_DIM, generator=generator)
                         .to(torch.bfloat16))
-    starts = torch.arange(REQUESTS + 1, dtype=torch.int32) * query_len
-    plan = build_step_plan(query_start_loc=starts, seq_lens=torch.full((REQUESTS,), keys, dtype=torch.int32),
+    starts = torch.arange(requests + 1, dtype=torch.int32) * query_len
+    plan = build_step_plan(query_start_loc=starts, seq_lens=torch.full((requests,), keys, dtype=torch.int32),
                            block_table=block_table, slot_mapping=torch.zeros(int(starts[-1]), dtype=torch.int64),
                            block_size=BLOCK_SIZE, device="cpu")
     query = torch.randn(int(starts[-1]), KV_HEADS * QUERY_PER_KV, HEAD_DIM, generator=generator).to(torch.bfloat16)
@@ -116,7 +123,7 @@ def measure_short(query_len: int, keys: int, repeats: int, generator: torch.Gene
         kernel.end_layer()
 
     seconds = alternate({name: (lambda kernel=kernel: layer(kernel)) for name, kernel in kernels.items()}, repeats)
-    return {"query_len": query_len, "keys": keys, "requests": REQUESTS, **summary(seconds, "sdpa", "kernel")}
+    return {"query_len": query_len, "keys": keys, "requests": requests, **summary(seconds, "sdpa", "kernel")}
 
 
 def plot(report: dict, path: Path) -> None:
@@ -125,7 +132,7 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (split, short) = plt.subplots(1, 2, figsize=(11, 4))
+    figure, (split, short, amx) = plt.subplots(1, 3, figsize=(16, 4))
     for earlier in sorted({row["earlier"] for row in report["split"]}):
         rows = [row for row in report["split"] if row["earlier"] == earlier]
         split.plot([row["query_len"] for row in rows], [row["masked_over_split"] for row in rows], "o-",
@@ -137,7 +144,16 @@ def plot(report: dict, path: Path) -> None:
                label=f"{REQUESTS} requests")
     short.set(xscale="log", xlabel="query tokens per request", ylabel="SDPA / C++ kernel time",
               title=f"C++ kernel up to {report['kernel_max_query_len']} tokens")
-    for axis in (split, short):
+    for requests in sorted({row["requests"] for row in report["amx"]}):
+        rows = [row for row in report["amx"] if row["requests"] == requests]
+        amx.plot([row["keys"] for row in rows], [row["sdpa_over_kernel"] for row in rows], "o",
+                 label=f"{requests} request(s)")
+        for row in rows:
+            amx.annotate(str(row["query_len"]), (row["keys"], row["sdpa_over_kernel"]), fontsize=7)
+    amx.axvline(report["amx_kernel_max_keys"], color="grey", linestyle="--", linewidth=0.8)
+    amx.set(xscale="log", xlabel="keys per request (labels: query tokens)", ylabel="SDPA / C++ kernel time",
+            title=f"{report['prefill_path']} prefill kernel up to {report['amx_kernel_max_keys']} keys")
+    for axis in (split, short, amx):
         axis.axhline(1.0, color="grey", linewidth=0.8)
         axis.legend()
         axis.grid(True, which="both", alpha=0.3)
@@ -150,7 +166,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from headinfer_vllm.core import kernels
+    from headinfer_vllm.core import cpu_attention, kernels
 
     args = parse_args(argv)
     generator = torch.Generator().manual_seed(0)
@@ -163,8 +179,11 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": torch.get_num_threads(),
         "split_min_query_len": kernels.SPLIT_MIN_QUERY_LEN,
         "kernel_max_query_len": kernels.KERNEL_MAX_QUERY_LEN,
+        "amx_kernel_max_keys": kernels.AMX_KERNEL_MAX_KEYS,
+        "prefill_path": cpu_attention.prefill_instruction_path(),
         "split": [measure_split(q, earlier, args.repeats, generator) for q, earlier in args.split],
         "short": [measure_short(q, keys, args.repeats, generator) for q, keys in args.short],
+        "amx": [measure_short(q, keys, args.repeats, generator, requests) for requests, q, keys in args.amx],
     }
     report["load_average"] = {"before": [round(x, 2) for x in load_before],
                               "after": [round(x, 2) for x in os.getloadavg()]}
@@ -177,6 +196,9 @@ def main(argv: list[str] | None = None) -> dict:
     for row in report["short"]:
         print(f"short: {REQUESTS} x {row['query_len']:>3} tokens over {row['keys']}: SDPA {row['sdpa_ms']:.1f} ms, "
               f"C++ kernel {row['kernel_ms']:.1f} ms ({row['sdpa_over_kernel']:.2f}x)")
+    for row in report["amx"]:
+        print(f"{report['prefill_path']}: {row['requests']} x {row['query_len']:>4} tokens over {row['keys']:>4}: "
+              f"SDPA {row['sdpa_ms']:.1f} ms, C++ kernel {row['kernel_ms']:.1f} ms ({row['sdpa_over_kernel']:.2f}x)")
     return report
 
 

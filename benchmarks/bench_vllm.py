@@ -217,7 +217,7 @@ def cpu_attention_path() -> str:
     from headinfer_vllm.core import cpu_attention
 
     try:
-        return cpu_attention.instruction_path()
+        return f"{cpu_attention.instruction_path()} (bf16 prefill: {cpu_attention.prefill_instruction_path()})"
     except RuntimeError as error:
         return f"none ({str(error).splitlines()[0]})"
 

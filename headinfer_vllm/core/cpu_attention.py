@@ -32,6 +32,12 @@ paths serve head dims that are a multiple of 32 (AMX: bf16, blocks of >= 16 toke
 <= 16 query heads per KV head); other calls take the portable code of the same
 build. ``$HEADINFER_CPU_ATTENTION_ISA`` (or ``library(isa)``) asks for another
 path: tests and benchmarks build each. All accumulate in fp32.
+
+The prefill kernel of every AVX-512 build but ``avx512`` multiplies bf16 with AMX tiles where the
+compiler and CPU have them and Linux permits (:func:`prefill_instruction_path` says ``amx``): the
+scores' products summed in fp32 tiles, the probabilities rounded to bf16 for the product with V (as
+torch's SDPA and vLLM's CPU kernel round them), accumulated in fp32. ``avx512`` keeps the fp32 FMA
+prefill, so that tests cover it on an AMX machine too.
 """
 
 from __future__ import annotations
@@ -54,13 +60,14 @@ import torch
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "cpu_decode_attention.cpp"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 PORTABLE_FLAGS = tuple(flag for flag in FLAGS if flag != "-march=native")
-ABI_VERSION = 3
+ABI_VERSION = 4
 ISAS = ("amx", "avx512bf16", "avx512", "portable")
 """Instruction paths; ``auto`` builds avx512 where the CPU has it, else portable (amx and avx512bf16
 were not faster where measured: see the README's CPU attention results)."""
 ISA_ENV = "HEADINFER_CPU_ATTENTION_ISA"
 _ISA_DEFINES = {"auto": (), "amx": ("-DHEADINFER_CPU_ATTENTION_AMX",),
-                "avx512bf16": ("-DHEADINFER_CPU_ATTENTION_BF16_DOT",), "avx512": (),
+                "avx512bf16": ("-DHEADINFER_CPU_ATTENTION_BF16_DOT",),
+                "avx512": ("-DHEADINFER_CPU_ATTENTION_NO_AMX_PREFILL",),
                 "portable": ("-DHEADINFER_CPU_ATTENTION_PORTABLE",)}
 logger = logging.getLogger(__name__)
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -358,6 +365,12 @@ def instruction_path(isa: str | None = None) -> str:
     return library(isa).headinfer_cpu_attention_isa().decode()
 
 
+def prefill_instruction_path(isa: str | None = None) -> str:
+    """The path the prefill kernel of :func:`library` takes for bf16 head dims that are a multiple of 32:
+    ``amx`` (AMX tiles), else the decode path's (:func:`instruction_path`)."""
+    return library(isa).headinfer_cpu_prefill_isa().decode()
+
+
 def available_isas() -> list[str]:
     """The paths this compiler and CPU can build, fastest first (builds each)."""
     found = []
@@ -378,10 +391,12 @@ def _load(isa: str) -> ctypes.CDLL:
     if lib.headinfer_cpu_attention_abi_version() != ABI_VERSION:
         raise RuntimeError("headinfer: the CPU attention library's ABI does not match this Python module")
     lib.headinfer_cpu_attention_isa.restype = ctypes.c_char_p
+    lib.headinfer_cpu_prefill_isa.restype = ctypes.c_char_p
     built = lib.headinfer_cpu_attention_isa().decode()
     if isa != "auto" and built != isa:
         raise RuntimeError(f"headinfer: this compiler and CPU cannot build the {isa} CPU attention path ({built})")
-    logger.info("headinfer: CPU attention kernel takes the %s path (%s requested)", built, isa)
+    logger.info("headinfer: CPU attention kernel takes the %s path, its bf16 prefill the %s path (%s requested)",
+                built, lib.headinfer_cpu_prefill_isa().decode(), isa)
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     units_and_rows = [
         ctypes.c_int, ctypes.c_int, ptr, ptr, ptr,  # dtype, units: pages, heads, first heads

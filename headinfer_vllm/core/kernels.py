@@ -33,7 +33,9 @@ Three kernels, chosen once per device and dtype:
   every prefill chunk of the step in one causal, paged, variable-length call
   per unit (no gather); or prefill chunks as ``sdpa`` where torch's SDPA is
   the faster (bf16 on a CPU with AMX; :func:`cpu_prefill_path`), but for
-  chunks of a few tokens (:data:`KERNEL_MAX_QUERY_LEN`).
+  chunks of a few tokens (:data:`KERNEL_MAX_QUERY_LEN`) and, where the
+  kernel's bf16 prefill multiplies with AMX tiles, chunks of requests of up
+  to :data:`AMX_KERNEL_MAX_KEYS` keys.
 """
 
 from __future__ import annotations
@@ -277,8 +279,11 @@ PREFILL_ENV = "HEADINFER_CPU_PREFILL"
 
 
 def cpu_prefill_path(dtype: torch.dtype) -> str:
-    """``$HEADINFER_CPU_PREFILL`` if set, else ``sdpa`` for bfloat16 on a CPU with AMX tiles (torch's SDPA
-    multiplies bf16 there with AMX, faster than the C++ kernel's fp32 FMAs: see the README), else ``kernel``.
+    """``$HEADINFER_CPU_PREFILL`` if set, else ``sdpa`` for bfloat16 on a CPU with AMX tiles, else ``kernel``.
+
+    torch's SDPA multiplies bf16 there with AMX in large blocks: faster than the C++ kernel's fp32 FMAs
+    everywhere, and than its AMX tiles for long requests; :class:`CpuKernel` still sends the short
+    chunks, and with AMX tiles those of short requests, to the kernel (see the README).
 
     Raises:
         ValueError: an unknown ``$HEADINFER_CPU_PREFILL``.
@@ -368,17 +373,29 @@ KERNEL_MAX_QUERY_LEN = 16
 """With ``prefill="sdpa"``, chunks of at most this many query tokens still go through the C++ prefill
 kernel. Measured by ``benchmarks/bench_sdpa_prefill.py`` (one layer, bf16, 32 query / 8 KV heads, 8
 requests over 500 keys, 2 Sapphire Rapids cores, medians of 5 alternated runs), SDPA's time over the
-kernel's: 2.34 for 8 query tokens per request, 1.72 for 32, 0.99 for 64: the gather and the SDPA call
-cost more than a few queries' arithmetic. Such chunks are a prompt's last tokens after a prefix-cache
-hit, or the tail of a chunked prefill."""
+kernel's with its fp32 FMA prefill: 2.34 for 8 query tokens per request, 1.72 for 32, 0.99 for 64 (4.6,
+2.1 and 1.9 with its AMX prefill): the gather and the SDPA call cost more than a few queries' arithmetic.
+Such chunks are a prompt's last tokens after a prefix-cache hit, or the tail of a chunked prefill."""
+
+AMX_KERNEL_MAX_KEYS = 1024
+"""With ``prefill="sdpa"``, where the C++ kernel's bf16 prefill multiplies with AMX tiles
+(``cpu_attention.prefill_instruction_path() == "amx"``), a chunk whose request has at most this many keys
+(its earlier tokens and the chunk) also goes through the kernel. Measured by
+``benchmarks/bench_sdpa_prefill.py`` (``amx`` rows; one layer, bf16, 32 query / 8 KV heads, 2 Sapphire
+Rapids cores, medians of 5 alternated runs; ``benchmarks/results/bench_sdpa_prefill.json``), SDPA's time
+over the kernel's: 1.6 to 1.8 for 8 requests of 64 to 500 tokens over 500 keys, 1.3 for one chunk of 512
+over 512 keys, 1.0 for 1,024 over 1,024, 0.90 to 0.95 from 1,536 over 1,536; after longer earlier tokens
+SDPA wins (0.74 for 1,024 query tokens over 4,096 keys, 0.82 for 512 over 8,192): its flash calls
+multiply larger blocks per tile load."""
 
 
 class CpuKernel(TorchKernel):
     """Decode tokens through the C++ decode kernel over the pages in place, every decode token of the
     step in one call per unit; prefill chunks (query length > 1) through the C++ prefill kernel, every
     chunk of the step in one call per unit (``prefill="kernel"``), or, but for chunks of at most
-    :data:`KERNEL_MAX_QUERY_LEN` tokens, as :class:`TorchKernel` (a gather and one SDPA call per request,
-    ``prefill="sdpa"``); see :func:`cpu_prefill_path`."""
+    :data:`KERNEL_MAX_QUERY_LEN` tokens and (where the kernel's bf16 prefill takes AMX tiles) chunks of
+    requests of at most :data:`AMX_KERNEL_MAX_KEYS` keys, as :class:`TorchKernel` (a gather and one SDPA
+    call per request, ``prefill="sdpa"``); see :func:`cpu_prefill_path`."""
 
     name = "cpu"
 
@@ -393,10 +410,17 @@ class CpuKernel(TorchKernel):
         if self.prefill_path not in ("kernel", "sdpa"):
             raise ValueError(f"headinfer: CpuKernel(prefill={prefill!r}); choose kernel or sdpa")
         path = cpu_attention.instruction_path()  # builds it now (cached): a missing compiler stops start-up
-        logger.info("headinfer: CPU attention in place: decode tokens through the C++ kernel (%s path), prefill "
-                    "chunks through %s", path, "the C++ paged prefill kernel" if self.prefill_path == "kernel"
-                    else "a gather and torch's SDPA per request (bf16 on an AMX CPU; $HEADINFER_CPU_PREFILL=kernel "
-                    "for the C++ kernel)")
+        self._amx_prefill = dtype == torch.bfloat16 and cpu_attention.prefill_instruction_path() == "amx"
+        """Whether the C++ prefill kernel multiplies this dtype with AMX tiles (then takes more chunks)."""
+        logger.info(
+            "headinfer: CPU attention in place: decode tokens through the C++ kernel (%s path), prefill chunks "
+            "through %s", path,
+            f"the C++ paged prefill kernel ({cpu_attention.prefill_instruction_path()} path)"
+            if self.prefill_path == "kernel" else
+            "a gather and torch's SDPA per request (bf16 on an AMX CPU; $HEADINFER_CPU_PREFILL=kernel for the C++ "
+            f"kernel) but for chunks of <= {KERNEL_MAX_QUERY_LEN} tokens"
+            + (f" or of requests of <= {AMX_KERNEL_MAX_KEYS} keys (AMX prefill kernel)" if self._amx_prefill else ""),
+        )
         self._decode_attention = cpu_attention.decode_attention_units
         self._prefill_attention = cpu_attention.prefill_attention_units
         self._num_threads = num_threads
@@ -411,11 +435,15 @@ class CpuKernel(TorchKernel):
         super().begin_step(plan)
         self._decodes = []  # decode tokens go through the C++ kernel instead
         self._decode = _RequestRows.of(plan, [i for i, request in enumerate(plan.requests) if request.query_len == 1])
-        longest = KERNEL_MAX_QUERY_LEN if self.prefill_path == "sdpa" else None  # None: every chunk
-        in_kernel = [index for index, request in self._prefills if longest is None or request.query_len <= longest]
-        self._prefill = _RequestRows.of(plan, in_kernel)
-        self._prefills = [(index, request) for index, request in self._prefills
-                          if longest is not None and request.query_len > longest]  # through SDPA
+        kernel_chunks = [(index, request) for index, request in self._prefills if self._in_kernel(request)]
+        self._prefill = _RequestRows.of(plan, [index for index, _ in kernel_chunks])
+        self._prefills = [chunk for chunk in self._prefills if chunk not in kernel_chunks]  # through SDPA
+
+    def _in_kernel(self, request: RequestSpan) -> bool:
+        """Whether a prefill chunk goes through the C++ prefill kernel (else SDPA)."""
+        if self.prefill_path == "kernel" or request.query_len <= KERNEL_MAX_QUERY_LEN:
+            return True
+        return self._amx_prefill and request.seq_len <= AMX_KERNEL_MAX_KEYS
 
     def begin_layer(self, query: torch.Tensor, out: torch.Tensor, variant: LayerAttention) -> None:
         super().begin_layer(query, out, variant)

@@ -36,6 +36,10 @@
 //   portable    GCC/Clang vector extensions of 8 floats (AVX2 on x86, two NEON registers on
 //               Arm): no intrinsics needed.
 //
+// Prefill (headinfer_prefill_attention): the AVX-512 builds but -DHEADINFER_CPU_ATTENTION_NO_AMX_PREFILL
+// (the avx512 path's) multiply bf16 with AMX tiles where the compiler, CPU and Linux allow
+// (headinfer_cpu_prefill_isa() says "amx", see run_prefill_item_amx); else as the decode path.
+//
 // The AVX-512 paths serve head dims that are a multiple of 32; other head dims take the
 // portable code in the same build (AMX also wants bf16, blocks of >= 16 tokens and <= 16 query
 // heads per KV head, else avx512). A default build takes avx512 where the CPU has it, else
@@ -49,6 +53,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <optional>
 #include <type_traits>
@@ -61,11 +66,18 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(HEADINFER_CPU_ATTENTION_PORTABLE)
 #define HEADINFER_AVX512 1
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__) && defined(HEADINFER_CPU_ATTENTION_AMX)
-#define HEADINFER_AMX 1
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
+#define HEADINFER_AMX_TILES 1  // this compiler and CPU take AMX tiles (used if Linux permits, at run time)
 #include <sys/syscall.h>
 #include <unistd.h>
-#elif defined(__AVX512BF16__) && defined(HEADINFER_CPU_ATTENTION_BF16_DOT)
+#if !defined(HEADINFER_CPU_ATTENTION_NO_AMX_PREFILL)
+#define HEADINFER_AMX_PREFILL 1
+#endif
+#if defined(HEADINFER_CPU_ATTENTION_AMX)
+#define HEADINFER_AMX 1
+#endif
+#endif
+#if !defined(HEADINFER_AMX) && defined(__AVX512BF16__) && defined(HEADINFER_CPU_ATTENTION_BF16_DOT)
 #define HEADINFER_AVX512_BF16 1
 #endif
 #endif
@@ -227,6 +239,17 @@ inline f32x8 fma8(f32x8 a, f32x8 b, f32x8 c) {  // a * b + c
 #endif
 }
 
+inline f32x8 fma_lanes(f32x8 a, f32x8 b, f32x8 c) { return fma8(a, b, c); }
+
+#if defined(HEADINFER_AVX512)
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+inline f32x16 fma_lanes(f32x16 a, f32x16 b, f32x16 c) {
+  return (f32x16)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+}
+#endif
+
 inline float horizontal_sum(f32x8 v) {
 #if defined(__AVX__)
   __m128 x = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
@@ -238,25 +261,29 @@ inline float horizontal_sum(f32x8 v) {
 #endif
 }
 
-// exp(x) for x <= 0 (Cephes expf: about 1 ulp); 0 below fp32's normal range; NaN stays NaN.
-inline f32x8 exp_nonpositive(f32x8 x) {
-  const f32x8 lowest = broadcast(-87.33f);
-  const i32x8 in_range = ~(x < lowest);  // all ones where x >= lowest, or NaN
+// exp(x) for x <= 0 (Cephes expf: about 1 ulp); 0 below fp32's normal range; NaN stays NaN. V: a
+// vector of floats (8, or 16 on AVX-512), I the int32 vector of as many lanes.
+template <typename V, typename I>
+inline V exp_nonpositive_lanes(V x) {
+  const V lowest = V{} - 87.33f;
+  const I in_range = ~(x < lowest);  // all ones where x >= lowest, or NaN
   x = x < lowest ? lowest : x;
-  const f32x8 magic = broadcast(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const f32x8 n = (x * broadcast(1.44269504088896341f) + magic) - magic;
-  x = fma8(n, broadcast(-0.693359375f), x);
-  x = fma8(n, broadcast(2.12194440e-4f), x);
-  f32x8 y = broadcast(1.9875691500e-4f);
-  y = fma8(y, x, broadcast(1.3981999507e-3f));
-  y = fma8(y, x, broadcast(8.3334519073e-3f));
-  y = fma8(y, x, broadcast(4.1665795894e-2f));
-  y = fma8(y, x, broadcast(1.6666665459e-1f));
-  y = fma8(y, x, broadcast(5.0000001201e-1f));
-  y = fma8(y, x * x, x) + broadcast(1.0f);
-  const i32x8 exponent = (__builtin_convertvector(n, i32x8) + 127) << 23;
-  return (f32x8)((i32x8)(y * (f32x8)exponent) & in_range);
+  const V magic = V{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const V n = (x * 1.44269504088896341f + magic) - magic;
+  x = fma_lanes(n, V{} - 0.693359375f, x);
+  x = fma_lanes(n, V{} + 2.12194440e-4f, x);
+  V y = V{} + 1.9875691500e-4f;
+  y = fma_lanes(y, x, V{} + 1.3981999507e-3f);
+  y = fma_lanes(y, x, V{} + 8.3334519073e-3f);
+  y = fma_lanes(y, x, V{} + 4.1665795894e-2f);
+  y = fma_lanes(y, x, V{} + 1.6666665459e-1f);
+  y = fma_lanes(y, x, V{} + 5.0000001201e-1f);
+  y = fma_lanes(y, x * x, x) + 1.0f;
+  const I exponent = (__builtin_convertvector(n, I) + 127) << 23;
+  return (V)((I)(y * (V)exponent) & in_range);
 }
+
+inline f32x8 exp_nonpositive(f32x8 x) { return exp_nonpositive_lanes<f32x8, i32x8>(x); }
 
 // Kernels over one tile ---------------------------------------------------------------------
 //
@@ -569,33 +596,33 @@ inline void score_tile_wide(const float* q_rows, const uint16_t* q_bits, int64_t
   }
 }
 
-#if defined(HEADINFER_AMX)
-// AMX: the scores of 16 keys at a time, S^T [16 keys, Q] += K [16 keys, 32 elements] x Q^T, bf16
-// products summed in fp32, for bf16 pages of blocks of at least 16 tokens and Q <= 16. Tiles: 0 and
-// 3 the scores, 1 and 4 the keys (16 rows `stride` apart, straight from the page), 2 the queries,
-// packed once per item in pairs (VNNI): pair i of chunk c of query q at [(c * 16 + i) * Q + q].
-
-// Linux lends AMX's tile data to a process that asks for it; null when refused.
+#if defined(HEADINFER_AMX_TILES)
+// Linux lends AMX's tile data to a process that asks for it; false when refused.
 bool amx_permitted() {
   static const bool permitted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
   return permitted;
 }
 
-// Loads this thread's tile configuration for Q query heads (other code may have changed it).
-inline void configure_tiles(int Q) {
+// Loads this thread's tile configuration (other code may have changed it): tile i of 16 rows of
+// bytes_per_row[i] bytes, as many tiles as given.
+inline void configure_tiles(std::initializer_list<uint16_t> bytes_per_row) {
   struct alignas(64) {
     uint8_t palette, start_row, reserved[14];
     uint16_t bytes_per_row[16];
     uint8_t rows[16];
   } config{};
   config.palette = 1;
-  config.rows[0] = 16, config.bytes_per_row[0] = uint16_t(4 * Q);
-  config.rows[1] = 16, config.bytes_per_row[1] = 64;
-  config.rows[2] = 16, config.bytes_per_row[2] = uint16_t(4 * Q);
-  config.rows[3] = 16, config.bytes_per_row[3] = uint16_t(4 * Q);
-  config.rows[4] = 16, config.bytes_per_row[4] = 64;
+  int tile = 0;
+  for (const uint16_t bytes : bytes_per_row) config.rows[tile] = 16, config.bytes_per_row[tile++] = bytes;
   _tile_loadconfig(&config);
 }
+#endif
+
+#if defined(HEADINFER_AMX)
+// AMX: the scores of 16 keys at a time, S^T [16 keys, Q] += K [16 keys, 32 elements] x Q^T, bf16
+// products summed in fp32, for bf16 pages of blocks of at least 16 tokens and Q <= 16. Tiles: 0 and
+// 3 the scores, 1 and 4 the keys (16 rows `stride` apart, straight from the page), 2 the queries,
+// packed once per item in pairs (VNNI): pair i of chunk c of query q at [(c * 16 + i) * Q + q].
 
 // scores[q * kTile + t] = scale * (query q . key t) over the tile, two groups of 16 keys at a time
 // (tiles 0 and 3 the scores, 1 and 4 the keys: two chains of tile products in flight). A run shorter
@@ -808,9 +835,10 @@ int64_t query_head(const Call& c, int unit, int head, int q) {
 int64_t partial_floats(const Call& c) { return c.query_per_kv * (c.head_dim + 2); }
 
 // Normalizes one head's accumulators (with the sinks) and writes them to the output.
+// `natural_order`: acc holds each row's elements in order (the AMX prefill), not in slot order.
 template <int DT>
 void write_output(const Call& c, int unit, int request, int head, const float* running_max,
-                  const float* running_sum, const float* acc) {
+                  const float* running_sum, const float* acc, bool natural_order = false) {
   using T = typename Element<DT>::T;
   const bool wide = is_wide(c);
   for (int q = 0; q < c.query_per_kv; ++q) {
@@ -824,15 +852,19 @@ void write_output(const Call& c, int unit, int request, int head, const float* r
     const float weight = sum > 0.0f ? factor / sum : 0.0f;  // no keys: zeros
     T* out = static_cast<T*>(c.out) + request * c.out_row_stride + global * c.out_head_stride;
     for (int64_t d = 0; d < c.head_dim; ++d)
-      out[d] = Element<DT>::from_float(acc[q * c.head_dim + to_slots<DT>(d, c.head_dim, wide)] * weight);
+      out[d] = Element<DT>::from_float(acc[q * c.head_dim + (natural_order ? d : to_slots<DT>(d, c.head_dim, wide))] *
+                                       weight);
   }
 }
 
 struct Scratch {
   std::vector<float> queries, acc, scores, max, sum;
   std::vector<uint16_t> query_bits;  // bf16 queries as they are, for VDPBF16PS
-  std::vector<uint32_t> query_pairs;  // bf16 queries in pairs for AMX, see score_tile_amx
+  std::vector<uint32_t> query_pairs;  // bf16 queries in pairs for AMX, see score_tile_amx and run_prefill_item_amx
   std::vector<float> tile_rows;       // prefill: a tile's keys and values widened to fp32
+  std::vector<uint16_t> key_rows;     // AMX prefill: a block's keys, contiguous (see run_prefill_item_amx)
+  std::vector<uint16_t> value_pairs;  // AMX prefill: a block's values interleaved in pairs
+  std::vector<int32_t> positions;     // AMX prefill: each row's token position
 };
 
 template <int DT>
@@ -946,7 +978,7 @@ void run_item(const Call& c, const Item& item, Scratch& s, float* partials) {
     prefetch.step(kTile);  // whatever the passes left of the next tile
   };
 #if defined(HEADINFER_AMX)
-  if (amx) configure_tiles(int(Q));
+  if (amx) configure_tiles({uint16_t(4 * Q), 64, uint16_t(4 * Q), uint16_t(4 * Q), 64});
 #endif
   // Keys [key, end_key) of this item, kTile at a time, in runs that each lie in one page.
   int64_t key = std::max(keys.begin, item.first_page * B);
@@ -969,6 +1001,9 @@ void run_item(const Call& c, const Item& item, Scratch& s, float* partials) {
     prefetch.reset(ahead);
     attend(tiles[i % (kPrefetchTiles + 1)]);
   }
+#if defined(HEADINFER_AMX)
+  if (amx) _tile_release();
+#endif
   for (int64_t h = 0; h < H; ++h) {
     const float *max = s.max.data() + h * Q, *sum = s.sum.data() + h * Q, *acc = s.acc.data() + h * Q * D;
     if (item.partial < 0) {
@@ -1300,6 +1335,227 @@ void run_prefill_item_wide(const Call& c, int64_t first_row, int64_t first_posit
 }
 #endif
 
+#if defined(HEADINFER_AMX_PREFILL)
+// The AMX prefill item (bf16, head dims that are a multiple of 32, Linux's permission): the item's
+// rows (token t, query head q at row t * Q + q; R of them, padded to a multiple of 16) in tiles of
+// 16, against blocks of kAmxKeys keys, rows in the lanes as in the AVX-512 item:
+//
+//   S^T [32 keys, 16 rows] = K [32, D] x Q^T     bf16 products summed in fp32 (TDPBF16PS), D / 32 steps
+//   online softmax on S^T's 16 lanes in fp32 (AVX-512), P = exp(S - max) rounded to bf16 (as torch's
+//   SDPA and vLLM's CPU kernel round it) and transposed
+//   acc [16, D] += P [16, 32 keys] x V            fp32, the accumulator rows loaded into and stored
+//                                                 from tiles, D / 16 steps
+//
+// Operands in the layout TDPBF16PS wants, built once: Q^T per item (tile (row tile, c) row i column
+// j = elements 32c + 2i, 32c + 2i + 1 of row j, a 16 x 16 transpose of 32-bit words); per block, the
+// keys copied to contiguous rows and the values interleaved in pairs (tile c row i = elements
+// 16c .. 16c + 15 of keys 2i and 2i + 1, alternating). Keys past the block's end are zeros, never
+// read from the pages. Tiles: 0 and 1 the keys (two groups of 16), 2 the queries, 3 and 4 the
+// scores; then 5 the probabilities, 0 to 2 the accumulators, 3, 4 and 6 the values; each 16 rows of
+// 64 bytes. Blocks of 64 keys (each accumulator load serving two products) measured slower for the
+// short requests this kernel takes with SDPA beside it (kernels.AMX_KERNEL_MAX_KEYS): 59 against 54 ms
+// a layer for 8 requests of 300-650 tokens, 98 against 110 ms for one chunk of 2,048 (both builds
+// alternated in one process, a script not kept).
+
+constexpr int kAmxKeys = 32;
+constexpr int kAmxQueryRows = 256;  // rows per item: the block's keys and values are packed once for 16 row tiles
+
+// Row i of the result: word i of each of the 16 rows (a 16 x 16 transpose of 32-bit words).
+inline void transpose_words(__m512i* rows) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {  // lane L: words 4L, 4L + 1 (then 4L + 2, 4L + 3) of rows 2i, 2i + 1
+    t[2 * i] = _mm512_unpacklo_epi32(rows[2 * i], rows[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(rows[2 * i], rows[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // rows[4i + j], lane L: word 4L + j of rows 4i .. 4i + 3
+    rows[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    rows[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    rows[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    rows[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  __m512i out[16];
+  for (int j = 0; j < 4; ++j) {  // word 4L + j of rows 4g .. 4g + 3 is lane L of rows[4g + j]: gather the lanes
+    const __m512i ab_low = _mm512_shuffle_i32x4(rows[j], rows[4 + j], 0x44);
+    const __m512i ab_high = _mm512_shuffle_i32x4(rows[j], rows[4 + j], 0xee);
+    const __m512i cd_low = _mm512_shuffle_i32x4(rows[8 + j], rows[12 + j], 0x44);
+    const __m512i cd_high = _mm512_shuffle_i32x4(rows[8 + j], rows[12 + j], 0xee);
+    out[j] = _mm512_shuffle_i32x4(ab_low, cd_low, 0x88);
+    out[4 + j] = _mm512_shuffle_i32x4(ab_low, cd_low, 0xdd);
+    out[8 + j] = _mm512_shuffle_i32x4(ab_high, cd_high, 0x88);
+    out[12 + j] = _mm512_shuffle_i32x4(ab_high, cd_high, 0xdd);
+  }
+  for (int i = 0; i < 16; ++i) rows[i] = out[i];
+}
+
+// exp_nonpositive on 16 lanes.
+inline __m512 exp_nonpositive_ps(__m512 x) { return (__m512)exp_nonpositive_lanes<f32x16, i32x16>((f32x16)x); }
+
+// Whether prefill items take the AMX tiles.
+bool is_amx_prefill(const Call& c) { return c.dtype == kBFloat16 && is_wide(c) && amx_permitted(); }
+
+void run_prefill_item_amx(const Call& c, int64_t first_row, int64_t first_position, const Keys& keys,
+                          const PrefillItem& item, Scratch& s) {
+  const int64_t D = c.head_dim, B = c.block_size, Q = c.query_per_kv, heads = c.unit_heads[item.unit];
+  const int64_t rows = item.num_tokens * Q, R = (rows + 15) / 16 * 16, chunks = D / 32;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  s.query_pairs.resize(R / 16 * chunks * 256);
+  s.acc.assign(R * D, 0.0f);
+  s.max.assign(R, kNegInf);
+  s.sum.assign(R, 0.0f);
+  s.key_rows.resize(kAmxKeys * D);
+  s.value_pairs.resize(D / 16 * 512);
+  std::vector<int32_t>& positions = s.positions;  // of each row's token; -1 for padding (sees no key)
+  positions.assign(R, -1);
+  for (int64_t r = 0; r < rows; ++r) positions[r] = int32_t(first_position + r / Q);
+  for (int64_t tile_row = 0; tile_row < R; tile_row += 16) {
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      __m512i words[16];
+      for (int j = 0; j < 16; ++j) {
+        const int64_t r = tile_row + j;
+        const uint16_t* row = static_cast<const uint16_t*>(c.query) + (first_row + r / Q) * c.query_row_stride +
+                              query_head(c, item.unit, item.head, int(r % Q)) * c.query_head_stride;
+        words[j] = r < rows ? _mm512_loadu_si512(row + 32 * chunk) : _mm512_setzero_si512();
+      }
+      transpose_words(words);
+      for (int i = 0; i < 16; ++i)
+        _mm512_storeu_si512(s.query_pairs.data() + ((tile_row / 16) * chunks + chunk) * 256 + i * 16, words[i]);
+    }
+  }
+  const uint16_t* pages = static_cast<const uint16_t*>(c.unit_pages[item.unit]);
+  const int32_t* table = c.block_table + item.request * c.block_table_stride;
+  const int64_t row_stride = heads * D, page_elements = 2 * B * row_stride;
+  float* acc = s.acc.data();
+  uint16_t *key_rows = s.key_rows.data(), *value_pairs = s.value_pairs.data();
+  alignas(64) float scores[kAmxKeys * 16];  // S^T, then P^T: [key][row of the tile]
+  alignas(64) uint16_t probs[16 * kAmxKeys];  // P in bf16: [row][key]
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                              22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512 negative_infinity = _mm512_set1_ps(kNegInf);
+  configure_tiles({64, 64, 64, 64, 64, 64, 64, 64});
+  for (int64_t first_key = keys.begin; first_key < keys.end; first_key += kAmxKeys) {
+    const int n = int(std::min<int64_t>(kAmxKeys, keys.end - first_key));
+    const uint16_t* value_rows[kAmxKeys];
+    for (int t = 0; t < n; ++t) {
+      const int64_t key = first_key + t;
+      const uint16_t* k = pages + table[key / B] * page_elements + (key % B) * row_stride + item.head * D;
+      std::memcpy(key_rows + t * D, k, D * sizeof(uint16_t));
+      value_rows[t] = k + B * row_stride;
+    }
+    if (n < kAmxKeys) std::memset(key_rows + n * D, 0, (kAmxKeys - n) * D * sizeof(uint16_t));
+    for (int i = 0; i < kAmxKeys / 2; ++i) {
+      const int t = 2 * i;
+      for (int64_t chunk = 0; chunk < D / 16; ++chunk) {
+        const __m256i even = t < n ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(value_rows[t] + 16 * chunk))
+                                   : _mm256_setzero_si256();
+        const __m256i odd = t + 1 < n ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(value_rows[t + 1] + 16 * chunk))
+                                      : _mm256_setzero_si256();
+        const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(even), odd, 1);
+        _mm512_storeu_si512(value_pairs + chunk * 512 + i * 32, _mm512_permutexvar_epi16(interleave, both));
+      }
+    }
+    for (int64_t tile_row = 0; tile_row < R; tile_row += 16) {
+      // The tile's tokens sit at positions [first_position + first_token, first_position + last_token].
+      const int64_t first_token = tile_row / Q, last_token = std::min(rows - 1, tile_row + 15) / Q;
+      if (first_key > first_position + last_token) continue;  // every key after every row's position
+      if (c.sliding_window > 0 && first_key + n - 1 < first_position + first_token - c.sliding_window + 1) continue;
+      _tile_zero(3);
+      _tile_zero(4);
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+        _tile_loadd(0, key_rows + 32 * chunk, D * 2);
+        _tile_loadd(1, key_rows + 16 * D + 32 * chunk, D * 2);
+        _tile_loadd(2, s.query_pairs.data() + ((tile_row / 16) * chunks + chunk) * 256, 64);
+        _tile_dpbf16ps(3, 0, 2);
+        _tile_dpbf16ps(4, 1, 2);
+      }
+      _tile_stored(3, scores, 64);
+      _tile_stored(4, scores + 16 * 16, 64);
+      float factor = c.scale;  // applied to the scores below
+      if (c.logits_soft_cap > 0.0f) {
+        for (int i = 0; i < n * 16; ++i) scores[i] = c.logits_soft_cap * std::tanh(scores[i] * c.scale / c.logits_soft_cap);
+        factor = 1.0f;
+      }
+      const __m512 scale = _mm512_set1_ps(factor);
+      __m512 tile_max = negative_infinity;
+      const int64_t lowest_seen = c.sliding_window > 0 ? first_position + last_token - c.sliding_window + 1 : 0;
+      if (n == kAmxKeys && first_key + n - 1 <= first_position + first_token && first_key >= lowest_seen) {
+        for (int t = 0; t < n; ++t) {  // every row sees every key of the block
+          const __m512 score = _mm512_mul_ps(_mm512_load_ps(scores + 16 * t), scale);
+          _mm512_store_ps(scores + 16 * t, score);
+          tile_max = _mm512_max_ps(tile_max, score);
+        }
+      } else {  // row r sees key j if lowest[r] <= j <= position[r]
+        const __m512i position = _mm512_loadu_si512(positions.data() + tile_row);
+        const __m512i lowest = c.sliding_window > 0
+                                   ? _mm512_sub_epi32(position, _mm512_set1_epi32(int32_t(c.sliding_window - 1)))
+                                   : _mm512_set1_epi32(std::numeric_limits<int32_t>::min());
+        for (int t = 0; t < n; ++t) {
+          const __m512i key = _mm512_set1_epi32(int32_t(first_key + t));
+          const __mmask16 seen = _mm512_cmp_epi32_mask(key, position, _MM_CMPINT_LE) &
+                                 _mm512_cmp_epi32_mask(key, lowest, _MM_CMPINT_NLT);
+          const __m512 score = _mm512_mask_mul_ps(negative_infinity, seen, _mm512_load_ps(scores + 16 * t), scale);
+          _mm512_store_ps(scores + 16 * t, score);
+          tile_max = _mm512_max_ps(tile_max, score);
+        }
+        for (int t = n; t < kAmxKeys; ++t) _mm512_store_ps(scores + 16 * t, negative_infinity);
+      }
+      const __m512 old_max = _mm512_loadu_ps(s.max.data() + tile_row);
+      const __m512 new_max = _mm512_max_ps(old_max, tile_max);
+      const __m512 shift = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(new_max, negative_infinity, _CMP_NEQ_OQ), new_max);
+      const __m512 correction = exp_nonpositive_ps(_mm512_sub_ps(old_max, shift));  // rows with no keys yet: 0
+      __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(s.sum.data() + tile_row), correction);
+      __m512i pairs[16];
+      for (int i = 0; i < 16; ++i) {
+        const __m512 p_even = exp_nonpositive_ps(_mm512_sub_ps(_mm512_load_ps(scores + 32 * i), shift));
+        const __m512 p_odd = exp_nonpositive_ps(_mm512_sub_ps(_mm512_load_ps(scores + 32 * i + 16), shift));
+        sum = _mm512_add_ps(sum, _mm512_add_ps(p_even, p_odd));
+        // Word r: (P[r][2i], P[r][2i + 1]) in bf16.
+        pairs[i] = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(p_odd, p_even));
+      }
+      transpose_words(pairs);  // row r: P[r][0 .. 31] in bf16
+      for (int i = 0; i < 16; ++i) _mm512_store_si512(probs + i * kAmxKeys, pairs[i]);
+      _mm512_storeu_ps(s.sum.data() + tile_row, sum);
+      _mm512_storeu_ps(s.max.data() + tile_row, new_max);
+      for (__mmask16 grew = _mm512_cmp_ps_mask(correction, _mm512_set1_ps(1.0f), _CMP_NEQ_UQ); grew != 0;
+           grew &= grew - 1) {
+        const int i = __builtin_ctz(grew);
+        const __m512 row_factor = _mm512_set1_ps(correction[i]);
+        float* acc_row = acc + (tile_row + i) * D;
+        for (int64_t d = 0; d < D; d += 16)
+          _mm512_storeu_ps(acc_row + d, _mm512_mul_ps(_mm512_loadu_ps(acc_row + d), row_factor));
+      }
+      // Three accumulator tiles in flight, so that a store never waits on the product just issued.
+      _tile_loadd(5, probs, kAmxKeys * 2);
+      float* acc_rows = acc + tile_row * D;
+      int64_t chunk = 0;
+      for (; chunk + 3 <= D / 16; chunk += 3) {
+        _tile_loadd(0, acc_rows + 16 * chunk, D * 4);
+        _tile_loadd(3, value_pairs + chunk * 512, 64);
+        _tile_loadd(1, acc_rows + 16 * (chunk + 1), D * 4);
+        _tile_loadd(4, value_pairs + (chunk + 1) * 512, 64);
+        _tile_loadd(2, acc_rows + 16 * (chunk + 2), D * 4);
+        _tile_loadd(6, value_pairs + (chunk + 2) * 512, 64);
+        _tile_dpbf16ps(0, 5, 3);
+        _tile_dpbf16ps(1, 5, 4);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_stored(0, acc_rows + 16 * chunk, D * 4);
+        _tile_stored(1, acc_rows + 16 * (chunk + 1), D * 4);
+        _tile_stored(2, acc_rows + 16 * (chunk + 2), D * 4);
+      }
+      for (; chunk < D / 16; ++chunk) {
+        _tile_loadd(0, acc_rows + 16 * chunk, D * 4);
+        _tile_loadd(3, value_pairs + chunk * 512, 64);
+        _tile_dpbf16ps(0, 5, 3);
+        _tile_stored(0, acc_rows + 16 * chunk, D * 4);
+      }
+    }
+  }
+  _tile_release();  // back unconfigured, as oneDNN's kernels and torch's SDPA leave them: the next user configures
+  for (int64_t token = 0; token < item.num_tokens; ++token)
+    write_output<kBFloat16>(c, item.unit, int(first_row + token), item.head, s.max.data() + token * Q,
+                            s.sum.data() + token * Q, acc + token * Q * D, /*natural_order=*/true);
+}
+#endif
+
 template <int DT>
 void run_prefill_item(const Call& c, const int32_t* query_starts, const int32_t* query_lens, const PrefillItem& item,
                       Scratch& s) {
@@ -1310,6 +1566,9 @@ void run_prefill_item(const Call& c, const int32_t* query_starts, const int32_t*
   const int64_t first_position = seq_len - query_len + item.first_token;
   const int64_t first_row = query_starts[item.request] + item.first_token;
   const Keys keys = prefill_keys(c, seq_len, query_len, item.first_token, item.num_tokens);
+#if defined(HEADINFER_AMX_PREFILL)
+  if (DT == kBFloat16 && is_amx_prefill(c)) return run_prefill_item_amx(c, first_row, first_position, keys, item, s);
+#endif
 #if defined(HEADINFER_AVX512)
   if (is_wide(c)) return run_prefill_item_wide<DT>(c, first_row, first_position, keys, item, s);
 #endif
@@ -1389,7 +1648,12 @@ void run_prefill_item(const Call& c, const int32_t* query_starts, const int32_t*
 // Checks the chunks and the block table entries that will be read; cuts the call into items.
 int plan_prefill(const Call& c, const int32_t* query_lens, std::vector<PrefillItem>& items, int64_t* bad_index) {
   const int64_t B = c.block_size, Q = c.query_per_kv;
-  const int64_t tokens_per_item = std::max<int64_t>(1, kQueryRows / Q);
+#if defined(HEADINFER_AMX_PREFILL)
+  const int64_t rows_per_item = is_amx_prefill(c) ? kAmxQueryRows : kQueryRows;
+#else
+  const int64_t rows_per_item = kQueryRows;
+#endif
+  const int64_t tokens_per_item = std::max<int64_t>(1, rows_per_item / Q);
   for (int64_t r = 0; r < c.num_requests; ++r) {
     const int64_t seq_len = c.seq_lens[r], query_len = query_lens[r];
     if (query_len < 0 || query_len > seq_len) return *bad_index = r, kBadShape;
@@ -1447,7 +1711,7 @@ int run_prefill(const Call& c, const int32_t* query_starts, const int32_t* query
 extern "C" {
 
 // Bumped when a signature below changes; the Python side checks it.
-int headinfer_cpu_attention_abi_version() { return 3; }
+int headinfer_cpu_attention_abi_version() { return 4; }
 
 // The instruction path this build takes for head dims that are a multiple of 32 (see the top).
 const char* headinfer_cpu_attention_isa() {
@@ -1499,6 +1763,15 @@ int headinfer_decode_attention(int dtype, int num_units, const void* const* unit
     default:
       return kBadDType;
   }
+}
+
+// The instruction path of the prefill kernel for bf16 head dims that are a multiple of 32: "amx" where
+// this build and Linux allow AMX tiles, else the decode path's.
+const char* headinfer_cpu_prefill_isa() {
+#if defined(HEADINFER_AMX_PREFILL)
+  if (amx_permitted()) return "amx";
+#endif
+  return headinfer_cpu_attention_isa();
 }
 
 // Causal prefill attention of `num_units` units of one layer (see "Prefill" above): arguments as

@@ -152,6 +152,41 @@ def test_half_precision_shapes(dtype, query_per_kv, head_dim):
     check(PrefillCase(*WORKLOAD, heads=2, query_per_kv=query_per_kv, head_dim=head_dim, dtype=dtype, seed=3))
 
 
+@pytest.mark.parametrize("block_size", [5, 16, 24])
+@pytest.mark.parametrize("query_per_kv", [3, 16])
+def test_bf16_items_and_key_blocks_across_pages(block_size, query_per_kv):
+    """bf16 chunks long enough for several items per request and head (the AMX path's items hold 256 rows:
+    85 tokens of 3 query heads, then a partial tile), key blocks of 32 that straddle pages of 5 or 24 tokens."""
+    check(PrefillCase([700, 190, 33], [600, 190, 2], heads=2, query_per_kv=query_per_kv, head_dim=64,
+                      block_size=block_size, dtype=torch.bfloat16, sliding_window=0, seed=block_size + query_per_kv))
+
+
+def test_torch_sdpa_before_and_after_the_kernel(isa):
+    """torch's bf16 SDPA (AMX tiles through oneDNN where the CPU has them) gives the same output around a
+    kernel call that configures and releases the tiles on the same thread."""
+    case = PrefillCase([300], [300], heads=2, query_per_kv=4, head_dim=64, dtype=torch.bfloat16, seed=47)
+    query = torch.randn(1, 8, 256, 64, generator=case.generator).to(torch.bfloat16)
+    keys, values = (torch.randn(1, 8, 256, 64, generator=case.generator).to(torch.bfloat16) for _ in range(2))
+
+    def sdpa() -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(query, keys, values, is_causal=True)
+
+    before = sdpa()
+    check(case, num_threads=1)
+    assert torch.equal(sdpa(), before)
+
+
+def test_prefill_instruction_paths(isa):
+    """bf16 prefill takes AMX tiles in every AVX-512 build but ``avx512`` where the CPU and Linux allow them."""
+    path = cpu_attention.prefill_instruction_path()
+    if isa in ("avx512", "portable"):
+        assert path == isa
+    elif isa in ("amx", "avx512bf16"):
+        assert path == ("amx" if torch.cpu._is_amx_tile_supported() else isa)
+    else:
+        assert path in ("amx", cpu_attention.instruction_path())
+
+
 @pytest.mark.parametrize("head_dim", [1, 8, 24, 40])
 @pytest.mark.parametrize("block_size", [1, 5, 32])
 def test_head_dims_and_page_sizes_off_the_vector_width(head_dim, block_size):
@@ -311,13 +346,41 @@ def test_sdpa_path_sends_short_chunks_to_the_kernel(monkeypatch, isa, dtype):
     """With ``prefill="sdpa"``, chunks of at most KERNEL_MAX_QUERY_LEN tokens go through the C++ kernel in
     one call per unit, longer ones through SDPA one request at a time; the steps stay exact."""
     from headinfer_vllm.core import kernels as kernels_module
-    from tests.core.test_variants import TOLERANCE as STEP_TOLERANCE
-    from tests.core.test_variants import run_steps, variant_scenario
 
     if isa != (ISA_PATHS or ["auto"])[0]:
         pytest.skip("the routing does not depend on the kernel's instruction path")
     monkeypatch.setenv(PREFILL_ENV, "sdpa")
     monkeypatch.setattr(kernels_module, "KERNEL_MAX_QUERY_LEN", 12)
+    monkeypatch.setattr(kernels_module, "AMX_KERNEL_MAX_KEYS", 0)
+    kernel_chunks, sdpa_chunks = run_routed_steps(monkeypatch, dtype)
+    assert set(map(tuple, kernel_chunks)) == {(2, 12)}  # the first step's short chunks, together
+    assert set(sdpa_chunks) == {13, 40}
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_sdpa_path_sends_short_requests_to_an_amx_kernel(monkeypatch, isa, amx):
+    """Where the kernel's bf16 prefill takes AMX tiles, chunks of requests of at most AMX_KERNEL_MAX_KEYS keys go
+    through it too, whatever their length; elsewhere only the short chunks."""
+    from headinfer_vllm.core import kernels as kernels_module
+
+    if isa != (ISA_PATHS or ["auto"])[0]:
+        pytest.skip("the routing does not depend on the kernel's instruction path")
+    monkeypatch.setenv(PREFILL_ENV, "sdpa")
+    monkeypatch.setattr(kernels_module, "KERNEL_MAX_QUERY_LEN", 1)
+    monkeypatch.setattr(kernels_module, "AMX_KERNEL_MAX_KEYS", 32)
+    monkeypatch.setattr(cpu_attention, "prefill_instruction_path", lambda: "amx" if amx else "avx512")
+    kernel_chunks, sdpa_chunks = run_routed_steps(monkeypatch, torch.bfloat16)
+    if amx:  # requests of 32, 13 and 7 keys in the first step; 71 in the second
+        assert set(map(tuple, kernel_chunks)) == {(2, 12, 13)} and set(sdpa_chunks) == {40}
+    else:
+        assert not kernel_chunks and set(sdpa_chunks) == {2, 12, 13, 40}
+
+
+def run_routed_steps(monkeypatch, dtype: torch.dtype) -> tuple[list[list[int]], list[int]]:
+    """Two steps through CpuKernel; the chunk lengths of each C++ prefill call, and those SDPA took."""
+    from tests.core.test_variants import TOLERANCE as STEP_TOLERANCE
+    from tests.core.test_variants import run_steps, variant_scenario
+
     kernel_chunks, sdpa_chunks = [], []
     prefill_units = cpu_attention.prefill_attention_units
 
@@ -336,8 +399,7 @@ def test_sdpa_path_sends_short_chunks_to_the_kernel(monkeypatch, isa, dtype):
     scenario = variant_scenario("windows", device="cpu", dtype=dtype, query_per_kv=2, head_dim=64,
                                 head_group_size=4, num_resident_units=4, seed=5)
     scenario.cpu_kernel = True
-    # Per request: history, then two steps: chunks of 12 (kernel) and 13 (SDPA), decodes, 2 and 40.
+    # Per request: history, then two steps: chunks of 12 and 13, decodes, 2 and 40.
     assert run_steps(scenario, [[12, 13, 1, 2], [1, 1, 40, 1]], [20, 0, 30, 5]) <= STEP_TOLERANCE[dtype]
     assert scenario.attention.kernel_name == "cpu"
-    assert set(map(tuple, kernel_chunks)) == {(2, 12)}  # the first step's short chunks, together
-    assert set(sdpa_chunks) == {13, 40}
+    return kernel_chunks, sdpa_chunks
