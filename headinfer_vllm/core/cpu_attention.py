@@ -459,6 +459,9 @@ def build(isa: str = "auto") -> Path:
             return path
         error = _compile(compiler, flags, path)
         if error is None:
+            if errors:  # the native build failed: this one runs, but without the CPU's own instructions
+                logger.warning("headinfer: building the CPU attention kernel with -march=native failed; using a "
+                               "portable build (slower). Compiler output, last lines:\n%s", errors[0])
             return path
         errors.append(f"$ {shlex.join([*compiler, *flags])} ...\n{error}")
     raise RuntimeError(

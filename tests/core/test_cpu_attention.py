@@ -386,6 +386,23 @@ def test_build_failure_says_what_to_do(tmp_path, monkeypatch):
         cpu_attention.build()
 
 
+def test_a_failed_native_build_is_logged(tmp_path, monkeypatch, caplog):
+    """A source the native flags cannot build (as an AMX intrinsic given a tile number that is no constant was)
+    still loads through the portable flags, and the log says so with the compiler's output."""
+    monkeypatch.setenv("HEADINFER_CACHE_DIR", str(tmp_path))
+
+    def compile_portable_only(compiler, flags, path):
+        if "-march=native" in flags:
+            return "Error: bad register name"
+        path.write_bytes(b"")
+        return None
+
+    monkeypatch.setattr(cpu_attention, "_compile", compile_portable_only)
+    with caplog.at_level("WARNING", logger=cpu_attention.logger.name):
+        path = cpu_attention.build()
+    assert path.exists() and "-march=native failed" in caplog.text and "bad register name" in caplog.text
+
+
 def test_torch_thread_count_is_the_default(monkeypatch):
     case = Case([3000], heads=1, query_per_kv=1, block_size=2, seed=53)
     threads = torch.get_num_threads()
