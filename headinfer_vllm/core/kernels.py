@@ -373,8 +373,8 @@ KERNEL_MAX_QUERY_LEN = 16
 """With ``prefill="sdpa"``, chunks of at most this many query tokens still go through the C++ prefill
 kernel. Measured by ``benchmarks/bench_sdpa_prefill.py`` (one layer, bf16, 32 query / 8 KV heads, 8
 requests over 500 keys, 2 Sapphire Rapids cores, medians of 5 alternated runs), SDPA's time over the
-kernel's with its fp32 FMA prefill: 2.34 for 8 query tokens per request, 1.72 for 32, 0.99 for 64 (4.6,
-2.1 and 1.9 with its AMX prefill): the gather and the SDPA call cost more than a few queries' arithmetic.
+kernel's with its fp32 FMA prefill: 2.34 for 8 query tokens per request, 1.72 for 32, 0.99 for 64 (2.95,
+2.07 and 1.90 with its AMX prefill): the gather and the SDPA call cost more than a few queries' arithmetic.
 Such chunks are a prompt's last tokens after a prefix-cache hit, or the tail of a chunked prefill."""
 
 AMX_KERNEL_MAX_KEYS = 1024
@@ -383,10 +383,10 @@ AMX_KERNEL_MAX_KEYS = 1024
 (its earlier tokens and the chunk) also goes through the kernel. Measured by
 ``benchmarks/bench_sdpa_prefill.py`` (``amx`` rows; one layer, bf16, 32 query / 8 KV heads, 2 Sapphire
 Rapids cores, medians of 5 alternated runs; ``benchmarks/results/bench_sdpa_prefill.json``), SDPA's time
-over the kernel's: 1.6 to 1.8 for 8 requests of 64 to 500 tokens over 500 keys, 1.3 for one chunk of 512
-over 512 keys, 1.0 for 1,024 over 1,024, 0.90 to 0.95 from 1,536 over 1,536; after longer earlier tokens
-SDPA wins (0.74 for 1,024 query tokens over 4,096 keys, 0.82 for 512 over 8,192): its flash calls
-multiply larger blocks per tile load."""
+over the kernel's: 1.74 to 1.98 for 8 requests of 64 to 500 tokens over 500 keys, 1.41 for one chunk of
+512 over 512 keys, 1.17 for 1,024 over 1,024, 1.00 for 1,536 over 1,536, 0.91 for 2,048 over 2,048; after
+longer earlier tokens SDPA wins (0.81 for 1,024 query tokens over 4,096 keys, 0.87 for 512 over 8,192):
+its flash calls multiply larger blocks per tile load."""
 
 
 class CpuKernel(TorchKernel):
