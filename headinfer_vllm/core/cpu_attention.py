@@ -455,9 +455,7 @@ def build(isa: str = "auto") -> Path:
     errors = []
     for flags in (FLAGS + _ISA_DEFINES[isa], PORTABLE_FLAGS + _ISA_DEFINES[isa]):
         path = cache_dir() / f"cpu_decode_attention-{_build_key(source, compiler, flags)}.so"
-        if path.exists():
-            return path
-        error = _compile(compiler, flags, path)
+        error = None if path.exists() else _compile(compiler, flags, path)
         if error is None:
             if errors:  # the native build failed: this one runs, but without the CPU's own instructions
                 logger.warning("headinfer: building the CPU attention kernel with -march=native failed; using a "

@@ -435,9 +435,11 @@ class CpuKernel(TorchKernel):
         super().begin_step(plan)
         self._decodes = []  # decode tokens go through the C++ kernel instead
         self._decode = _RequestRows.of(plan, [i for i, request in enumerate(plan.requests) if request.query_len == 1])
-        kernel_chunks = [(index, request) for index, request in self._prefills if self._in_kernel(request)]
+        kernel_chunks, sdpa_chunks = [], []
+        for index, request in self._prefills:
+            (kernel_chunks if self._in_kernel(request) else sdpa_chunks).append((index, request))
         self._prefill = _RequestRows.of(plan, [index for index, _ in kernel_chunks])
-        self._prefills = [chunk for chunk in self._prefills if chunk not in kernel_chunks]  # through SDPA
+        self._prefills = sdpa_chunks
 
     def _in_kernel(self, request: RequestSpan) -> bool:
         """Whether a prefill chunk goes through the C++ prefill kernel (else SDPA)."""
