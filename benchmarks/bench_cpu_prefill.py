@@ -10,8 +10,9 @@ block ids, through the engine's kernel interface (``begin_step``,
   bf16 with AMX tiles where the CPU has them: ``prefill_path``);
 - ``old``: :class:`TorchKernel`, a gather of each request's K/V and one SDPA
   call per request (what ``CpuKernel`` ran for prefill chunks before, and
-  still runs for bf16 on a CPU with AMX but for short chunks and short
-  requests: ``kernels.cpu_prefill_path``, ``CpuKernel._in_kernel``).
+  still runs for bf16 on a CPU with AMX tiles where the kernel's build does
+  not use them, but for short chunks: ``kernels.cpu_prefill_path``,
+  ``CpuKernel._in_kernel``).
 
 - ``stock`` (where vLLM's CPU ops import): vLLM's own CPU kernel
   (``cpu_attention_with_kv_cache``, what the stock ``CPU_ATTN`` backend runs:

@@ -11,9 +11,10 @@ times, medians of wall seconds and of the per-repeat ratios:
   tokens over ``keys`` keys each, through :class:`TorchKernel` (a gather and one SDPA call per request)
   against :class:`CpuKernel` with ``prefill="kernel"`` (the C++ paged kernel, one call);
   ``sdpa_over_kernel`` above 1 means the C++ kernel is faster.
-- ``amx`` (``AMX_KERNEL_MAX_KEYS``): the same comparison for ``requests`` requests with chunks of
+- ``amx`` (``kernels.cpu_prefill_path``): the same comparison for ``requests`` requests with chunks of
   ``query_len`` tokens over ``keys`` keys, long ones included, with the kernel's bf16 prefill path
-  (``prefill_path``: ``amx`` where it multiplies with AMX tiles).
+  (``prefill_path``: ``amx`` where it multiplies with AMX tiles); ``cpu_prefill_path`` records where
+  bf16 prefill goes by default on this machine (``kernel``, or ``sdpa``).
 
 Writes ``bench_sdpa_prefill.json`` and ``.png`` to ``--out``.
 
@@ -150,9 +151,8 @@ def plot(report: dict, path: Path) -> None:
                  label=f"{requests} request(s)")
         for row in rows:
             amx.annotate(str(row["query_len"]), (row["keys"], row["sdpa_over_kernel"]), fontsize=7)
-    amx.axvline(report["amx_kernel_max_keys"], color="grey", linestyle="--", linewidth=0.8)
     amx.set(xscale="log", xlabel="keys per request (labels: query tokens)", ylabel="SDPA / C++ kernel time",
-            title=f"{report['prefill_path']} prefill kernel up to {report['amx_kernel_max_keys']} keys")
+            title=f"{report['prefill_path']} prefill kernel; bf16 prefill by default: {report['cpu_prefill_path']}")
     for axis in (split, short, amx):
         axis.axhline(1.0, color="grey", linewidth=0.8)
         axis.legend()
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": torch.get_num_threads(),
         "split_min_query_len": kernels.SPLIT_MIN_QUERY_LEN,
         "kernel_max_query_len": kernels.KERNEL_MAX_QUERY_LEN,
-        "amx_kernel_max_keys": kernels.AMX_KERNEL_MAX_KEYS,
+        "cpu_prefill_path": kernels.cpu_prefill_path(torch.bfloat16),
         "prefill_path": cpu_attention.prefill_instruction_path(),
         "split": [measure_split(q, earlier, args.repeats, generator) for q, earlier in args.split],
         "short": [measure_short(q, keys, args.repeats, generator) for q, keys in args.short],

@@ -32,10 +32,9 @@ Three kernels, chosen once per device and dtype:
   where they lie: every decode token of the step in one call per unit, and
   every prefill chunk of the step in one causal, paged, variable-length call
   per unit (no gather); or prefill chunks as ``sdpa`` where torch's SDPA is
-  the faster (bf16 on a CPU with AMX; :func:`cpu_prefill_path`), but for
-  chunks of a few tokens (:data:`KERNEL_MAX_QUERY_LEN`) and, where the
-  kernel's bf16 prefill multiplies with AMX tiles, chunks of requests of up
-  to :data:`AMX_KERNEL_MAX_KEYS` keys.
+  the faster (bf16 on a CPU with AMX tiles that the kernel's build does not
+  use; :func:`cpu_prefill_path`), but for chunks of a few tokens
+  (:data:`KERNEL_MAX_QUERY_LEN`).
 """
 
 from __future__ import annotations
@@ -279,11 +278,15 @@ PREFILL_ENV = "HEADINFER_CPU_PREFILL"
 
 
 def cpu_prefill_path(dtype: torch.dtype) -> str:
-    """``$HEADINFER_CPU_PREFILL`` if set, else ``sdpa`` for bfloat16 on a CPU with AMX tiles, else ``kernel``.
+    """``$HEADINFER_CPU_PREFILL`` if set, else ``sdpa`` for bfloat16 on a CPU with AMX tiles where the C++
+    kernel's prefill does not multiply with them (a build without AMX: an older compiler,
+    ``$HEADINFER_CPU_ATTENTION_ISA=avx512``), else ``kernel``.
 
-    torch's SDPA multiplies bf16 there with AMX in large blocks: faster than the C++ kernel's fp32 FMAs
-    everywhere, and than its AMX tiles for long requests; :class:`CpuKernel` still sends the short
-    chunks, and with AMX tiles those of short requests, to the kernel (see the README).
+    torch's SDPA multiplies bf16 there with AMX in large blocks, faster than the C++ kernel's fp32 FMAs
+    (:class:`CpuKernel` still sends short chunks to the kernel). The kernel's own AMX prefill is faster
+    than SDPA for every shape measured (``benchmarks/bench_sdpa_prefill.py``, ``amx`` rows: SDPA's time
+    over the kernel's from 1.17 for 512 query tokens over 8,192 keys to 2.25 for 8 requests of 500
+    tokens; see the README). Builds the C++ kernel (cached) to ask for its prefill path.
 
     Raises:
         ValueError: an unknown ``$HEADINFER_CPU_PREFILL``.
@@ -293,7 +296,11 @@ def cpu_prefill_path(dtype: torch.dtype) -> str:
         raise ValueError(f"headinfer: ${PREFILL_ENV}={path!r}; choose one of auto, kernel, sdpa")
     if path != "auto":
         return path
-    return "sdpa" if dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported() else "kernel"
+    if dtype != torch.bfloat16 or not torch.cpu._is_amx_tile_supported():
+        return "kernel"
+    from headinfer_vllm.core import cpu_attention
+
+    return "kernel" if cpu_attention.prefill_instruction_path() == "amx" else "sdpa"
 
 
 SPLIT_MIN_QUERY_LEN = 512
@@ -377,25 +384,13 @@ kernel's with its fp32 FMA prefill: 2.34 for 8 query tokens per request, 1.72 fo
 2.07 and 1.90 with its AMX prefill): the gather and the SDPA call cost more than a few queries' arithmetic.
 Such chunks are a prompt's last tokens after a prefix-cache hit, or the tail of a chunked prefill."""
 
-AMX_KERNEL_MAX_KEYS = 1024
-"""With ``prefill="sdpa"``, where the C++ kernel's bf16 prefill multiplies with AMX tiles
-(``cpu_attention.prefill_instruction_path() == "amx"``), a chunk whose request has at most this many keys
-(its earlier tokens and the chunk) also goes through the kernel. Measured by
-``benchmarks/bench_sdpa_prefill.py`` (``amx`` rows; one layer, bf16, 32 query / 8 KV heads, 2 Sapphire
-Rapids cores, medians of 5 alternated runs; ``benchmarks/results/bench_sdpa_prefill.json``), SDPA's time
-over the kernel's: 1.74 to 1.98 for 8 requests of 64 to 500 tokens over 500 keys, 1.41 for one chunk of
-512 over 512 keys, 1.17 for 1,024 over 1,024, 1.00 for 1,536 over 1,536, 0.91 for 2,048 over 2,048; after
-longer earlier tokens SDPA wins (0.81 for 1,024 query tokens over 4,096 keys, 0.87 for 512 over 8,192):
-its flash calls multiply larger blocks per tile load."""
-
 
 class CpuKernel(TorchKernel):
     """Decode tokens through the C++ decode kernel over the pages in place, every decode token of the
     step in one call per unit; prefill chunks (query length > 1) through the C++ prefill kernel, every
     chunk of the step in one call per unit (``prefill="kernel"``), or, but for chunks of at most
-    :data:`KERNEL_MAX_QUERY_LEN` tokens and (where the kernel's bf16 prefill takes AMX tiles) chunks of
-    requests of at most :data:`AMX_KERNEL_MAX_KEYS` keys, as :class:`TorchKernel` (a gather and one SDPA
-    call per request, ``prefill="sdpa"``); see :func:`cpu_prefill_path`."""
+    :data:`KERNEL_MAX_QUERY_LEN` tokens, as :class:`TorchKernel` (a gather and one SDPA call per request,
+    ``prefill="sdpa"``); see :func:`cpu_prefill_path`."""
 
     name = "cpu"
 
@@ -410,16 +405,13 @@ class CpuKernel(TorchKernel):
         if self.prefill_path not in ("kernel", "sdpa"):
             raise ValueError(f"headinfer: CpuKernel(prefill={prefill!r}); choose kernel or sdpa")
         path = cpu_attention.instruction_path()  # builds it now (cached): a missing compiler stops start-up
-        self._amx_prefill = dtype == torch.bfloat16 and cpu_attention.prefill_instruction_path() == "amx"
-        """Whether the C++ prefill kernel multiplies this dtype with AMX tiles (then takes more chunks)."""
         logger.info(
             "headinfer: CPU attention in place: decode tokens through the C++ kernel (%s path), prefill chunks "
             "through %s", path,
             f"the C++ paged prefill kernel ({cpu_attention.prefill_instruction_path()} path)"
             if self.prefill_path == "kernel" else
-            "a gather and torch's SDPA per request (bf16 on an AMX CPU; $HEADINFER_CPU_PREFILL=kernel for the C++ "
-            f"kernel) but for chunks of <= {KERNEL_MAX_QUERY_LEN} tokens"
-            + (f" or of requests of <= {AMX_KERNEL_MAX_KEYS} keys (AMX prefill kernel)" if self._amx_prefill else ""),
+            "a gather and torch's SDPA per request (bf16 on an AMX CPU, the kernel built without AMX; "
+            f"$HEADINFER_CPU_PREFILL=kernel for the C++ kernel) but for chunks of <= {KERNEL_MAX_QUERY_LEN} tokens",
         )
         self._decode_attention = cpu_attention.decode_attention_units
         self._prefill_attention = cpu_attention.prefill_attention_units
@@ -443,9 +435,7 @@ class CpuKernel(TorchKernel):
 
     def _in_kernel(self, request: RequestSpan) -> bool:
         """Whether a prefill chunk goes through the C++ prefill kernel (else SDPA)."""
-        if self.prefill_path == "kernel" or request.query_len <= KERNEL_MAX_QUERY_LEN:
-            return True
-        return self._amx_prefill and request.seq_len <= AMX_KERNEL_MAX_KEYS
+        return self.prefill_path == "kernel" or request.query_len <= KERNEL_MAX_QUERY_LEN
 
     def begin_layer(self, query: torch.Tensor, out: torch.Tensor, variant: LayerAttention) -> None:
         super().begin_layer(query, out, variant)

@@ -836,6 +836,18 @@ int64_t partial_floats(const Call& c) { return c.query_per_kv * (c.head_dim + 2)
 
 // Normalizes one head's accumulators (with the sinks) and writes them to the output.
 // `natural_order`: acc holds each row's elements in order (the AMX prefill), not in slot order.
+// What query head `global`'s accumulator is multiplied by: 1 / (its softmax sum, the sink's term
+// added where the layer has sinks); 0 for a row that saw no key.
+inline float output_weight(const Call& c, int64_t global, float max, float sum) {
+  float factor = 1.0f;
+  if (c.sinks != nullptr) {
+    const float top = std::max(max, c.sinks[global]);
+    factor = max == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(max - top);
+    sum = sum * factor + std::exp(c.sinks[global] - top);
+  }
+  return sum > 0.0f ? factor / sum : 0.0f;
+}
+
 template <int DT>
 void write_output(const Call& c, int unit, int request, int head, const float* running_max,
                   const float* running_sum, const float* acc, bool natural_order = false) {
@@ -843,13 +855,7 @@ void write_output(const Call& c, int unit, int request, int head, const float* r
   const bool wide = is_wide(c);
   for (int q = 0; q < c.query_per_kv; ++q) {
     const int64_t global = query_head(c, unit, head, q);
-    float max = running_max[q], sum = running_sum[q], factor = 1.0f;
-    if (c.sinks != nullptr) {
-      const float top = std::max(max, c.sinks[global]);
-      factor = max == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(max - top);
-      sum = sum * factor + std::exp(c.sinks[global] - top);
-    }
-    const float weight = sum > 0.0f ? factor / sum : 0.0f;  // no keys: zeros
+    const float weight = output_weight(c, global, running_max[q], running_sum[q]);
     T* out = static_cast<T*>(c.out) + request * c.out_row_stride + global * c.out_head_stride;
     for (int64_t d = 0; d < c.head_dim; ++d)
       out[d] = Element<DT>::from_float(acc[q * c.head_dim + (natural_order ? d : to_slots<DT>(d, c.head_dim, wide))] *
@@ -862,8 +868,9 @@ struct Scratch {
   std::vector<uint16_t> query_bits;  // bf16 queries as they are, for VDPBF16PS
   std::vector<uint32_t> query_pairs;  // bf16 queries in pairs for AMX, see score_tile_amx and run_prefill_item_amx
   std::vector<float> tile_rows;       // prefill: a tile's keys and values widened to fp32
-  std::vector<uint16_t> key_rows;     // AMX prefill: a block's keys, contiguous (see run_prefill_item_amx)
-  std::vector<uint16_t> value_pairs;  // AMX prefill: a block's values interleaved in pairs
+  std::vector<uint16_t> key_rows;       // AMX prefill: the item's keys, contiguous (see run_prefill_item_amx)
+  std::vector<uint16_t> value_columns;  // AMX prefill: the item's values transposed, [block][D][32 keys]
+  std::vector<float> acc_columns;       // AMX prefill: a group's O^T, [D][32 rows]
   std::vector<int32_t> positions;     // AMX prefill: each row's token position
 };
 
@@ -1336,29 +1343,34 @@ void run_prefill_item_wide(const Call& c, int64_t first_row, int64_t first_posit
 #endif
 
 #if defined(HEADINFER_AMX_PREFILL)
-// The AMX prefill item (bf16, head dims that are a multiple of 32, Linux's permission): the item's
-// rows (token t, query head q at row t * Q + q; R of them, padded to a multiple of 16) in tiles of
-// 16, against blocks of kAmxKeys keys, rows in the lanes as in the AVX-512 item:
+// The AMX prefill item (bf16, head dims that are a multiple of 32, Linux's permission), everything
+// transposed so that the item's rows (token t, query head q at row t * Q + q; R of them, padded to a
+// multiple of 32) lie in the lanes. Rows go 32 at a time (a group: two row tiles), against tiles of
+// up to kAmxKeyTile keys (blocks of kAmxKeys), as FlashAttention does:
 //
-//   S^T [32 keys, 16 rows] = K [32, D] x Q^T     bf16 products summed in fp32 (TDPBF16PS), D / 32 steps
-//   online softmax on S^T's 16 lanes in fp32 (AVX-512), P = exp(S - max) rounded to bf16 (as torch's
-//   SDPA and vLLM's CPU kernel round it) and transposed
-//   acc [16, D] += P [16, 32 keys] x V            fp32, the accumulator rows loaded into and stored
-//                                                 from tiles, D / 16 steps
+//   S^T [32 keys, 32 rows] = K [32, D] x Q^T         bf16 products summed in fp32 (TDPBF16PS), D / 32 steps
+//   online softmax on S^T's lanes in fp32 (AVX-512) over the tile, P = exp(S - max) rounded to bf16
+//   (as torch's SDPA and vLLM's CPU kernel round it), in key pairs
+//   O^T [D, 32 rows] += V^T [D, 32 keys] x P^T       fp32, 2 x 2 tiles of O^T loaded once per key tile
 //
-// Operands in the layout TDPBF16PS wants, built once: Q^T per item (tile (row tile, c) row i column
-// j = elements 32c + 2i, 32c + 2i + 1 of row j, a 16 x 16 transpose of 32-bit words); per block, the
-// keys copied to contiguous rows and the values interleaved in pairs (tile c row i = elements
-// 16c .. 16c + 15 of keys 2i and 2i + 1, alternating). Keys past the block's end are zeros, never
-// read from the pages. Tiles: 0 and 1 the keys (two groups of 16), 2 the queries, 3 and 4 the
-// scores; then 5 the probabilities, 0 to 2 the accumulators, 3, 4 and 6 the values; each 16 rows of
-// 64 bytes. Blocks of 64 keys (each accumulator load serving two products) measured slower for the
-// short requests this kernel takes with SDPA beside it (kernels.AMX_KERNEL_MAX_KEYS): 59 against 54 ms
-// a layer for 8 requests of 300-650 tokens, 98 against 110 ms for one chunk of 2,048 (both builds
-// alternated in one process, a script not kept).
+// Every product is a 2 x 2 of tiles: two A tiles, two B tiles, four accumulators, each load serving
+// two products. Operands, in the layout TDPBF16PS wants, are built once per item: Q^T (tile (row
+// tile, c) row i column j = elements 32c + 2i, 32c + 2i + 1 of row j, a 16 x 16 transpose of 32-bit
+// words); the keys the item sees copied to contiguous rows (A tiles as they are); their values
+// transposed, V^T [D][32 keys] per block (word i of row d = values d of keys 2i, 2i + 1: the pairs
+// interleaved, then the same word transpose). P^T's pairs come out of the softmax as B wants them
+// (word r of row i: P[r][2i], P[r][2i + 1]), so nothing is transposed per key tile. Keys past the
+// end are zeros, never read from the pages, and masked. The keys are packed kAmxPackedBlocks blocks
+// at a time (they stay in the L2 cache while every group of the item attends them); a group's O^T
+// (D x 32 floats) is zeroed by its first key tile, rescaled in place when a row's max grows, and
+// transposed once at the end. Tiles: 0 and 1 the A operands (keys, values), 2 and 3 the B operands
+// (queries, probabilities), 4 to 7 the accumulators; each 16 rows of 64 bytes. Measured against the
+// FMA item and vLLM's own AMX kernel: benchmarks/bench_cpu_prefill.py.
 
-constexpr int kAmxKeys = 32;
-constexpr int kAmxQueryRows = 256;  // rows per item: the block's keys and values are packed once for 16 row tiles
+constexpr int kAmxKeys = 32;          // keys per block: two A tiles of 16 keys, or two B tiles of 16 key pairs
+constexpr int kAmxKeyTile = 128;      // keys per softmax step: the group's O^T tiles are loaded and stored once a step
+constexpr int kAmxPackedBlocks = 16;  // blocks packed at a time, for every group of the item (2 x 128 KiB, D = 128)
+constexpr int kAmxQueryRows = 1024;   // rows per item: each key it sees is packed once for 32 groups
 
 // Row i of the result: word i of each of the 16 rows (a 16 x 16 transpose of 32-bit words).
 inline void transpose_words(__m512i* rows) {
@@ -1387,27 +1399,54 @@ inline void transpose_words(__m512i* rows) {
   for (int i = 0; i < 16; ++i) rows[i] = out[i];
 }
 
-// exp_nonpositive on 16 lanes.
-inline __m512 exp_nonpositive_ps(__m512 x) { return (__m512)exp_nonpositive_lanes<f32x16, i32x16>((f32x16)x); }
+constexpr float kLog2e = 1.44269504088896341f;
+
+// 2^x on 16 lanes for x <= 0 (a little above 0 is fine): x = n + f, |f| <= 1/2, 2^f by its Taylor
+// polynomial of degree 7 (relative error below 1e-8 before rounding), times 2^n by VSCALEFPS. 0 below
+// 2^-126 (and for -inf); NaN stays NaN.
+inline __m512 exp2_ps(__m512 x) {
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.5252733804059841e-5f);                  // ln(2)^7 / 7!
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381610e-4f));  // ln(2)^6 / 6!
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));  // ln(2)^5 / 5!
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));  // ln(2)^4 / 4!
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));  // ln(2)^3 / 3!
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));  // ln(2)^2 / 2
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));  // ln(2)
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(live, p, n);
+}
 
 // Whether prefill items take the AMX tiles.
 bool is_amx_prefill(const Call& c) { return c.dtype == kBFloat16 && is_wide(c) && amx_permitted(); }
 
-void run_prefill_item_amx(const Call& c, int64_t first_row, int64_t first_position, const Keys& keys,
-                          const PrefillItem& item, Scratch& s) {
-  const int64_t D = c.head_dim, B = c.block_size, Q = c.query_per_kv, heads = c.unit_heads[item.unit];
-  const int64_t rows = item.num_tokens * Q, R = (rows + 15) / 16 * 16, chunks = D / 32;
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  s.query_pairs.resize(R / 16 * chunks * 256);
-  s.acc.assign(R * D, 0.0f);
-  s.max.assign(R, kNegInf);
-  s.sum.assign(R, 0.0f);
-  s.key_rows.resize(kAmxKeys * D);
-  s.value_pairs.resize(D / 16 * 512);
-  std::vector<int32_t>& positions = s.positions;  // of each row's token; -1 for padding (sees no key)
-  positions.assign(R, -1);
-  for (int64_t r = 0; r < rows; ++r) positions[r] = int32_t(first_position + r / Q);
-  for (int64_t tile_row = 0; tile_row < R; tile_row += 16) {
+// Word j of the result: (halves[j], halves[16 + j]), 16-bit elements in pairs.
+inline __m512i interleave_halves(__m512i halves) {
+  const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
+                                         6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return _mm512_permutexvar_epi16(order, halves);
+}
+
+// The 2 x 2 tile product: tiles 4, 5, 6, 7 += (0 x 2, 0 x 3, 1 x 2, 1 x 3), the operands loaded first.
+inline void multiply_2x2(const void* a0, const void* a1, int a_stride, const void* b0, const void* b1) {
+  _tile_loadd(0, a0, a_stride);
+  _tile_loadd(2, b0, 64);
+  _tile_dpbf16ps(4, 0, 2);
+  _tile_loadd(3, b1, 64);
+  _tile_dpbf16ps(5, 0, 3);
+  _tile_loadd(1, a1, a_stride);
+  _tile_dpbf16ps(6, 1, 2);
+  _tile_dpbf16ps(7, 1, 3);
+}
+
+// Q^T of the item's rows in pairs: tile (row tile, chunk c) at query_pairs[(row tile * chunks + c) * 256],
+// row i word j = elements 32c + 2i, 32c + 2i + 1 of row j (zeros past the rows).
+void pack_queries_amx(const Call& c, const PrefillItem& item, int64_t first_row, int64_t rows, int64_t R,
+                      uint32_t* query_pairs) {
+  const int64_t chunks = c.head_dim / 32, Q = c.query_per_kv;
+  for (int64_t tile_row = 0; tile_row < R; tile_row += 16)
     for (int64_t chunk = 0; chunk < chunks; ++chunk) {
       __m512i words[16];
       for (int j = 0; j < 16; ++j) {
@@ -1418,141 +1457,215 @@ void run_prefill_item_amx(const Call& c, int64_t first_row, int64_t first_positi
       }
       transpose_words(words);
       for (int i = 0; i < 16; ++i)
-        _mm512_storeu_si512(s.query_pairs.data() + ((tile_row / 16) * chunks + chunk) * 256 + i * 16, words[i]);
+        _mm512_storeu_si512(query_pairs + ((tile_row / 16) * chunks + chunk) * 256 + i * 16, words[i]);
     }
-  }
+}
+
+// Blocks [first, end) of the keys from keys.begin, packed: block b's keys [32][D] at key_rows + (b - first) * 32 * D,
+// its V^T [D][32 keys] at value_columns + (b - first) * D * 32; zeros past keys.end.
+void pack_key_blocks_amx(const Call& c, const PrefillItem& item, const Keys& keys, int64_t first, int64_t end,
+                         uint16_t* key_rows, uint16_t* value_columns) {
+  const int64_t D = c.head_dim, B = c.block_size, row_stride = c.unit_heads[item.unit] * D;
   const uint16_t* pages = static_cast<const uint16_t*>(c.unit_pages[item.unit]);
   const int32_t* table = c.block_table + item.request * c.block_table_stride;
-  const int64_t row_stride = heads * D, page_elements = 2 * B * row_stride;
-  float* acc = s.acc.data();
-  uint16_t *key_rows = s.key_rows.data(), *value_pairs = s.value_pairs.data();
-  alignas(64) float scores[kAmxKeys * 16];  // S^T, then P^T: [key][row of the tile]
-  alignas(64) uint16_t probs[16 * kAmxKeys];  // P in bf16: [row][key]
-  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
-                                              22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const __m512 negative_infinity = _mm512_set1_ps(kNegInf);
-  configure_tiles({64, 64, 64, 64, 64, 64, 64, 64});
-  for (int64_t first_key = keys.begin; first_key < keys.end; first_key += kAmxKeys) {
+  for (int64_t block = first; block < end; ++block) {
+    const int64_t first_key = keys.begin + block * kAmxKeys;
     const int n = int(std::min<int64_t>(kAmxKeys, keys.end - first_key));
-    const uint16_t* value_rows[kAmxKeys];
+    uint16_t* block_keys = key_rows + (block - first) * kAmxKeys * D;
+    const uint16_t* values[kAmxKeys];
     for (int t = 0; t < n; ++t) {
       const int64_t key = first_key + t;
-      const uint16_t* k = pages + table[key / B] * page_elements + (key % B) * row_stride + item.head * D;
-      std::memcpy(key_rows + t * D, k, D * sizeof(uint16_t));
-      value_rows[t] = k + B * row_stride;
+      const uint16_t* k = pages + table[key / B] * 2 * B * row_stride + (key % B) * row_stride + item.head * D;
+      std::memcpy(block_keys + t * D, k, D * sizeof(uint16_t));
+      values[t] = k + B * row_stride;
     }
-    if (n < kAmxKeys) std::memset(key_rows + n * D, 0, (kAmxKeys - n) * D * sizeof(uint16_t));
-    for (int i = 0; i < kAmxKeys / 2; ++i) {
-      const int t = 2 * i;
-      for (int64_t chunk = 0; chunk < D / 16; ++chunk) {
-        const __m256i even = t < n ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(value_rows[t] + 16 * chunk))
-                                   : _mm256_setzero_si256();
-        const __m256i odd = t + 1 < n ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(value_rows[t + 1] + 16 * chunk))
-                                      : _mm256_setzero_si256();
-        const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(even), odd, 1);
-        _mm512_storeu_si512(value_pairs + chunk * 512 + i * 32, _mm512_permutexvar_epi16(interleave, both));
+    if (n < kAmxKeys) std::memset(block_keys + n * D, 0, (kAmxKeys - n) * D * sizeof(uint16_t));
+    const auto value_elements = [&](int t, int64_t d) {  // 16 of them
+      return t < n ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values[t] + d)) : _mm256_setzero_si256();
+    };
+    for (int64_t d = 0; d < D; d += 16) {  // V^T rows d .. d + 15: word i of row d + j = (V[2i][d + j], V[2i + 1][d + j])
+      __m512i words[16];
+      for (int i = 0; i < 16; ++i)
+        words[i] = interleave_halves(
+            _mm512_inserti64x4(_mm512_castsi256_si512(value_elements(2 * i, d)), value_elements(2 * i + 1, d), 1));
+      transpose_words(words);
+      for (int j = 0; j < 16; ++j)
+        _mm512_storeu_si512(value_columns + ((block - first) * D + d + j) * kAmxKeys, words[j]);
+    }
+  }
+}
+
+// A group's rows out: O^T [D][32] transposed in 16 x 16 blocks, times each row's weight, rounded to bf16.
+void write_group_amx(const Call& c, const PrefillItem& item, int64_t first_row, int64_t group, int64_t group_rows,
+                     const float* acc_columns, const float* running_max, const float* running_sum) {
+  const int64_t D = c.head_dim, Q = c.query_per_kv;
+  uint16_t* out_rows[32];
+  float weights[32];
+  for (int64_t r = 0; r < group_rows; ++r) {
+    const int64_t global = query_head(c, item.unit, item.head, int((group + r) % Q));
+    out_rows[r] = static_cast<uint16_t*>(c.out) + (first_row + (group + r) / Q) * c.out_row_stride +
+                  global * c.out_head_stride;
+    weights[r] = output_weight(c, global, running_max[r], running_sum[r]);
+  }
+  for (int h = 0; h < 2 && 16 * h < group_rows; ++h)
+    for (int64_t d = 0; d < D; d += 16) {
+      __m512i block[16];  // row j: O^T row d + j, the row tile's 16 rows
+      for (int j = 0; j < 16; ++j) block[j] = _mm512_castps_si512(_mm512_loadu_ps(acc_columns + (d + j) * 32 + 16 * h));
+      transpose_words(block);  // row i: elements d .. d + 15 of row 16h + i
+      for (int i = 0; i < 16 && 16 * h + i < group_rows; ++i) {
+        const __m512 row = _mm512_mul_ps(_mm512_castsi512_ps(block[i]), _mm512_set1_ps(weights[16 * h + i]));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_rows[16 * h + i] + d), (__m256i)_mm512_cvtneps_pbh(row));
       }
     }
-    for (int64_t tile_row = 0; tile_row < R; tile_row += 16) {
-      // The tile's tokens sit at positions [first_position + first_token, first_position + last_token].
-      const int64_t first_token = tile_row / Q, last_token = std::min(rows - 1, tile_row + 15) / Q;
-      if (first_key > first_position + last_token) continue;  // every key after every row's position
-      if (c.sliding_window > 0 && first_key + n - 1 < first_position + first_token - c.sliding_window + 1) continue;
-      _tile_zero(3);
-      _tile_zero(4);
-      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-        _tile_loadd(0, key_rows + 32 * chunk, D * 2);
-        _tile_loadd(1, key_rows + 16 * D + 32 * chunk, D * 2);
-        _tile_loadd(2, s.query_pairs.data() + ((tile_row / 16) * chunks + chunk) * 256, 64);
-        _tile_dpbf16ps(3, 0, 2);
-        _tile_dpbf16ps(4, 1, 2);
-      }
-      _tile_stored(3, scores, 64);
-      _tile_stored(4, scores + 16 * 16, 64);
-      float factor = c.scale;  // applied to the scores below
-      if (c.logits_soft_cap > 0.0f) {
-        for (int i = 0; i < n * 16; ++i) scores[i] = c.logits_soft_cap * std::tanh(scores[i] * c.scale / c.logits_soft_cap);
-        factor = 1.0f;
-      }
-      const __m512 scale = _mm512_set1_ps(factor);
-      __m512 tile_max = negative_infinity;
-      const int64_t lowest_seen = c.sliding_window > 0 ? first_position + last_token - c.sliding_window + 1 : 0;
-      if (n == kAmxKeys && first_key + n - 1 <= first_position + first_token && first_key >= lowest_seen) {
-        for (int t = 0; t < n; ++t) {  // every row sees every key of the block
-          const __m512 score = _mm512_mul_ps(_mm512_load_ps(scores + 16 * t), scale);
-          _mm512_store_ps(scores + 16 * t, score);
-          tile_max = _mm512_max_ps(tile_max, score);
+}
+
+void run_prefill_item_amx(const Call& c, int64_t first_row, int64_t first_position, const Keys& keys,
+                          const PrefillItem& item, Scratch& s) {
+  const int64_t D = c.head_dim, Q = c.query_per_kv;
+  const int64_t rows = item.num_tokens * Q, R = (rows + 31) / 32 * 32, chunks = D / 32;
+  const int64_t num_blocks = (keys.end - keys.begin + kAmxKeys - 1) / kAmxKeys;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  s.query_pairs.resize(R / 16 * chunks * 256);
+  s.max.assign(R, kNegInf);  // scaled scores' running max
+  s.sum.assign(R, 0.0f);
+  s.key_rows.resize(kAmxPackedBlocks * kAmxKeys * D);
+  s.value_columns.resize(kAmxPackedBlocks * kAmxKeys * D);
+  s.acc_columns.resize(R * D);  // group g's O^T at g * D: written first by its first key tile
+  s.positions.assign(R, -1);  // of each row's token; -1 for padding (sees no key)
+  for (int64_t r = 0; r < rows; ++r) s.positions[r] = int32_t(first_position + r / Q);
+  pack_queries_amx(c, item, first_row, rows, R, s.query_pairs.data());
+  // The scores are scaled inside the exponent, max(s) * scale being max(s * scale) for scale > 0;
+  // soft-capped scores (and a scale <= 0) are scaled first.
+  const bool prescaled = c.logits_soft_cap > 0.0f || !(c.scale > 0.0f);
+  const float factor = prescaled ? 1.0f : c.scale;
+  const __m512 scale = _mm512_set1_ps(factor), scale_log2e = _mm512_set1_ps(factor * kLog2e);
+  const __m512 negative_infinity = _mm512_set1_ps(kNegInf);
+  alignas(64) float scores[kAmxKeyTile * 32];                     // S^T of a key tile: [key][row of the group]
+  alignas(64) uint32_t probs[kAmxKeyTile / kAmxKeys][2][16 * 16];  // P^T in pairs: [block][row tile][pair][row]
+  uint16_t *key_rows = s.key_rows.data(), *value_columns = s.value_columns.data();
+  configure_tiles({64, 64, 64, 64, 64, 64, 64, 64});
+  for (int64_t first_packed = 0; first_packed < num_blocks; first_packed += kAmxPackedBlocks) {
+    const int64_t end_packed = std::min(num_blocks, first_packed + kAmxPackedBlocks);
+    pack_key_blocks_amx(c, item, keys, first_packed, end_packed, key_rows, value_columns);
+    for (int64_t group = 0; group < R; group += 32) {
+      // The group's tokens sit at positions [first_position + first_token, first_position + last_token].
+      const int64_t first_token = group / Q, last_token = std::min(rows - 1, group + 31) / Q;
+      const int64_t lowest_key = c.sliding_window > 0
+                                     ? std::max(keys.begin, first_position + first_token - c.sliding_window + 1)
+                                     : keys.begin;
+      const int64_t group_first_block = (lowest_key - keys.begin) / kAmxKeys;
+      const int64_t first_block = std::max(first_packed, group_first_block);
+      const int64_t end_block = std::min(end_packed, (first_position + last_token - keys.begin) / kAmxKeys + 1);
+      const uint32_t* query_tiles = s.query_pairs.data() + (group / 16) * chunks * 256;
+      float* acc_columns = s.acc_columns.data() + group * D;  // O^T: [d][row of the group]
+      for (int64_t tile_block = first_block; tile_block < end_block; tile_block += kAmxKeyTile / kAmxKeys) {
+        const int nb = int(std::min<int64_t>(kAmxKeyTile / kAmxKeys, end_block - tile_block));
+        const int64_t tile_key = keys.begin + tile_block * kAmxKeys;  // position of the tile's first key
+        const bool first_tile = tile_block == group_first_block;
+        for (int b = 0; b < nb; ++b) {  // S^T
+          const uint16_t* block_keys = key_rows + (tile_block + b - first_packed) * kAmxKeys * D;
+          _tile_zero(4);
+          _tile_zero(5);
+          _tile_zero(6);
+          _tile_zero(7);
+          for (int64_t chunk = 0; chunk < chunks; ++chunk)
+            multiply_2x2(block_keys + 32 * chunk, block_keys + 16 * D + 32 * chunk, int(D * 2),
+                         query_tiles + chunk * 256, query_tiles + (chunks + chunk) * 256);
+          float* block_scores = scores + b * kAmxKeys * 32;
+          _tile_stored(4, block_scores, 128);
+          _tile_stored(5, block_scores + 16, 128);
+          _tile_stored(6, block_scores + 16 * 32, 128);
+          _tile_stored(7, block_scores + 16 * 32 + 16, 128);
         }
-      } else {  // row r sees key j if lowest[r] <= j <= position[r]
-        const __m512i position = _mm512_loadu_si512(positions.data() + tile_row);
-        const __m512i lowest = c.sliding_window > 0
-                                   ? _mm512_sub_epi32(position, _mm512_set1_epi32(int32_t(c.sliding_window - 1)))
-                                   : _mm512_set1_epi32(std::numeric_limits<int32_t>::min());
-        for (int t = 0; t < n; ++t) {
-          const __m512i key = _mm512_set1_epi32(int32_t(first_key + t));
-          const __mmask16 seen = _mm512_cmp_epi32_mask(key, position, _MM_CMPINT_LE) &
-                                 _mm512_cmp_epi32_mask(key, lowest, _MM_CMPINT_NLT);
-          const __m512 score = _mm512_mask_mul_ps(negative_infinity, seen, _mm512_load_ps(scores + 16 * t), scale);
-          _mm512_store_ps(scores + 16 * t, score);
-          tile_max = _mm512_max_ps(tile_max, score);
+        if (prescaled)
+          for (int i = 0; i < nb * kAmxKeys * 32; ++i)
+            scores[i] = c.logits_soft_cap > 0.0f ? c.logits_soft_cap * std::tanh(scores[i] * c.scale / c.logits_soft_cap)
+                                                 : scores[i] * c.scale;
+        for (int h = 0; h < 2; ++h) {  // the online softmax of row tile h: rows group + 16h .. + 15
+          const int64_t tile_row = group + 16 * h;
+          const int64_t tile_first = std::min(rows - 1, tile_row) / Q, tile_last = std::min(rows - 1, tile_row + 15) / Q;
+          const int64_t lowest_seen =
+              c.sliding_window > 0 ? first_position + tile_last - c.sliding_window + 1 : 0;  // by every row
+          const __m512i position = _mm512_loadu_si512(s.positions.data() + tile_row);
+          const __m512i lowest = c.sliding_window > 0
+                                     ? _mm512_sub_epi32(position, _mm512_set1_epi32(int32_t(c.sliding_window - 1)))
+                                     : _mm512_set1_epi32(std::numeric_limits<int32_t>::min());
+          __m512 tile_max = negative_infinity;  // of the scores before the scale
+          for (int b = 0; b < nb; ++b) {
+            const int64_t block_key = tile_key + b * kAmxKeys;
+            float* block_scores = scores + b * kAmxKeys * 32 + 16 * h;
+            if (block_key + kAmxKeys - 1 <= first_position + tile_first && block_key >= lowest_seen) {
+              for (int t = 0; t < kAmxKeys; ++t)  // every row sees every key of the block
+                tile_max = _mm512_max_ps(tile_max, _mm512_load_ps(block_scores + 32 * t));
+            } else {  // row r sees key j if lowest[r] <= j <= position[r]; keys past the end: past every position
+              for (int t = 0; t < kAmxKeys; ++t) {
+                const __m512i key = _mm512_set1_epi32(int32_t(block_key + t));
+                const __mmask16 seen = _mm512_cmp_epi32_mask(key, position, _MM_CMPINT_LE) &
+                                       _mm512_cmp_epi32_mask(key, lowest, _MM_CMPINT_NLT);
+                const __m512 score =
+                    _mm512_mask_mov_ps(negative_infinity, seen, _mm512_load_ps(block_scores + 32 * t));
+                _mm512_store_ps(block_scores + 32 * t, score);
+                tile_max = _mm512_max_ps(tile_max, score);
+              }
+            }
+          }
+          const __m512 old_max = _mm512_loadu_ps(s.max.data() + tile_row);
+          const __m512 new_max = _mm512_max_ps(old_max, _mm512_mul_ps(tile_max, scale));
+          const __m512 shift =
+              _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(new_max, negative_infinity, _CMP_NEQ_OQ), new_max);
+          const __m512 log2_shift = _mm512_mul_ps(shift, _mm512_set1_ps(kLog2e));
+          // exp(old - shift): 0 for rows with no keys yet
+          const __m512 correction = exp2_ps(_mm512_fmsub_ps(old_max, _mm512_set1_ps(kLog2e), log2_shift));
+          __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(s.sum.data() + tile_row), correction);
+          for (int b = 0; b < nb; ++b) {
+            const float* block_scores = scores + b * kAmxKeys * 32 + 16 * h;
+            for (int i = 0; i < 16; ++i) {  // exp(s * scale - shift) = 2^(s * scale * log2(e) - shift * log2(e))
+              const __m512 even = _mm512_load_ps(block_scores + 64 * i), odd = _mm512_load_ps(block_scores + 64 * i + 32);
+              const __m512 p_even = exp2_ps(_mm512_fmsub_ps(even, scale_log2e, log2_shift));
+              const __m512 p_odd = exp2_ps(_mm512_fmsub_ps(odd, scale_log2e, log2_shift));
+              sum = _mm512_add_ps(sum, _mm512_add_ps(p_even, p_odd));
+              // Word r: (P[r][2i], P[r][2i + 1]) in bf16.
+              _mm512_store_si512(probs[b][h] + 16 * i,
+                                 interleave_halves((__m512i)_mm512_cvtne2ps_pbh(p_odd, p_even)));
+            }
+          }
+          _mm512_storeu_ps(s.sum.data() + tile_row, sum);
+          _mm512_storeu_ps(s.max.data() + tile_row, new_max);
+          if (!first_tile && _mm512_cmp_ps_mask(correction, _mm512_set1_ps(1.0f), _CMP_NEQ_UQ) != 0)
+            for (int64_t d = 0; d < D; ++d) {
+              float* column = acc_columns + d * 32 + 16 * h;
+              _mm512_storeu_ps(column, _mm512_mul_ps(_mm512_loadu_ps(column), correction));
+            }
         }
-        for (int t = n; t < kAmxKeys; ++t) _mm512_store_ps(scores + 16 * t, negative_infinity);
-      }
-      const __m512 old_max = _mm512_loadu_ps(s.max.data() + tile_row);
-      const __m512 new_max = _mm512_max_ps(old_max, tile_max);
-      const __m512 shift = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(new_max, negative_infinity, _CMP_NEQ_OQ), new_max);
-      const __m512 correction = exp_nonpositive_ps(_mm512_sub_ps(old_max, shift));  // rows with no keys yet: 0
-      __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(s.sum.data() + tile_row), correction);
-      __m512i pairs[16];
-      for (int i = 0; i < 16; ++i) {
-        const __m512 p_even = exp_nonpositive_ps(_mm512_sub_ps(_mm512_load_ps(scores + 32 * i), shift));
-        const __m512 p_odd = exp_nonpositive_ps(_mm512_sub_ps(_mm512_load_ps(scores + 32 * i + 16), shift));
-        sum = _mm512_add_ps(sum, _mm512_add_ps(p_even, p_odd));
-        // Word r: (P[r][2i], P[r][2i + 1]) in bf16.
-        pairs[i] = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(p_odd, p_even));
-      }
-      transpose_words(pairs);  // row r: P[r][0 .. 31] in bf16
-      for (int i = 0; i < 16; ++i) _mm512_store_si512(probs + i * kAmxKeys, pairs[i]);
-      _mm512_storeu_ps(s.sum.data() + tile_row, sum);
-      _mm512_storeu_ps(s.max.data() + tile_row, new_max);
-      for (__mmask16 grew = _mm512_cmp_ps_mask(correction, _mm512_set1_ps(1.0f), _CMP_NEQ_UQ); grew != 0;
-           grew &= grew - 1) {
-        const int i = __builtin_ctz(grew);
-        const __m512 row_factor = _mm512_set1_ps(correction[i]);
-        float* acc_row = acc + (tile_row + i) * D;
-        for (int64_t d = 0; d < D; d += 16)
-          _mm512_storeu_ps(acc_row + d, _mm512_mul_ps(_mm512_loadu_ps(acc_row + d), row_factor));
-      }
-      // Three accumulator tiles in flight, so that a store never waits on the product just issued.
-      _tile_loadd(5, probs, kAmxKeys * 2);
-      float* acc_rows = acc + tile_row * D;
-      int64_t chunk = 0;
-      for (; chunk + 3 <= D / 16; chunk += 3) {
-        _tile_loadd(0, acc_rows + 16 * chunk, D * 4);
-        _tile_loadd(3, value_pairs + chunk * 512, 64);
-        _tile_loadd(1, acc_rows + 16 * (chunk + 1), D * 4);
-        _tile_loadd(4, value_pairs + (chunk + 1) * 512, 64);
-        _tile_loadd(2, acc_rows + 16 * (chunk + 2), D * 4);
-        _tile_loadd(6, value_pairs + (chunk + 2) * 512, 64);
-        _tile_dpbf16ps(0, 5, 3);
-        _tile_dpbf16ps(1, 5, 4);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_stored(0, acc_rows + 16 * chunk, D * 4);
-        _tile_stored(1, acc_rows + 16 * (chunk + 1), D * 4);
-        _tile_stored(2, acc_rows + 16 * (chunk + 2), D * 4);
-      }
-      for (; chunk < D / 16; ++chunk) {
-        _tile_loadd(0, acc_rows + 16 * chunk, D * 4);
-        _tile_loadd(3, value_pairs + chunk * 512, 64);
-        _tile_dpbf16ps(0, 5, 3);
-        _tile_stored(0, acc_rows + 16 * chunk, D * 4);
+        for (int64_t d = 0; d < D; d += 32) {  // O^T rows d .. d + 31
+          float* out = acc_columns + d * 32;
+          if (first_tile) {
+            _tile_zero(4);
+            _tile_zero(5);
+            _tile_zero(6);
+            _tile_zero(7);
+          } else {
+            _tile_loadd(4, out, 128);
+            _tile_loadd(5, out + 16, 128);
+            _tile_loadd(6, out + 16 * 32, 128);
+            _tile_loadd(7, out + 16 * 32 + 16, 128);
+          }
+          for (int b = 0; b < nb; ++b) {
+            const uint16_t* block_values = value_columns + ((tile_block + b - first_packed) * D + d) * kAmxKeys;
+            multiply_2x2(block_values, block_values + 16 * kAmxKeys, 64, probs[b][0], probs[b][1]);
+          }
+          _tile_stored(4, out, 128);
+          _tile_stored(5, out + 16, 128);
+          _tile_stored(6, out + 16 * 32, 128);
+          _tile_stored(7, out + 16 * 32 + 16, 128);
+        }
       }
     }
   }
   _tile_release();  // back unconfigured, as oneDNN's kernels and torch's SDPA leave them: the next user configures
-  for (int64_t token = 0; token < item.num_tokens; ++token)
-    write_output<kBFloat16>(c, item.unit, int(first_row + token), item.head, s.max.data() + token * Q,
-                            s.sum.data() + token * Q, acc + token * Q * D, /*natural_order=*/true);
+  for (int64_t group = 0; group < R; group += 32)
+    write_group_amx(c, item, first_row, group, std::min<int64_t>(32, rows - group), s.acc_columns.data() + group * D,
+                    s.max.data() + group, s.sum.data() + group);
 }
 #endif
 

@@ -65,6 +65,7 @@ class PrefillCase:
             row += 1 + query_lens[r]
         self.query_starts = torch.tensor(starts, dtype=torch.int32)
         self.query = self.random((row, heads * query_per_kv, head_dim))
+        self.scale = head_dim**-0.5
 
     def first_key(self, length: int, count: int) -> int:
         """The first key the chunk's first token sees."""
@@ -80,7 +81,7 @@ class PrefillCase:
             out = torch.full(query.shape, SENTINEL, dtype=self.dtype)
         return cpu_attention.prefill_attention_units(
             query, [(0, self.pages)], self.query_starts, self.query_lens, self.block_table, self.seq_lens,
-            self.head_dim**-0.5, query_per_kv=self.query_per_kv, out=out, **kwargs,
+            self.scale, query_per_kv=self.query_per_kv, out=out, **kwargs,
         )
 
     def chunk_rows(self) -> torch.Tensor:
@@ -105,7 +106,7 @@ class PrefillCase:
             keys = torch.arange(length)
             visible = (keys <= positions) & ((keys > positions - window) if window else True)  # [count, L]
             q = self.query[start : start + count].double().view(count, heads, per_kv, head_dim)
-            scores = torch.einsum("nhqd,lhd->hqnl", q, kv[0]) * head_dim**-0.5
+            scores = torch.einsum("nhqd,lhd->hqnl", q, kv[0]) * self.scale
             if logits_soft_cap:
                 scores = logits_soft_cap * torch.tanh(scores / logits_soft_cap)
             scores = scores.masked_fill(~visible, float("-inf"))
@@ -155,8 +156,9 @@ def test_half_precision_shapes(dtype, query_per_kv, head_dim):
 @pytest.mark.parametrize("block_size", [5, 16, 24])
 @pytest.mark.parametrize("query_per_kv", [3, 16])
 def test_bf16_items_and_key_blocks_across_pages(block_size, query_per_kv):
-    """bf16 chunks long enough for several items per request and head (the AMX path's items hold 256 rows:
-    85 tokens of 3 query heads, then a partial tile), key blocks of 32 that straddle pages of 5 or 24 tokens."""
+    """bf16 chunks long enough for several items per request and head (the AMX path's items hold 1,024 rows:
+    341 tokens of 3 query heads, then a partial group; 64 tokens of 16), more keys than the AMX path packs at
+    once (512), key blocks of 32 that straddle pages of 5 or 24 tokens."""
     check(PrefillCase([700, 190, 33], [600, 190, 2], heads=2, query_per_kv=query_per_kv, head_dim=64,
                       block_size=block_size, dtype=torch.bfloat16, sliding_window=0, seed=block_size + query_per_kv))
 
@@ -212,6 +214,26 @@ def test_sinks_join_the_denominator(dtype, sink_scale):
     case = PrefillCase(*WORKLOAD, dtype=dtype, seed=19)
     sinks = torch.randn(case.heads * case.query_per_kv, generator=case.generator) * sink_scale
     check(case, sinks=sinks)
+
+
+@pytest.mark.parametrize("window", [0, 600])
+@pytest.mark.parametrize("soft_cap", [0.0, 8.0])
+def test_bf16_long_requests_with_every_variant(window, soft_cap):
+    """bf16 requests longer than the AMX path packs at once (512 keys) and than its items (1,024 rows), with
+    windows that start inside a packed range, soft-capping and sinks."""
+    case = PrefillCase([1500, 700], [900, 700], heads=2, query_per_kv=4, head_dim=128, dtype=torch.bfloat16,
+                       sliding_window=window, seed=29 + window)
+    sinks = torch.randn(8, generator=case.generator)
+    check(case, logits_soft_cap=soft_cap, sinks=sinks)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [0.0, -0.2])
+def test_scales_of_any_sign(dtype, scale):
+    """A scale of 0 or below (no model has one; the AMX path scales inside its exponent only for a positive one)."""
+    case = PrefillCase(*WORKLOAD, dtype=dtype, seed=31)
+    case.scale = scale
+    check(case)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -327,10 +349,14 @@ def test_cpu_kernel_prefill_paths_match_the_reference(monkeypatch, isa, prefill,
     assert scenario.attention.kernel_name == "cpu"
 
 
-def test_prefill_path_rule(monkeypatch):
+@pytest.mark.parametrize("amx_cpu", [True, False])
+@pytest.mark.parametrize("kernel_prefill", ["amx", "avx512"])
+def test_prefill_path_rule(monkeypatch, amx_cpu, kernel_prefill):
+    """bf16 prefill goes through SDPA only on a CPU with AMX tiles that the kernel's prefill does not use."""
     monkeypatch.delenv(PREFILL_ENV, raising=False)
-    amx = torch.cpu._is_amx_tile_supported()
-    assert cpu_prefill_path(torch.bfloat16) == ("sdpa" if amx else "kernel")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx_cpu)
+    monkeypatch.setattr(cpu_attention, "prefill_instruction_path", lambda: kernel_prefill)
+    assert cpu_prefill_path(torch.bfloat16) == ("sdpa" if amx_cpu and kernel_prefill != "amx" else "kernel")
     assert cpu_prefill_path(torch.float32) == cpu_prefill_path(torch.float16) == "kernel"
     monkeypatch.setenv(PREFILL_ENV, "kernel")
     assert cpu_prefill_path(torch.bfloat16) == "kernel"
@@ -351,29 +377,9 @@ def test_sdpa_path_sends_short_chunks_to_the_kernel(monkeypatch, isa, dtype):
         pytest.skip("the routing does not depend on the kernel's instruction path")
     monkeypatch.setenv(PREFILL_ENV, "sdpa")
     monkeypatch.setattr(kernels_module, "KERNEL_MAX_QUERY_LEN", 12)
-    monkeypatch.setattr(kernels_module, "AMX_KERNEL_MAX_KEYS", 0)
     kernel_chunks, sdpa_chunks = run_routed_steps(monkeypatch, dtype)
     assert set(map(tuple, kernel_chunks)) == {(2, 12)}  # the first step's short chunks, together
     assert set(sdpa_chunks) == {13, 40}
-
-
-@pytest.mark.parametrize("amx", [True, False])
-def test_sdpa_path_sends_short_requests_to_an_amx_kernel(monkeypatch, isa, amx):
-    """Where the kernel's bf16 prefill takes AMX tiles, chunks of requests of at most AMX_KERNEL_MAX_KEYS keys go
-    through it too, whatever their length; elsewhere only the short chunks."""
-    from headinfer_vllm.core import kernels as kernels_module
-
-    if isa != (ISA_PATHS or ["auto"])[0]:
-        pytest.skip("the routing does not depend on the kernel's instruction path")
-    monkeypatch.setenv(PREFILL_ENV, "sdpa")
-    monkeypatch.setattr(kernels_module, "KERNEL_MAX_QUERY_LEN", 1)
-    monkeypatch.setattr(kernels_module, "AMX_KERNEL_MAX_KEYS", 32)
-    monkeypatch.setattr(cpu_attention, "prefill_instruction_path", lambda: "amx" if amx else "avx512")
-    kernel_chunks, sdpa_chunks = run_routed_steps(monkeypatch, torch.bfloat16)
-    if amx:  # requests of 32, 13 and 7 keys in the first step; 71 in the second
-        assert set(map(tuple, kernel_chunks)) == {(2, 12, 13)} and set(sdpa_chunks) == {40}
-    else:
-        assert not kernel_chunks and set(sdpa_chunks) == {2, 12, 13, 40}
 
 
 def run_routed_steps(monkeypatch, dtype: torch.dtype) -> tuple[list[list[int]], list[int]]:
