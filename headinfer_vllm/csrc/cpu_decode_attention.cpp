@@ -239,17 +239,6 @@ inline f32x8 fma8(f32x8 a, f32x8 b, f32x8 c) {  // a * b + c
 #endif
 }
 
-inline f32x8 fma_lanes(f32x8 a, f32x8 b, f32x8 c) { return fma8(a, b, c); }
-
-#if defined(HEADINFER_AVX512)
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-
-inline f32x16 fma_lanes(f32x16 a, f32x16 b, f32x16 c) {
-  return (f32x16)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
-}
-#endif
-
 inline float horizontal_sum(f32x8 v) {
 #if defined(__AVX__)
   __m128 x = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
@@ -261,29 +250,27 @@ inline float horizontal_sum(f32x8 v) {
 #endif
 }
 
-// exp(x) for x <= 0 (Cephes expf: about 1 ulp); 0 below fp32's normal range; NaN stays NaN. V: a
-// vector of floats (8, or 16 on AVX-512), I the int32 vector of as many lanes.
-template <typename V, typename I>
-inline V exp_nonpositive_lanes(V x) {
+// exp(x) for x <= 0 (Cephes expf: about 1 ulp); 0 below fp32's normal range; NaN stays NaN.
+inline f32x8 exp_nonpositive(f32x8 x) {
+  using V = f32x8;
+  using I = i32x8;
   const V lowest = V{} - 87.33f;
   const I in_range = ~(x < lowest);  // all ones where x >= lowest, or NaN
   x = x < lowest ? lowest : x;
   const V magic = V{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const V n = (x * 1.44269504088896341f + magic) - magic;
-  x = fma_lanes(n, V{} - 0.693359375f, x);
-  x = fma_lanes(n, V{} + 2.12194440e-4f, x);
+  x = fma8(n, V{} - 0.693359375f, x);
+  x = fma8(n, V{} + 2.12194440e-4f, x);
   V y = V{} + 1.9875691500e-4f;
-  y = fma_lanes(y, x, V{} + 1.3981999507e-3f);
-  y = fma_lanes(y, x, V{} + 8.3334519073e-3f);
-  y = fma_lanes(y, x, V{} + 4.1665795894e-2f);
-  y = fma_lanes(y, x, V{} + 1.6666665459e-1f);
-  y = fma_lanes(y, x, V{} + 5.0000001201e-1f);
-  y = fma_lanes(y, x * x, x) + 1.0f;
+  y = fma8(y, x, V{} + 1.3981999507e-3f);
+  y = fma8(y, x, V{} + 8.3334519073e-3f);
+  y = fma8(y, x, V{} + 4.1665795894e-2f);
+  y = fma8(y, x, V{} + 1.6666665459e-1f);
+  y = fma8(y, x, V{} + 5.0000001201e-1f);
+  y = fma8(y, x * x, x) + 1.0f;
   const I exponent = (__builtin_convertvector(n, I) + 127) << 23;
   return (V)((I)(y * (V)exponent) & in_range);
 }
-
-inline f32x8 exp_nonpositive(f32x8 x) { return exp_nonpositive_lanes<f32x8, i32x8>(x); }
 
 // Kernels over one tile ---------------------------------------------------------------------
 //
@@ -834,8 +821,6 @@ int64_t query_head(const Call& c, int unit, int head, int q) {
 // Partials hold, per query head: max, sum, then head_dim accumulator values.
 int64_t partial_floats(const Call& c) { return c.query_per_kv * (c.head_dim + 2); }
 
-// Normalizes one head's accumulators (with the sinks) and writes them to the output.
-// `natural_order`: acc holds each row's elements in order (the AMX prefill), not in slot order.
 // What query head `global`'s accumulator is multiplied by: 1 / (its softmax sum, the sink's term
 // added where the layer has sinks); 0 for a row that saw no key.
 inline float output_weight(const Call& c, int64_t global, float max, float sum) {
@@ -848,9 +833,10 @@ inline float output_weight(const Call& c, int64_t global, float max, float sum) 
   return sum > 0.0f ? factor / sum : 0.0f;
 }
 
+// Normalizes one head's accumulators (with the sinks) and writes them to the output.
 template <int DT>
 void write_output(const Call& c, int unit, int request, int head, const float* running_max,
-                  const float* running_sum, const float* acc, bool natural_order = false) {
+                  const float* running_sum, const float* acc) {
   using T = typename Element<DT>::T;
   const bool wide = is_wide(c);
   for (int q = 0; q < c.query_per_kv; ++q) {
@@ -858,7 +844,7 @@ void write_output(const Call& c, int unit, int request, int head, const float* r
     const float weight = output_weight(c, global, running_max[q], running_sum[q]);
     T* out = static_cast<T*>(c.out) + request * c.out_row_stride + global * c.out_head_stride;
     for (int64_t d = 0; d < c.head_dim; ++d)
-      out[d] = Element<DT>::from_float(acc[q * c.head_dim + (natural_order ? d : to_slots<DT>(d, c.head_dim, wide))] *
+      out[d] = Element<DT>::from_float(acc[q * c.head_dim + to_slots<DT>(d, c.head_dim, wide)] *
                                        weight);
   }
 }
@@ -868,10 +854,10 @@ struct Scratch {
   std::vector<uint16_t> query_bits;  // bf16 queries as they are, for VDPBF16PS
   std::vector<uint32_t> query_pairs;  // bf16 queries in pairs for AMX, see score_tile_amx and run_prefill_item_amx
   std::vector<float> tile_rows;       // prefill: a tile's keys and values widened to fp32
-  std::vector<uint16_t> key_rows;       // AMX prefill: the item's keys, contiguous (see run_prefill_item_amx)
-  std::vector<uint16_t> value_columns;  // AMX prefill: the item's values transposed, [block][D][32 keys]
-  std::vector<float> acc_columns;       // AMX prefill: a group's O^T, [D][32 rows]
-  std::vector<int32_t> positions;     // AMX prefill: each row's token position
+  std::vector<uint16_t> key_rows;       // AMX prefill: packed blocks' keys, [block][32 keys][D] (run_prefill_item_amx)
+  std::vector<uint16_t> value_columns;  // AMX prefill: packed blocks' values transposed, [block][D][32 keys]
+  std::vector<float> acc_columns;       // AMX prefill: each group's O^T, [group][D][32 rows]
+  std::vector<int32_t> positions;       // AMX prefill: each row's token position
 };
 
 template <int DT>
