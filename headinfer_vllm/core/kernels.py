@@ -284,9 +284,10 @@ def cpu_prefill_path(dtype: torch.dtype) -> str:
 
     torch's SDPA multiplies bf16 there with AMX in large blocks, faster than the C++ kernel's fp32 FMAs
     (:class:`CpuKernel` still sends short chunks to the kernel). The kernel's own AMX prefill is faster
-    than SDPA for every shape measured (``benchmarks/bench_sdpa_prefill.py``, ``amx`` rows: SDPA's time
-    over the kernel's from 1.17 for 512 query tokens over 8,192 keys to 2.25 for 8 requests of 500
-    tokens; see the README). Builds the C++ kernel (cached) to ask for its prefill path.
+    than SDPA for every shape measured (``benchmarks/bench_sdpa_prefill.py``, ``amx`` rows, 2 Sapphire
+    Rapids cores: SDPA's time over the kernel's from 1.14 for 1,024 query tokens over 4,096 keys to 2.36
+    for 8 requests of 256 tokens over 500; see the README). Builds the C++ kernel (cached) to ask for its
+    prefill path.
 
     Raises:
         ValueError: an unknown ``$HEADINFER_CPU_PREFILL``.
@@ -380,8 +381,9 @@ KERNEL_MAX_QUERY_LEN = 16
 """With ``prefill="sdpa"``, chunks of at most this many query tokens still go through the C++ prefill
 kernel. Measured by ``benchmarks/bench_sdpa_prefill.py`` (one layer, bf16, 32 query / 8 KV heads, 8
 requests over 500 keys, 2 Sapphire Rapids cores, medians of 5 alternated runs), SDPA's time over the
-kernel's with its fp32 FMA prefill: 2.34 for 8 query tokens per request, 1.72 for 32, 0.99 for 64 (2.95,
-2.07 and 1.90 with its AMX prefill): the gather and the SDPA call cost more than a few queries' arithmetic.
+kernel's with its fp32 FMA prefill (the one this path runs with): 2.34 for 8 query tokens per request, 1.72
+for 32, 0.99 for 64 (3.04, 2.45 and 2.17 with its AMX prefill): the gather and the SDPA call cost more than
+a few queries' arithmetic.
 Such chunks are a prompt's last tokens after a prefix-cache hit, or the tail of a chunked prefill."""
 
 
