@@ -1427,6 +1427,29 @@ inline void multiply_2x2(const void* a0, const void* a1, int a_stride, const voi
   _tile_dpbf16ps(7, 1, 3);
 }
 
+// The accumulator tiles 4, 5, 6, 7 as a 2 x 2 of 16 x 16 floats at `at`, rows `row_floats` apart:
+// (rows 0-15, columns 0-15), (0-15, 16-31), (16-31, 0-15), (16-31, 16-31).
+inline void load_accumulators(const float* at, int row_floats) {
+  _tile_loadd(4, at, row_floats * 4);
+  _tile_loadd(5, at + 16, row_floats * 4);
+  _tile_loadd(6, at + 16 * row_floats, row_floats * 4);
+  _tile_loadd(7, at + 16 * row_floats + 16, row_floats * 4);
+}
+
+inline void store_accumulators(float* at, int row_floats) {
+  _tile_stored(4, at, row_floats * 4);
+  _tile_stored(5, at + 16, row_floats * 4);
+  _tile_stored(6, at + 16 * row_floats, row_floats * 4);
+  _tile_stored(7, at + 16 * row_floats + 16, row_floats * 4);
+}
+
+inline void zero_accumulators() {
+  _tile_zero(4);
+  _tile_zero(5);
+  _tile_zero(6);
+  _tile_zero(7);
+}
+
 // Q^T of the item's rows in pairs: tile (row tile, chunk c) at query_pairs[(row tile * chunks + c) * 256],
 // row i word j = elements 32c + 2i, 32c + 2i + 1 of row j (zeros past the rows).
 void pack_queries_amx(const Call& c, const PrefillItem& item, int64_t first_row, int64_t rows, int64_t R,
@@ -1550,18 +1573,11 @@ void run_prefill_item_amx(const Call& c, int64_t first_row, int64_t first_positi
         const bool first_tile = tile_block == group_first_block;
         for (int b = 0; b < nb; ++b) {  // S^T
           const uint16_t* block_keys = key_rows + (tile_block + b - first_packed) * kAmxKeys * D;
-          _tile_zero(4);
-          _tile_zero(5);
-          _tile_zero(6);
-          _tile_zero(7);
+          zero_accumulators();
           for (int64_t chunk = 0; chunk < chunks; ++chunk)
             multiply_2x2(block_keys + 32 * chunk, block_keys + 16 * D + 32 * chunk, int(D * 2),
                          query_tiles + chunk * 256, query_tiles + (chunks + chunk) * 256);
-          float* block_scores = scores + b * kAmxKeys * 32;
-          _tile_stored(4, block_scores, 128);
-          _tile_stored(5, block_scores + 16, 128);
-          _tile_stored(6, block_scores + 16 * 32, 128);
-          _tile_stored(7, block_scores + 16 * 32 + 16, 128);
+          store_accumulators(scores + b * kAmxKeys * 32, 32);
         }
         if (prescaled)
           for (int i = 0; i < nb * kAmxKeys * 32; ++i)
@@ -1625,25 +1641,15 @@ void run_prefill_item_amx(const Call& c, int64_t first_row, int64_t first_positi
         }
         for (int64_t d = 0; d < D; d += 32) {  // O^T rows d .. d + 31
           float* out = acc_columns + d * 32;
-          if (first_tile) {
-            _tile_zero(4);
-            _tile_zero(5);
-            _tile_zero(6);
-            _tile_zero(7);
-          } else {
-            _tile_loadd(4, out, 128);
-            _tile_loadd(5, out + 16, 128);
-            _tile_loadd(6, out + 16 * 32, 128);
-            _tile_loadd(7, out + 16 * 32 + 16, 128);
-          }
+          if (first_tile)
+            zero_accumulators();
+          else
+            load_accumulators(out, 32);
           for (int b = 0; b < nb; ++b) {
             const uint16_t* block_values = value_columns + ((tile_block + b - first_packed) * D + d) * kAmxKeys;
             multiply_2x2(block_values, block_values + 16 * kAmxKeys, 64, probs[b][0], probs[b][1]);
           }
-          _tile_stored(4, out, 128);
-          _tile_stored(5, out + 16, 128);
-          _tile_stored(6, out + 16 * 32, 128);
-          _tile_stored(7, out + 16 * 32 + 16, 128);
+          store_accumulators(out, 32);
         }
       }
     }
