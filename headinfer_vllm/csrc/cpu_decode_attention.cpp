@@ -85,7 +85,6 @@
 namespace {
 
 typedef float f32x8 __attribute__((vector_size(32)));
-typedef int32_t i32x8 __attribute__((vector_size(32)));
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
 typedef uint16_t u16x8 __attribute__((vector_size(16)));
 
@@ -250,10 +249,19 @@ inline float horizontal_sum(f32x8 v) {
 #endif
 }
 
-// exp(x) for x <= 0 (Cephes expf: about 1 ulp); 0 below fp32's normal range; NaN stays NaN.
-inline f32x8 exp_nonpositive(f32x8 x) {
-  using V = f32x8;
-  using I = i32x8;
+#if defined(__AVX512F__)
+typedef float f32x16 __attribute__((vector_size(64)));
+
+inline f32x16 fma8(f32x16 a, f32x16 b, f32x16 c) {  // a * b + c, 16 lanes
+  return (f32x16)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+}
+#endif
+
+// exp(x) for x <= 0 (Cephes expf: about 1 ulp); 0 below fp32's normal range; NaN stays NaN. V: a
+// vector of 8 floats, or of 16 where the build has AVX-512 (the same polynomial, lane for lane).
+template <typename V>
+inline V exp_nonpositive(V x) {
+  using I = decltype(x < x);  // the integer vector of V's width
   const V lowest = V{} - 87.33f;
   const I in_range = ~(x < lowest);  // all ones where x >= lowest, or NaN
   x = x < lowest ? lowest : x;
@@ -551,7 +559,6 @@ template <int DT, int QB, bool kDot>
 inline void score_tile_wide(const float* q_rows, const uint16_t* q_bits, int64_t D, const Rows<typename Element<DT>::T>& keys,
                             int64_t shift, float scale, float* scores, Prefetch<typename Element<DT>::T>& prefetch) {
   constexpr int TB = 16 / QB;
-  alignas(64) float sums[16];
   for (int first = 0; first < keys.count; first += TB) {
     prefetch.step(std::min(TB, keys.count - first));
     __m512 acc[16];
@@ -576,10 +583,11 @@ inline void score_tile_wide(const float* q_rows, const uint16_t* q_bits, int64_t
     }
     __m512 total = transpose_sums(acc);
     if constexpr (kDot) total = _mm512_mul_ps(total, _mm512_set1_ps(scale));
-    _mm512_store_ps(sums, total);
-    const int valid = std::min(TB, keys.count - first);
+    // Lanes q * TB .. q * TB + valid - 1 to row q, one masked store a row: no scalar reloads of a
+    // vector just stored (they would wait for the store to retire).
+    const __mmask16 valid = __mmask16((1u << std::min(TB, keys.count - first)) - 1);
     for (int q = 0; q < QB; ++q)
-      for (int t = 0; t < valid; ++t) scores[q * kTile + first + t] = sums[q * TB + t];
+      _mm512_mask_storeu_ps(scores + q * (kTile - TB) + first, __mmask16(valid << (q * TB)), total);
   }
 }
 
@@ -743,6 +751,46 @@ inline void softmax_tile(float* scores, int num_tokens, int num_queries, int64_t
     running_sum[q] += total;
   }
 }
+
+#if defined(HEADINFER_AVX512)
+// softmax_tile in registers of 16 floats (a tile's row is two of them): the same results but for
+// the order of the sums' additions.
+inline void softmax_tile_wide(float* scores, int num_tokens, int num_queries, int64_t d_total, float* running_max,
+                              float* running_sum, float* acc) {
+  static_assert(kTile == 32, "a row of scores is two registers");
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const __mmask16 low = __mmask16(num_tokens >= 16 ? 0xffffu : (1u << num_tokens) - 1);
+  const __mmask16 high = __mmask16(num_tokens > 16 ? (1u << (num_tokens - 16)) - 1 : 0u);
+  for (int q = 0; q < num_queries; ++q) {
+    float* row = scores + q * kTile;
+    const __m512 first = _mm512_mask_loadu_ps(_mm512_set1_ps(kNegInf), low, row);
+    const __m512 second = _mm512_mask_loadu_ps(_mm512_set1_ps(kNegInf), high, row + 16);
+    const float tile_max = _mm512_reduce_max_ps(_mm512_max_ps(first, second));
+    const float old_max = running_max[q];
+    if (tile_max == kNegInf && old_max == tile_max) {
+      _mm512_mask_storeu_ps(row, low, _mm512_setzero_ps());  // every key so far masked (prefill)
+      _mm512_mask_storeu_ps(row + 16, high, _mm512_setzero_ps());
+      continue;
+    }
+    if (tile_max > old_max) {
+      if (old_max != kNegInf) {
+        const float correction = std::exp(old_max - tile_max);
+        running_sum[q] *= correction;
+        float* out = acc + q * d_total;
+        for (int64_t d = 0; d < d_total; d += 16)  // d_total: a multiple of 32 on this path
+          _mm512_storeu_ps(out + d, _mm512_mul_ps(_mm512_loadu_ps(out + d), _mm512_set1_ps(correction)));
+      }
+      running_max[q] = tile_max;
+    }
+    const f32x16 shift = f32x16{} + running_max[q];  // masked lanes: exp(-inf) = 0
+    const __m512 p_first = (__m512)exp_nonpositive((f32x16)first - shift);
+    const __m512 p_second = (__m512)exp_nonpositive((f32x16)second - shift);
+    _mm512_mask_storeu_ps(row, low, p_first);
+    _mm512_mask_storeu_ps(row + 16, high, p_second);
+    running_sum[q] += _mm512_reduce_add_ps(_mm512_add_ps(p_first, p_second));
+  }
+}
+#endif
 
 // The call ----------------------------------------------------------------------------------
 
@@ -954,7 +1002,10 @@ void run_item(const Call& c, const Item& item, Scratch& s, float* partials) {
         for (int q = 0; q < Q; ++q)
           for (int t = 0; t < num_tokens; ++t) scores[q * kTile + t] = cap * std::tanh(scores[q * kTile + t] / cap);
       }
-      softmax_tile(scores, num_tokens, int(Q), D, s.max.data() + h * Q, s.sum.data() + h * Q, acc);
+#if defined(HEADINFER_AVX512)
+      if (wide) softmax_tile_wide(scores, num_tokens, int(Q), D, s.max.data() + h * Q, s.sum.data() + h * Q, acc);
+#endif
+      if (!wide) softmax_tile(scores, num_tokens, int(Q), D, s.max.data() + h * Q, s.sum.data() + h * Q, acc);
       if (wide) {
 #if defined(HEADINFER_AVX512)
         for_query_blocks(int(Q), [&](int q, auto block) {
@@ -1157,12 +1208,10 @@ inline Keys prefill_keys(const Call& c, int64_t seq_len, int64_t query_len, int6
 // horizontal sums; the online softmax runs on 16 rows at a time; acc [R][D] += broadcast(p[t][r]) * v_t.
 
 inline void exp_nonpositive16(float* x) {  // in place, 16 floats
-  f32x8 first, second;
-  std::memcpy(&first, x, sizeof first);
-  std::memcpy(&second, x + 8, sizeof second);
-  first = exp_nonpositive(first), second = exp_nonpositive(second);
-  std::memcpy(x, &first, sizeof first);
-  std::memcpy(x + 8, &second, sizeof second);
+  f32x16 v;
+  std::memcpy(&v, x, sizeof v);
+  v = exp_nonpositive(v);
+  std::memcpy(x, &v, sizeof v);
 }
 
 // S^T[t][...] for 4 keys of the tile and NV vectors of 16 rows.
