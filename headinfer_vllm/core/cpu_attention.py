@@ -261,19 +261,25 @@ def _unit_args(
     strides, then ``out`` (allocated if None)."""
     if not units:
         raise ValueError("headinfer: the CPU attention kernel needs at least one unit")
-    first_pages = units[0][1]
-    for _, pages in units:
-        _check_pages(pages, first_pages)
-    num_blocks, _, block_size, _, head_dim = first_pages.shape
     if query.dim() != 3:
         raise ValueError(f"headinfer: query must be [rows, num_query_heads, D], got {list(query.shape)}")
     num_rows, num_query_heads = query.shape[0], query.shape[1]
-    for first_head, pages in units:
-        if first_head < 0 or (first_head + pages.shape[3]) * query_per_kv > num_query_heads:
+    first_pages = units[0][1]
+    # One pass over the units, each checked once: this runs per layer and step, for every unit.
+    count = len(units)
+    unit_pages = (ctypes.c_void_p * count)()
+    unit_heads = (ctypes.c_int64 * count)()
+    unit_first_heads = (ctypes.c_int64 * count)()
+    for i, (first_head, pages) in enumerate(units):
+        _check_pages(pages, first_pages)
+        heads = pages.shape[3]
+        if first_head < 0 or (first_head + heads) * query_per_kv > num_query_heads:
             raise ValueError(
-                f"headinfer: KV heads {first_head} .. {first_head + pages.shape[3] - 1} need "
-                f"{(first_head + pages.shape[3]) * query_per_kv} query heads, query has {num_query_heads}"
+                f"headinfer: KV heads {first_head} .. {first_head + heads - 1} need "
+                f"{(first_head + heads) * query_per_kv} query heads, query has {num_query_heads}"
             )
+        unit_pages[i], unit_heads[i], unit_first_heads[i] = pages.data_ptr(), heads, first_head
+    num_blocks, _, block_size, _, head_dim = first_pages.shape
     if out is None:
         out = torch.zeros(query.shape, dtype=query.dtype)
     _check_rows("query", query, first_pages.dtype, (num_rows, num_query_heads, head_dim))
@@ -283,16 +289,15 @@ def _unit_args(
     _check_int32("seq_lens", seq_lens, 1, num_requests)
     if sinks is not None and (
         sinks.dtype != torch.float32 or sinks.shape != (num_query_heads,) or not sinks.is_contiguous()
-        or sinks.device.type != "cpu"
+        or not sinks.is_cpu
     ):
         raise ValueError(f"headinfer: sinks must be a contiguous CPU float32 tensor [{num_query_heads}]")
-    count = len(units)
     return (
         DTYPES[first_pages.dtype],
         count,
-        (ctypes.c_void_p * count)(*(pages.data_ptr() for _, pages in units)),
-        (ctypes.c_int64 * count)(*(pages.shape[3] for _, pages in units)),
-        (ctypes.c_int64 * count)(*(first_head for first_head, _ in units)),
+        unit_pages,
+        unit_heads,
+        unit_first_heads,
         num_blocks, block_size, head_dim, query_per_kv, num_requests,
         query.data_ptr(), query.stride(0), query.stride(1),
         out.data_ptr(), out.stride(0), out.stride(1),
@@ -306,19 +311,23 @@ def _raise_for(status: int, bad_index: ctypes.c_int64) -> None:
 
 
 def _check_pages(pages: torch.Tensor, first: torch.Tensor) -> None:
-    if pages.dim() != 5 or pages.shape[1] != 2:
-        raise ValueError(f"headinfer: pages must be [N, 2, B, H, D], got {list(pages.shape)}")
+    shape = pages.shape
+    if len(shape) != 5 or shape[1] != 2:
+        raise ValueError(f"headinfer: pages must be [N, 2, B, H, D], got {list(shape)}")
     if pages.dtype not in DTYPES:
         raise ValueError(f"headinfer: pages of dtype {pages.dtype}; the CPU kernel takes {list(DTYPES)}")
-    if pages.device.type != "cpu" or not pages.is_contiguous():
+    if not pages.is_cpu or not pages.is_contiguous():
         raise ValueError("headinfer: pages must be a contiguous CPU tensor")
-    same = (pages.shape[0], *pages.shape[2:3], pages.shape[4]) == (first.shape[0], first.shape[2], first.shape[4])
+    if pages is first:
+        return
+    first_shape = first.shape
+    same = (shape[0], shape[2], shape[4]) == (first_shape[0], first_shape[2], first_shape[4])
     if not same or pages.dtype != first.dtype:
         raise ValueError("headinfer: every unit needs the same block count, block size, head dim and dtype")
 
 
 def _check_rows(name: str, tensor: torch.Tensor, dtype: torch.dtype, shape: tuple[int, int, int]) -> None:
-    if tuple(tensor.shape) != shape or tensor.dtype != dtype or tensor.device.type != "cpu":
+    if tuple(tensor.shape) != shape or tensor.dtype != dtype or not tensor.is_cpu:
         raise ValueError(
             f"headinfer: {name} must be a CPU {dtype} tensor {list(shape)}, got {tensor.dtype} "
             f"{list(tensor.shape)} on {tensor.device}"
@@ -328,7 +337,7 @@ def _check_rows(name: str, tensor: torch.Tensor, dtype: torch.dtype, shape: tupl
 
 
 def _check_int32(name: str, tensor: torch.Tensor, dims: int, rows: int) -> None:
-    if tensor.dtype != torch.int32 or tensor.dim() != dims or tensor.shape[0] != rows or tensor.device.type != "cpu":
+    if tensor.dtype != torch.int32 or tensor.dim() != dims or tensor.shape[0] != rows or not tensor.is_cpu:
         raise ValueError(f"headinfer: {name} must be a {dims}-d CPU int32 tensor with {rows} rows")
     if tensor.shape[-1] > 1 and tensor.stride(-1) != 1:
         raise ValueError(f"headinfer: {name}'s last dim must be contiguous")

@@ -347,6 +347,28 @@ def test_bad_inputs_are_refused():
                                        sinks=torch.zeros(3))
 
 
+def test_bad_units_are_refused():
+    case = Case([20, 3], heads=2, seed=48)  # pages [N, 2, B, 2, 64]: KV heads 0 and 1
+
+    def run(units):
+        return cpu_attention.decode_attention_units(case.query, units, case.block_table, case.seq_lens, 1.0,
+                                                    query_per_kv=case.query_per_kv)
+
+    head = case.pages[:, :, :, :1].contiguous()
+    with pytest.raises(ValueError, match="at least one unit"):
+        run([])
+    with pytest.raises(ValueError, match="every unit needs the same"):
+        run([(0, head), (1, head[:, :, :8].contiguous())])  # another block size
+    with pytest.raises(ValueError, match="contiguous"):
+        run([(0, head), (1, case.pages[:, :, :, 1:])])  # the second unit a strided view
+    with pytest.raises(ValueError, match=r"\[N, 2, B, H, D\]"):
+        run([(0, case.pages[0])])
+    with pytest.raises(ValueError, match="need 6 query heads, query has 4"):
+        run([(0, head), (2, head)])  # a KV head the layer does not have
+    with pytest.raises(ValueError, match="need"):
+        run([(-1, head)])
+
+
 def test_the_path_asked_for_is_the_path_taken(isa):
     assert cpu_attention.instruction_path() == isa
     assert isa in cpu_attention.ISAS
