@@ -230,7 +230,7 @@ inline void store_floats(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
 
 inline f32x8 broadcast(float x) { return f32x8{x, x, x, x, x, x, x, x}; }
 
-inline f32x8 fma8(f32x8 a, f32x8 b, f32x8 c) {  // a * b + c
+inline f32x8 multiply_add(f32x8 a, f32x8 b, f32x8 c) {  // a * b + c, fused where the CPU has FMA
 #if defined(__FMA__) && defined(__AVX__)
   return (f32x8)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
 #else
@@ -252,7 +252,7 @@ inline float horizontal_sum(f32x8 v) {
 #if defined(__AVX512F__)
 typedef float f32x16 __attribute__((vector_size(64)));
 
-inline f32x16 fma8(f32x16 a, f32x16 b, f32x16 c) {  // a * b + c, 16 lanes
+inline f32x16 multiply_add(f32x16 a, f32x16 b, f32x16 c) {  // a * b + c, fused, 16 lanes
   return (f32x16)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
 }
 #endif
@@ -267,15 +267,15 @@ inline V exp_nonpositive(V x) {
   x = x < lowest ? lowest : x;
   const V magic = V{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const V n = (x * 1.44269504088896341f + magic) - magic;
-  x = fma8(n, V{} - 0.693359375f, x);
-  x = fma8(n, V{} + 2.12194440e-4f, x);
+  x = multiply_add(n, V{} - 0.693359375f, x);
+  x = multiply_add(n, V{} + 2.12194440e-4f, x);
   V y = V{} + 1.9875691500e-4f;
-  y = fma8(y, x, V{} + 1.3981999507e-3f);
-  y = fma8(y, x, V{} + 8.3334519073e-3f);
-  y = fma8(y, x, V{} + 4.1665795894e-2f);
-  y = fma8(y, x, V{} + 1.6666665459e-1f);
-  y = fma8(y, x, V{} + 5.0000001201e-1f);
-  y = fma8(y, x * x, x) + 1.0f;
+  y = multiply_add(y, x, V{} + 1.3981999507e-3f);
+  y = multiply_add(y, x, V{} + 8.3334519073e-3f);
+  y = multiply_add(y, x, V{} + 4.1665795894e-2f);
+  y = multiply_add(y, x, V{} + 1.6666665459e-1f);
+  y = multiply_add(y, x, V{} + 5.0000001201e-1f);
+  y = multiply_add(y, x * x, x) + 1.0f;
   const I exponent = (__builtin_convertvector(n, I) + 127) << 23;
   return (V)((I)(y * (V)exponent) & in_range);
 }
@@ -378,7 +378,7 @@ inline void dot_rows(const float* q_rows, int64_t D, const typename Element<DT>:
     for (int t = 0; t < TB; ++t) E::load16(k_rows + t * stride + d, first[t], second[t]);
     for (int q = 0; q < QB; ++q) {
       const f32x8 q_first = load_floats(q_rows + q * D + d), q_second = load_floats(q_rows + q * D + d + 8);
-      for (int t = 0; t < TB; ++t) acc[q * TB + t] = fma8(q_second, second[t], fma8(q_first, first[t], acc[q * TB + t]));
+      for (int t = 0; t < TB; ++t) acc[q * TB + t] = multiply_add(q_second, second[t], multiply_add(q_first, first[t], acc[q * TB + t]));
     }
   }
   if constexpr (QB * TB == 8) {
@@ -432,7 +432,7 @@ inline void accumulate_chunks(const float* probs, const Tile<typename Element<DT
       for (int c = 0; c < NC; ++c) E::load16(v_rows + t * stride + 16 * c, values[2 * c], values[2 * c + 1]);
       for (int q = 0; q < QB; ++q) {
         const f32x8 p = broadcast(probs[q * kTile + t]);
-        for (int j = 0; j < 2 * NC; ++j) sums[q][j] = fma8(p, values[j], sums[q][j]);
+        for (int j = 0; j < 2 * NC; ++j) sums[q][j] = multiply_add(p, values[j], sums[q][j]);
       }
     }
     probs += tile.lengths[run];
