@@ -67,7 +67,7 @@ were not faster where measured: see the README's CPU attention results)."""
 ISA_ENV = "HEADINFER_CPU_ATTENTION_ISA"
 _ISA_DEFINES = {"auto": (), "amx": ("-DHEADINFER_CPU_ATTENTION_AMX",),
                 "avx512bf16": ("-DHEADINFER_CPU_ATTENTION_BF16_DOT",),
-                "avx512": ("-DHEADINFER_CPU_ATTENTION_NO_AMX_PREFILL",),
+                "avx512": ("-DHEADINFER_CPU_ATTENTION_FMA_PREFILL",),
                 "portable": ("-DHEADINFER_CPU_ATTENTION_PORTABLE",)}
 logger = logging.getLogger(__name__)
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -376,7 +376,8 @@ def instruction_path(isa: str | None = None) -> str:
 
 def prefill_instruction_path(isa: str | None = None) -> str:
     """The path the prefill kernel of :func:`library` takes for bf16 head dims that are a multiple of 32:
-    ``amx`` (AMX tiles), else the decode path's (:func:`instruction_path`)."""
+    ``amx`` (AMX tiles), ``avx512bf16`` (VDPBF16PS: the ``avx512bf16`` build, and the default build on a CPU
+    with AVX-512 BF16 but no AMX tiles), else the decode path's (:func:`instruction_path`)."""
     return library(isa).headinfer_cpu_prefill_isa().decode()
 
 

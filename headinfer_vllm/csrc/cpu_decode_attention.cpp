@@ -36,9 +36,14 @@
 //   portable    GCC/Clang vector extensions of 8 floats (AVX2 on x86, two NEON registers on
 //               Arm): no intrinsics needed.
 //
-// Prefill (headinfer_prefill_attention): the AVX-512 builds but -DHEADINFER_CPU_ATTENTION_NO_AMX_PREFILL
-// (the avx512 path's) multiply bf16 with AMX tiles where the compiler, CPU and Linux allow
-// (headinfer_cpu_prefill_isa() says "amx", see run_prefill_item_amx); else as the decode path.
+// Prefill (headinfer_prefill_attention), bf16 (headinfer_cpu_prefill_isa() names the path built):
+//   amx         AMX tiles where the compiler, CPU and Linux allow (run_prefill_item_amx): the default
+//               AVX-512 build's and the amx path's.
+//   avx512bf16  VDPBF16PS over bf16 pairs, fp32 softmax (run_prefill_item_wide<..., true>): the
+//               avx512bf16 path's, and the default build's where the CPU has AVX-512 BF16 but no AMX
+//               (or Linux refuses it).
+//   avx512      fp32 FMAs (run_prefill_item_wide<..., false>): the avx512 path's
+//               (-DHEADINFER_CPU_ATTENTION_FMA_PREFILL), and float32 and float16 on every AVX-512 path.
 //
 // The AVX-512 paths serve head dims that are a multiple of 32; other head dims take the
 // portable code in the same build (AMX also wants bf16, blocks of >= 16 tokens and <= 16 query
@@ -70,7 +75,7 @@
 #define HEADINFER_AMX_TILES 1  // this compiler and CPU take AMX tiles (used if Linux permits, at run time)
 #include <sys/syscall.h>
 #include <unistd.h>
-#if !defined(HEADINFER_CPU_ATTENTION_NO_AMX_PREFILL)
+#if !defined(HEADINFER_CPU_ATTENTION_FMA_PREFILL) && !defined(HEADINFER_CPU_ATTENTION_BF16_DOT)
 #define HEADINFER_AMX_PREFILL 1
 #endif
 #if defined(HEADINFER_CPU_ATTENTION_AMX)
@@ -79,6 +84,9 @@
 #endif
 #if !defined(HEADINFER_AMX) && defined(__AVX512BF16__) && defined(HEADINFER_CPU_ATTENTION_BF16_DOT)
 #define HEADINFER_AVX512_BF16 1
+#endif
+#if defined(__AVX512BF16__) && !defined(HEADINFER_CPU_ATTENTION_FMA_PREFILL)
+#define HEADINFER_BF16_DOT_PREFILL 1  // bf16 prefill by VDPBF16PS where AMX prefill is not built or not permitted
 #endif
 #endif
 
@@ -900,8 +908,9 @@ void write_output(const Call& c, int unit, int request, int head, const float* r
 struct Scratch {
   std::vector<float> queries, acc, scores, max, sum;
   std::vector<uint16_t> query_bits;  // bf16 queries as they are, for VDPBF16PS
-  std::vector<uint32_t> query_pairs;  // bf16 queries in pairs for AMX, see score_tile_amx and run_prefill_item_amx
-  std::vector<float> tile_rows;       // prefill: a tile's keys and values widened to fp32
+  std::vector<uint32_t> query_pairs;  // bf16 queries in pairs: score_tile_amx, run_prefill_item_amx, DotProducts
+  std::vector<float> tile_rows;       // prefill: a tile's keys and values widened to fp32 (FmaProducts)
+  std::vector<uint32_t> value_pairs, prob_pairs;  // bf16 prefill by VDPBF16PS: a tile's V and P in pairs of keys
   std::vector<uint16_t> key_rows;       // AMX prefill: packed blocks' keys, [block][32 keys][D] (run_prefill_item_amx)
   std::vector<uint16_t> value_columns;  // AMX prefill: packed blocks' values transposed, [block][D][32 keys]
   std::vector<float> acc_columns;       // AMX prefill: each group's O^T, [group][D][32 rows]
@@ -1206,6 +1215,12 @@ inline Keys prefill_keys(const Call& c, int64_t seq_len, int64_t query_len, int6
 // keys and values widened once to fp32 rows [kTile][D] (wide slot order, as the queries). Scores
 // S^T [t][R] += broadcast(k_t[d]) * Qt[d][...]: 4 keys by R / 16 row vectors of FMAs per element, no
 // horizontal sums; the online softmax runs on 16 rows at a time; acc [R][D] += broadcast(p[t][r]) * v_t.
+// The bf16 dot variant (kDot) keeps everything in bf16 pairs and multiplies by VDPBF16PS (two bf16
+// products summed in fp32 per lane, twice an FMA's work): Q^T in pairs, word [i][r] = elements 2i, 2i + 1
+// of row r, unscaled (the scale multiplies the sums); keys read in place, a 32-bit word (a pair of
+// elements) broadcast at a time; values and probabilities in pairs of keys, V [t / 2][D] word d =
+// (v_t[d], v_t+1[d]) in wide slot order and P^T [t / 2][R] word r = (p[t][r], p[t + 1][r]) rounded to
+// bf16 (as the AMX path, torch's SDPA and vLLM's CPU kernel round P); the softmax sums P before rounding.
 
 inline void exp_nonpositive16(float* x) {  // in place, 16 floats
   f32x16 v;
@@ -1251,56 +1266,234 @@ inline void accumulate_rows_t(const float* probs, int64_t R, int num_keys, const
     for (int j = 0; j < NC; ++j) _mm512_storeu_ps(acc + (r0 + i) * D + d0 + 16 * j, sums[i][j]);
 }
 
+#if defined(HEADINFER_BF16_DOT_PREFILL)
+// Whether a prefill item takes the bf16 dot variant.
+bool is_dot_prefill(const Call& c) { return c.dtype == kBFloat16 && is_wide(c); }
+
+inline uint32_t load_word(const uint16_t* pair) {  // two bf16 elements as one 32-bit word
+  uint32_t word;
+  std::memcpy(&word, pair, sizeof word);
+  return word;
+}
+
+// S^T[t][...] = scale * sum_i (pair i of key t) . Qp[i][...] for 4 keys (rows in place) and NV vectors of 16 rows.
+template <int NV>
+inline void score_keys_dot(const uint32_t* query_pairs, int64_t R, const uint16_t* const* keys, int64_t D,
+                           __m512 scale, float* scores) {
+  __m512 acc[4][NV];
+  for (int t = 0; t < 4; ++t)
+    for (int j = 0; j < NV; ++j) acc[t][j] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < D / 2; ++i) {
+    __m512bh q[NV];
+    for (int j = 0; j < NV; ++j) q[j] = (__m512bh)_mm512_loadu_si512(query_pairs + i * R + 16 * j);
+    for (int t = 0; t < 4; ++t) {
+      const __m512bh k = (__m512bh)_mm512_set1_epi32(int(load_word(keys[t] + 2 * i)));
+      for (int j = 0; j < NV; ++j) acc[t][j] = _mm512_dpbf16_ps(acc[t][j], k, q[j]);
+    }
+  }
+  for (int t = 0; t < 4; ++t)
+    for (int j = 0; j < NV; ++j) _mm512_storeu_ps(scores + t * R + 16 * j, _mm512_mul_ps(acc[t][j], scale));
+}
+
+// acc[r0 + i][d0 .. d0 + 16 * NC) += sum_u Pp[u][r0 + i] . Vp[u][d0 ..] over the key pairs, for 4 rows.
+template <int NC>
+inline void accumulate_pairs_t(const uint32_t* prob_pairs, int64_t R, int num_pairs, const uint32_t* value_pairs,
+                               int64_t D, int64_t r0, int64_t d0, float* acc) {
+  __m512 sums[4][NC];
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < NC; ++j) sums[i][j] = _mm512_loadu_ps(acc + (r0 + i) * D + d0 + 16 * j);
+  for (int u = 0; u < num_pairs; ++u) {
+    __m512bh v[NC];
+    for (int j = 0; j < NC; ++j) v[j] = (__m512bh)_mm512_loadu_si512(value_pairs + u * D + d0 + 16 * j);
+    for (int i = 0; i < 4; ++i) {
+      const __m512bh p = (__m512bh)_mm512_set1_epi32(int(prob_pairs[u * R + r0 + i]));
+      for (int j = 0; j < NC; ++j) sums[i][j] = _mm512_dpbf16_ps(sums[i][j], p, v[j]);
+    }
+  }
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < NC; ++j) _mm512_storeu_ps(acc + (r0 + i) * D + d0 + 16 * j, sums[i][j]);
+}
+
+// Vp[u][...] of values a and b (D bf16 elements each; b null: zeros): per 32 elements, words (a[2j], b[2j])
+// then (a[2j + 1], b[2j + 1]) for j < 16, the wide slot order of Wide<kBFloat16>.
+inline void pack_value_pair(const uint16_t* a, const uint16_t* b, int64_t D, uint32_t* out) {
+  const __mmask32 high_halves = 0xAAAAAAAAu;
+  for (int64_t d = 0; d < D; d += 32) {
+    const __m512i x = _mm512_loadu_si512(a + d), y = b ? _mm512_loadu_si512(b + d) : _mm512_setzero_si512();
+    _mm512_storeu_si512(out + d, _mm512_mask_blend_epi16(high_halves, x, _mm512_slli_epi32(y, 16)));
+    _mm512_storeu_si512(out + d + 16, _mm512_mask_blend_epi16(high_halves, _mm512_srli_epi32(x, 16), y));
+  }
+}
+
+// Pp[u][16 rows] from p[2u] and p[2u + 1] (16 floats each): words (bf16(first[r]), bf16(second[r])).
+inline __m512i probability_pairs(__m512 first, __m512 second) {
+  const __m512i low = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(first));
+  const __m512i high = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(second));
+  return _mm512_or_si512(low, _mm512_slli_epi32(high, 16));
+}
+#endif
+
+// The wide prefill item's products with fp32 FMAs: queries (scaled) and each tile's keys and values
+// widened once to fp32, Qt [D][R] and rows [kTile][D] (wide slot order).
 template <int DT>
+struct FmaProducts {
+  using T = typename Element<DT>::T;
+  Scratch& s;
+  const int64_t D, R;
+
+  // Qt of the rows (row r < rows at row(r); zeros past them), times the scale.
+  template <typename RowOf>
+  void set_queries(int64_t rows, float scale, RowOf row_of) {
+    s.queries.assign(D * R, 0.0f);
+    s.tile_rows.assign(2 * kTile * D, 0.0f);  // keys [kTile][D], then values [kTile][D]
+    alignas(64) float widened[32];
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* row = static_cast<const T*>(row_of(r));
+      for (int64_t d = 0; d < D; d += 32) {
+        __m512 first, second;
+        Wide<DT>::load32(row + d, first, second);
+        _mm512_store_ps(widened, _mm512_mul_ps(first, _mm512_set1_ps(scale)));
+        _mm512_store_ps(widened + 16, _mm512_mul_ps(second, _mm512_set1_ps(scale)));
+        for (int i = 0; i < 32; ++i) s.queries[(d + i) * R + r] = widened[i];
+      }
+    }
+  }
+
+  // Key t of the tile (k, v: its rows of D elements in the pages).
+  void set_key(int t, const T* k, const T* v) {
+    for (int64_t d = 0; d < D; d += 32) {
+      __m512 first, second;
+      Wide<DT>::load32(k + d, first, second);
+      _mm512_storeu_ps(key_rows() + t * D + d, first);
+      _mm512_storeu_ps(key_rows() + t * D + d + 16, second);
+      Wide<DT>::load32(v + d, first, second);
+      _mm512_storeu_ps(value_rows() + t * D + d, first);
+      _mm512_storeu_ps(value_rows() + t * D + d + 16, second);
+    }
+  }
+
+  void end_tile(int) {}
+
+  // S^T [t .. t + 3][R] (keys past the tile's: scores of stale rows, dropped).
+  void score(int t, float* scores) {
+    const float* qt = s.queries.data();
+    const int nv = int(R / 16);
+    for (int j = 0; j < nv; j += 4) {
+      const int count = std::min(4, nv - j);
+      float* out = scores + t * R + 16 * j;
+      if (count == 4) score_keys_t<4>(qt + 16 * j, R, key_rows() + t * D, D, out);
+      else if (count == 3) score_keys_t<3>(qt + 16 * j, R, key_rows() + t * D, D, out);
+      else if (count == 2) score_keys_t<2>(qt + 16 * j, R, key_rows() + t * D, D, out);
+      else score_keys_t<1>(qt + 16 * j, R, key_rows() + t * D, D, out);
+    }
+  }
+
+  // acc [R][D] += P V over the tile's n keys (probs: P^T [kTile][R]).
+  void accumulate(const float* probs, int n, float* acc) {
+    for (int64_t r0 = 0; r0 < R; r0 += 4) {
+      int64_t d = 0;
+      for (; d + 64 <= D; d += 64) accumulate_rows_t<4>(probs, R, n, value_rows(), D, r0, d, acc);
+      if (d < D) accumulate_rows_t<2>(probs, R, n, value_rows(), D, r0, d, acc);
+    }
+  }
+
+  float* key_rows() { return s.tile_rows.data(); }
+  float* value_rows() { return s.tile_rows.data() + kTile * D; }
+};
+
+#if defined(HEADINFER_BF16_DOT_PREFILL)
+// The wide prefill item's products with VDPBF16PS (bf16 only): see score_keys_dot and accumulate_pairs_t.
+struct DotProducts {
+  using T = uint16_t;
+  Scratch& s;
+  const int64_t D, R;
+  const T* keys[kTile + 3];  // the tile's key rows in the pages, padded to a multiple of 4 with the first
+  const T* values[kTile];
+  __m512 scale;
+
+  template <typename RowOf>
+  void set_queries(int64_t rows, float query_scale, RowOf row_of) {
+    scale = _mm512_set1_ps(query_scale);
+    s.query_pairs.assign(D / 2 * R, 0);  // Qp [D / 2][R]
+    s.value_pairs.resize(kTile / 2 * D);  // Vp [kTile / 2][D]
+    s.prob_pairs.resize(kTile / 2 * R);   // Pp [kTile / 2][R]
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* row = static_cast<const T*>(row_of(r));
+      for (int64_t i = 0; i < D / 2; ++i) s.query_pairs[i * R + r] = load_word(row + 2 * i);
+    }
+  }
+
+  void set_key(int t, const T* k, const T* v) {
+    keys[t] = k;
+    values[t] = v;
+    if (t % 2 == 1) pack_value_pair(values[t - 1], v, D, s.value_pairs.data() + t / 2 * D);
+  }
+
+  void end_tile(int n) {
+    if (n % 2 == 1) pack_value_pair(values[n - 1], nullptr, D, s.value_pairs.data() + n / 2 * D);
+    for (int t = n; t < (n + 3) / 4 * 4; ++t) keys[t] = keys[0];
+  }
+
+  void score(int t, float* scores) {
+    const int nv = int(R / 16);
+    for (int j = 0; j < nv; j += 4) {
+      const int count = std::min(4, nv - j);
+      const uint32_t* query_pairs = s.query_pairs.data() + 16 * j;
+      float* out = scores + t * R + 16 * j;
+      if (count == 4) score_keys_dot<4>(query_pairs, R, keys + t, D, scale, out);
+      else if (count == 3) score_keys_dot<3>(query_pairs, R, keys + t, D, scale, out);
+      else if (count == 2) score_keys_dot<2>(query_pairs, R, keys + t, D, scale, out);
+      else score_keys_dot<1>(query_pairs, R, keys + t, D, scale, out);
+    }
+  }
+
+  void accumulate(const float* probs, int n, float* acc) {
+    uint32_t* prob_pairs = s.prob_pairs.data();
+    const int pairs = (n + 1) / 2;
+    for (int u = 0; u < pairs; ++u)
+      for (int64_t r = 0; r < R; r += 16) {
+        const __m512 second = 2 * u + 1 < n ? _mm512_loadu_ps(probs + (2 * u + 1) * R + r) : _mm512_setzero_ps();
+        _mm512_storeu_si512(prob_pairs + u * R + r, probability_pairs(_mm512_loadu_ps(probs + 2 * u * R + r), second));
+      }
+    for (int64_t r0 = 0; r0 < R; r0 += 4) {
+      int64_t d = 0;
+      for (; d + 64 <= D; d += 64) accumulate_pairs_t<4>(prob_pairs, R, pairs, s.value_pairs.data(), D, r0, d, acc);
+      if (d < D) accumulate_pairs_t<2>(prob_pairs, R, pairs, s.value_pairs.data(), D, r0, d, acc);
+    }
+  }
+};
+#endif
+
+// Products: FmaProducts<DT> or DotProducts (see each).
+template <int DT, typename Products>
 void run_prefill_item_wide(const Call& c, int64_t first_row, int64_t first_position, const Keys& keys,
                            const PrefillItem& item, Scratch& s) {
   using T = typename Element<DT>::T;
   const int64_t D = c.head_dim, B = c.block_size, Q = c.query_per_kv, heads = c.unit_heads[item.unit];
   const int64_t rows = item.num_tokens * Q, R = (rows + 15) / 16 * 16;
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  s.queries.assign(D * R, 0.0f);  // Qt [D][R]
   s.acc.assign(R * D, 0.0f);
   s.max.assign(R, kNegInf);
   s.sum.assign(R, 0.0f);
   s.scores.assign(kTile * R, 0.0f);  // S^T, then P^T: [kTile][R]
-  s.tile_rows.assign(2 * kTile * D, 0.0f);  // keys [kTile][D], then values [kTile][D]
-  const __m512 scale = _mm512_set1_ps(c.scale);
-  alignas(64) float widened[32];
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* row = static_cast<const T*>(c.query) + (first_row + r / Q) * c.query_row_stride +
-                   query_head(c, item.unit, item.head, int(r % Q)) * c.query_head_stride;
-    for (int64_t d = 0; d < D; d += 32) {
-      __m512 first, second;
-      Wide<DT>::load32(row + d, first, second);
-      _mm512_store_ps(widened, _mm512_mul_ps(first, scale));
-      _mm512_store_ps(widened + 16, _mm512_mul_ps(second, scale));
-      for (int i = 0; i < 32; ++i) s.queries[(d + i) * R + r] = widened[i];
-    }
-  }
+  Products products{s, D, R};
+  products.set_queries(rows, c.scale, [&](int64_t r) {
+    return static_cast<const T*>(c.query) + (first_row + r / Q) * c.query_row_stride +
+           query_head(c, item.unit, item.head, int(r % Q)) * c.query_head_stride;
+  });
   const T* pages = static_cast<const T*>(c.unit_pages[item.unit]);
   const int32_t* table = c.block_table + item.request * c.block_table_stride;
   const int64_t row_stride = heads * D, page_elements = 2 * B * row_stride;
-  float *qt = s.queries.data(), *acc = s.acc.data(), *scores = s.scores.data();
-  float *key_rows = s.tile_rows.data(), *value_rows = key_rows + kTile * D;
+  float *acc = s.acc.data(), *scores = s.scores.data();
   const int nv = int(R / 16);
   for (int64_t first_key = keys.begin; first_key < keys.end;) {
-    // Widen the tile's keys and values (runs within one page) to fp32 rows.
     int n = 0;
     while (first_key + n < keys.end && n < kTile) {
       const int64_t key = first_key + n;
       const T* k = pages + table[key / B] * page_elements + (key % B) * row_stride + item.head * D;
-      const T* v = k + B * row_stride;
-      for (int64_t d = 0; d < D; d += 32) {
-        __m512 first, second;
-        Wide<DT>::load32(k + d, first, second);
-        _mm512_storeu_ps(key_rows + n * D + d, first);
-        _mm512_storeu_ps(key_rows + n * D + d + 16, second);
-        Wide<DT>::load32(v + d, first, second);
-        _mm512_storeu_ps(value_rows + n * D + d, first);
-        _mm512_storeu_ps(value_rows + n * D + d + 16, second);
-      }
-      ++n;
+      products.set_key(n++, k, k + B * row_stride);
     }
+    products.end_tile(n);
     for (int t = 0; t < n; t += 4) {
       // The same 4 keys of the next tile, into L2 while this one is scored.
       for (int64_t key = first_key + n + t; key < std::min(first_key + n + t + 4, keys.end); ++key) {
@@ -1309,20 +1502,7 @@ void run_prefill_item_wide(const Call& c, int64_t first_row, int64_t first_posit
         for (int64_t line = 0; line < D * int64_t(sizeof(T)); line += 64)
           prefetch_l2(k + line), prefetch_l2(k + B * row_stride * int64_t(sizeof(T)) + line);
       }
-      switch (nv) {
-        case 1: score_keys_t<1>(qt, R, key_rows + t * D, D, scores + t * R); break;
-        case 2: score_keys_t<2>(qt, R, key_rows + t * D, D, scores + t * R); break;
-        case 3: score_keys_t<3>(qt, R, key_rows + t * D, D, scores + t * R); break;
-        default:
-          for (int j = 0; j < nv; j += 4) {
-            const int count = std::min(4, nv - j);
-            float* out = scores + t * R + 16 * j;
-            if (count == 4) score_keys_t<4>(qt + 16 * j, R, key_rows + t * D, D, out);
-            else if (count == 3) score_keys_t<3>(qt + 16 * j, R, key_rows + t * D, D, out);
-            else if (count == 2) score_keys_t<2>(qt + 16 * j, R, key_rows + t * D, D, out);
-            else score_keys_t<1>(qt + 16 * j, R, key_rows + t * D, D, out);
-          }
-      }
+      products.score(t, scores);
     }
     if (c.logits_soft_cap > 0.0f) {
       const float cap = c.logits_soft_cap;
@@ -1364,11 +1544,7 @@ void run_prefill_item_wide(const Call& c, int64_t first_row, int64_t first_posit
         for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(row + d, _mm512_mul_ps(_mm512_loadu_ps(row + d), factor));
       }
     }
-    for (int64_t r0 = 0; r0 < R; r0 += 4) {
-      int64_t d = 0;
-      for (; d + 64 <= D; d += 64) accumulate_rows_t<4>(scores, R, n, value_rows, D, r0, d, acc);
-      if (d < D) accumulate_rows_t<2>(scores, R, n, value_rows, D, r0, d, acc);
-    }
+    products.accumulate(scores, n, acc);
     first_key += n;
   }
   for (int64_t token = 0; token < item.num_tokens; ++token)
@@ -1724,7 +1900,11 @@ void run_prefill_item(const Call& c, const int32_t* query_starts, const int32_t*
   if (DT == kBFloat16 && is_amx_prefill(c)) return run_prefill_item_amx(c, first_row, first_position, keys, item, s);
 #endif
 #if defined(HEADINFER_AVX512)
-  if (is_wide(c)) return run_prefill_item_wide<DT>(c, first_row, first_position, keys, item, s);
+#if defined(HEADINFER_BF16_DOT_PREFILL)
+  if constexpr (DT == kBFloat16)
+    if (is_dot_prefill(c)) return run_prefill_item_wide<DT, DotProducts>(c, first_row, first_position, keys, item, s);
+#endif
+  if (is_wide(c)) return run_prefill_item_wide<DT, FmaProducts<DT>>(c, first_row, first_position, keys, item, s);
 #endif
   // The portable code: rows t * Q + q of queries and accumulators in slot order, scores [row][kTile].
   const int rows = int(item.num_tokens * Q);
@@ -1920,12 +2100,17 @@ int headinfer_decode_attention(int dtype, int num_units, const void* const* unit
 }
 
 // The instruction path of the prefill kernel for bf16 head dims that are a multiple of 32: "amx" where
-// this build and Linux allow AMX tiles, else the decode path's.
+// this build and Linux allow AMX tiles, else "avx512bf16" where it multiplies by VDPBF16PS, else the
+// decode path's.
 const char* headinfer_cpu_prefill_isa() {
 #if defined(HEADINFER_AMX_PREFILL)
   if (amx_permitted()) return "amx";
 #endif
+#if defined(HEADINFER_BF16_DOT_PREFILL)
+  return "avx512bf16";
+#else
   return headinfer_cpu_attention_isa();
+#endif
 }
 
 // Causal prefill attention of `num_units` units of one layer (see "Prefill" above): arguments as

@@ -179,14 +179,15 @@ def test_torch_sdpa_before_and_after_the_kernel(isa):
 
 
 def test_prefill_instruction_paths(isa):
-    """bf16 prefill takes AMX tiles in every AVX-512 build but ``avx512`` where the CPU and Linux allow them."""
+    """bf16 prefill takes AMX tiles in the default and ``amx`` builds where the CPU and Linux allow them, else
+    VDPBF16PS where the CPU has AVX-512 BF16 (always in the ``avx512bf16`` build); FMAs in the ``avx512`` build."""
     path = cpu_attention.prefill_instruction_path()
-    if isa in ("avx512", "portable"):
+    if isa in ("avx512", "portable", "avx512bf16"):
         assert path == isa
-    elif isa in ("amx", "avx512bf16"):
-        assert path == ("amx" if torch.cpu._is_amx_tile_supported() else isa)
+    elif isa == "amx":
+        assert path == ("amx" if torch.cpu._is_amx_tile_supported() else "avx512bf16")
     else:
-        assert path in ("amx", cpu_attention.instruction_path())
+        assert path in ("amx", "avx512bf16", cpu_attention.instruction_path())
 
 
 @pytest.mark.parametrize("head_dim", [1, 8, 24, 40])
