@@ -26,7 +26,7 @@ layout), at 1 request x 32K and 8 requests x 4K tokens. Measured:
   as good as these.
 
 The CPU model, its SIMD flags and each path's name go into the result.
-Writes ``bench_cpu_attention.json`` and ``.png`` to ``--out``.
+Writes ``bench_cpu_attention.json`` and ``.png`` to ``--out`` (``--name`` changes the names).
 
     python benchmarks/bench_cpu_attention.py --out benchmarks/results   # about 2 minutes on 2 cores
     python benchmarks/bench_cpu_attention.py --smoke --out benchmarks/out
@@ -70,6 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--in-cache-tokens", type=int, help="tokens of the in-cache layer (default 1024)")
     parser.add_argument("--threads", type=int, help="OpenMP threads (default: the usable cores)")
     parser.add_argument("--min-resident-mib", type=int, help="layers simulated reach this much (default 256)")
+    parser.add_argument("--name", default="bench_cpu_attention", help="result file names (.json, .png)")
     parser.add_argument("--repeats", type=int, help="timed calls per path and configuration (default 9; smoke 3)")
     args = parser.parse_args(argv)
     defaults = dict(shapes=(["1x512", "2x256"], ["1x32768", "8x4096"]), in_cache_tokens=(256, 1024),
@@ -322,13 +323,13 @@ def main(argv: list[str] | None = None) -> int:
     report["contention"] = contention.share()
     report["load_average"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     report["summary"] = summarize(report)
-    (args.out / "bench_cpu_attention.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"summary: {json.dumps(report['summary'])}")
     try:
-        plot(report, args.out / "bench_cpu_attention.png")
+        plot(report, args.out / f"{args.name}.png")
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
-    print(f"wrote {args.out / 'bench_cpu_attention.json'}")
+    print(f"wrote {args.out / (args.name + '.json')}")
     return 0
 
 
