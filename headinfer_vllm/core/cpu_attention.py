@@ -24,20 +24,25 @@ The library is built once per source, compiler, flags and CPU into
 ``$HEADINFER_CACHE_DIR`` (default ``~/.cache/headinfer_vllm``).
 
 Instruction paths (``ISAS``; :func:`instruction_path` names the one built and the
-log says it; by default avx512 where the CPU has it, else portable): ``amx`` (bf16 keys scored
-with AMX tiles, the rest as avx512), ``avx512bf16`` (AVX-512, bf16 keys scored
-with VDPBF16PS), ``avx512`` (AVX-512, elements widened to fp32 in registers),
-``portable`` (8-float vector extensions: AVX2 on x86, NEON on Arm). The AVX-512
-paths serve head dims that are a multiple of 32 (AMX: bf16, blocks of >= 16 tokens,
-<= 16 query heads per KV head); other calls take the portable code of the same
-build. ``$HEADINFER_CPU_ATTENTION_ISA`` (or ``library(isa)``) asks for another
-path: tests and benchmarks build each. All accumulate in fp32.
+log says it): ``amx`` (bf16 keys scored with AMX tiles, the rest as avx512),
+``avx512bf16`` (AVX-512, bf16 multiplied with VDPBF16PS: the keys' scores, and the
+values weighted by the probabilities rounded to bf16), ``avx512`` (AVX-512, elements
+widened to fp32 in registers, fp32 FMAs), ``portable`` (8-float vector extensions:
+AVX2 on x86, NEON on Arm). By default: avx512 on a CPU with AMX tiles (Sapphire
+Rapids: VDPBF16PS at half the FMAs' rate), avx512bf16 on one with AVX-512 BF16 and no
+AMX (AMD Zen 4: VDPBF16PS at the FMAs' rate, twice their work), else avx512 where the
+CPU has AVX-512, else portable. The AVX-512 paths serve head dims that are a multiple
+of 32 (AMX: bf16, blocks of >= 16 tokens, <= 16 query heads per KV head; VDPBF16PS:
+bf16); other calls take the portable or avx512 code of the same build.
+``$HEADINFER_CPU_ATTENTION_ISA`` (or ``library(isa)``) asks for another path: tests
+and benchmarks build each. All accumulate in fp32.
 
-The prefill kernel of every AVX-512 build but ``avx512`` multiplies bf16 with AMX tiles where the
-compiler and CPU have them and Linux permits (:func:`prefill_instruction_path` says ``amx``): the
-scores' products summed in fp32 tiles, the probabilities rounded to bf16 for the product with V (as
-torch's SDPA and vLLM's CPU kernel round them), accumulated in fp32. ``avx512`` keeps the fp32 FMA
-prefill, so that tests cover it on an AMX machine too.
+The prefill kernel (:func:`prefill_instruction_path`) multiplies bf16 with AMX tiles in the default
+and ``amx`` builds where the compiler and CPU have them and Linux permits (``amx``), else with
+VDPBF16PS where the CPU has AVX-512 BF16 (``avx512bf16``; always in the ``avx512bf16`` build): the
+scores' products summed in fp32, the probabilities rounded to bf16 for the product with V (as torch's
+SDPA and vLLM's CPU kernel round them), accumulated in fp32. ``avx512`` keeps the fp32 FMA prefill
+(and decode), so that tests cover it on every AVX-512 machine.
 """
 
 from __future__ import annotations
@@ -62,12 +67,13 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 PORTABLE_FLAGS = tuple(flag for flag in FLAGS if flag != "-march=native")
 ABI_VERSION = 4
 ISAS = ("amx", "avx512bf16", "avx512", "portable")
-"""Instruction paths; ``auto`` builds avx512 where the CPU has it, else portable (amx and avx512bf16
-were not faster where measured: see the README's CPU attention results)."""
+"""Instruction paths; ``auto`` builds avx512 on a CPU with AMX tiles, avx512bf16 on one with AVX-512 BF16
+and no AMX, else avx512 where the CPU has AVX-512, else portable (what each measured: the README's CPU
+attention results)."""
 ISA_ENV = "HEADINFER_CPU_ATTENTION_ISA"
 _ISA_DEFINES = {"auto": (), "amx": ("-DHEADINFER_CPU_ATTENTION_AMX",),
                 "avx512bf16": ("-DHEADINFER_CPU_ATTENTION_BF16_DOT",),
-                "avx512": ("-DHEADINFER_CPU_ATTENTION_FMA_PREFILL",),
+                "avx512": ("-DHEADINFER_CPU_ATTENTION_FMA",),
                 "portable": ("-DHEADINFER_CPU_ATTENTION_PORTABLE",)}
 logger = logging.getLogger(__name__)
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}

@@ -28,9 +28,10 @@
 //   amx         bf16 keys scored by AMX tile products (TDPBF16PS: bf16 products summed in
 //               fp32) straight from the pages, 16 keys a tile; values as avx512. Needs
 //               __AMX_TILE__ and __AMX_BF16__ and Linux's permission (else avx512 at run time).
-//   avx512bf16  AVX-512 (16 floats a register); bf16 keys scored with VDPBF16PS (exact
-//               bf16 products summed in fp32, the query unscaled and the scale applied to
-//               the sums); everything else as avx512. Needs __AVX512BF16__.
+//   avx512bf16  AVX-512 (16 floats a register), bf16 multiplied with VDPBF16PS (bf16 products
+//               summed in fp32, twice an FMA's work): keys scored (the query unscaled, the scale
+//               applied to the sums), values weighted by the probabilities rounded to bf16 (as the
+//               prefill paths, torch's SDPA and vLLM's CPU kernel round them). Needs __AVX512BF16__.
 //   avx512      AVX-512F/BW: 32 keys' or values' elements widened to fp32 in registers per
 //               load, fp32 FMAs; scores of 16 (query, key) pairs reduced by one transpose.
 //   portable    GCC/Clang vector extensions of 8 floats (AVX2 on x86, two NEON registers on
@@ -38,20 +39,23 @@
 //
 // Prefill (headinfer_prefill_attention), bf16 (headinfer_cpu_prefill_isa() names the path built):
 //   amx         AMX tiles where the compiler, CPU and Linux allow (run_prefill_item_amx): the default
-//               AVX-512 build's and the amx path's.
-//   avx512bf16  VDPBF16PS over bf16 pairs, fp32 softmax (run_prefill_item_wide<..., true>): the
+//               build's and the amx path's.
+//   avx512bf16  VDPBF16PS over bf16 pairs, fp32 softmax (run_prefill_item_wide with DotProducts): the
 //               avx512bf16 path's, and the default build's where the CPU has AVX-512 BF16 but no AMX
 //               (or Linux refuses it).
-//   avx512      fp32 FMAs (run_prefill_item_wide<..., false>): the avx512 path's
-//               (-DHEADINFER_CPU_ATTENTION_FMA_PREFILL), and float32 and float16 on every AVX-512 path.
+//   avx512      fp32 FMAs (run_prefill_item_wide with FmaProducts): the avx512 path's, and float32
+//               and float16 on every AVX-512 path.
 //
 // The AVX-512 paths serve head dims that are a multiple of 32; other head dims take the
 // portable code in the same build (AMX also wants bf16, blocks of >= 16 tokens and <= 16 query
-// heads per KV head, else avx512). A default build takes avx512 where the CPU has it, else
-// portable: on the one AMX machine measured (benchmarks/bench_cpu_attention.py) neither amx nor
-// avx512bf16 beat avx512. -DHEADINFER_CPU_ATTENTION_AMX and -DHEADINFER_CPU_ATTENTION_BF16_DOT
-// ask for those; -DHEADINFER_CPU_ATTENTION_PORTABLE for the portable code (tests and benchmarks
-// build each).
+// heads per KV head, else avx512; VDPBF16PS wants bf16, else avx512). A default build takes, for
+// decode, avx512 on a CPU with AMX tiles (on the one measured, Sapphire Rapids, VDPBF16PS ran at
+// half the FMAs' rate and neither amx nor avx512bf16 beat avx512), avx512bf16 on one with AVX-512
+// BF16 and no AMX (on AMD Zen 4 VDPBF16PS runs at the FMAs' rate: 1.5-1.9x avx512 per core), else
+// avx512 where the CPU has AVX-512, else portable (benchmarks/bench_cpu_attention.py measures
+// each). -DHEADINFER_CPU_ATTENTION_AMX, -DHEADINFER_CPU_ATTENTION_BF16_DOT and
+// -DHEADINFER_CPU_ATTENTION_FMA (FMAs only, decode and prefill) ask for amx, avx512bf16 and avx512;
+// -DHEADINFER_CPU_ATTENTION_PORTABLE for the portable code (tests and benchmarks build each).
 // C++17 and OpenMP; no torch headers.
 
 #include <algorithm>
@@ -75,17 +79,17 @@
 #define HEADINFER_AMX_TILES 1  // this compiler and CPU take AMX tiles (used if Linux permits, at run time)
 #include <sys/syscall.h>
 #include <unistd.h>
-#if !defined(HEADINFER_CPU_ATTENTION_FMA_PREFILL) && !defined(HEADINFER_CPU_ATTENTION_BF16_DOT)
+#if !defined(HEADINFER_CPU_ATTENTION_FMA) && !defined(HEADINFER_CPU_ATTENTION_BF16_DOT)
 #define HEADINFER_AMX_PREFILL 1
 #endif
 #if defined(HEADINFER_CPU_ATTENTION_AMX)
 #define HEADINFER_AMX 1
 #endif
 #endif
-#if !defined(HEADINFER_AMX) && defined(__AVX512BF16__) && defined(HEADINFER_CPU_ATTENTION_BF16_DOT)
-#define HEADINFER_AVX512_BF16 1
+#if defined(__AVX512BF16__) && !defined(HEADINFER_CPU_ATTENTION_FMA)
+#if !defined(HEADINFER_AMX) && (defined(HEADINFER_CPU_ATTENTION_BF16_DOT) || !defined(HEADINFER_AMX_TILES))
+#define HEADINFER_AVX512_BF16 1  // decode by VDPBF16PS: asked for, or the default without AMX tiles (see above)
 #endif
-#if defined(__AVX512BF16__) && !defined(HEADINFER_CPU_ATTENTION_FMA_PREFILL)
 #define HEADINFER_BF16_DOT_PREFILL 1  // bf16 prefill by VDPBF16PS where AMX prefill is not built or not permitted
 #endif
 #endif
@@ -707,6 +711,64 @@ inline void accumulate_tile_wide(const float* probs, const Rows<typename Element
     }
   }
 }
+#if defined(HEADINFER_AVX512_BF16)
+// acc[q][d .. d + 32 * NC) += sum over the tile's key pairs u of (p[q][2u], p[q][2u + 1]) . (v_2u[d'], v_2u+1[d'])
+// by VDPBF16PS: `prob_pairs` [QB][kTile / 2] the probabilities rounded to bf16 in pairs of keys (0 past the
+// tile); the values packed in pairs per load (pack_value_pair's words, wide slot order). A tile of an odd
+// number of keys pairs its last with the padding row (Rows), whose probability is 0.
+template <int QB, int NC>
+inline void accumulate_dot_chunks(const uint32_t* prob_pairs, const Rows<uint16_t>& values, int64_t shift, int64_t d,
+                                  float* acc, int64_t D) {
+  __m512 sums[QB][2 * NC];
+  for (int q = 0; q < QB; ++q)
+    for (int j = 0; j < 2 * NC; ++j) sums[q][j] = _mm512_loadu_ps(acc + q * D + d + 16 * j);
+  const __mmask32 high_halves = 0xAAAAAAAAu;
+  for (int t = 0; t < values.count; t += 2) {
+    __m512bh v[2 * NC];
+    for (int c = 0; c < NC; ++c) {
+      const __m512i x = _mm512_loadu_si512(values.rows[t] + shift + d + 32 * c);
+      const __m512i y = _mm512_loadu_si512(values.rows[t + 1] + shift + d + 32 * c);
+      v[2 * c] = (__m512bh)_mm512_mask_blend_epi16(high_halves, x, _mm512_slli_epi32(y, 16));
+      v[2 * c + 1] = (__m512bh)_mm512_mask_blend_epi16(high_halves, _mm512_srli_epi32(x, 16), y);
+    }
+    for (int q = 0; q < QB; ++q) {
+      const __m512bh p = (__m512bh)_mm512_set1_epi32(int(prob_pairs[q * (kTile / 2) + t / 2]));
+      for (int j = 0; j < 2 * NC; ++j) sums[q][j] = _mm512_dpbf16_ps(sums[q][j], p, v[j]);
+    }
+  }
+  for (int q = 0; q < QB; ++q)
+    for (int j = 0; j < 2 * NC; ++j) _mm512_storeu_ps(acc + q * D + d + 16 * j, sums[q][j]);
+}
+
+// accumulate_tile_wide by VDPBF16PS, the probabilities rounded to bf16 (as the prefill paths round them).
+template <int QB>
+inline void accumulate_tile_dot(const float* probs, const Rows<uint16_t>& values, int64_t shift, float* acc,
+                                int64_t D) {
+  if constexpr (QB > 4) {
+    accumulate_tile_dot<4>(probs, values, shift, acc, D);
+    accumulate_tile_dot<QB - 4>(probs + 4 * kTile, values, shift, acc + 4 * D, D);
+  } else {
+    static_assert(kTile == 32, "a row of probabilities is two registers");
+    const __mmask16 low = __mmask16(values.count >= 16 ? 0xffffu : (1u << values.count) - 1);
+    const __mmask16 high = __mmask16(values.count > 16 ? (1u << (values.count - 16)) - 1 : 0u);
+    alignas(64) uint32_t prob_pairs[QB][kTile / 2];
+    for (int q = 0; q < QB; ++q) {
+      const __m512 first = _mm512_maskz_loadu_ps(low, probs + q * kTile);
+      const __m512 second = _mm512_maskz_loadu_ps(high, probs + q * kTile + 16);
+      _mm512_store_si512(prob_pairs[q], (__m512i)_mm512_cvtne2ps_pbh(second, first));
+    }
+    constexpr int NC = QB == 4 ? 2 : 4;
+    int64_t d = 0;
+    for (; d + 32 * NC <= D; d += 32 * NC) accumulate_dot_chunks<QB, NC>(prob_pairs[0], values, shift, d, acc, D);
+    if constexpr (NC >= 4) {
+      if (d + 64 <= D) accumulate_dot_chunks<QB, 2>(prob_pairs[0], values, shift, d, acc, D), d += 64;
+    }
+    if constexpr (NC >= 2) {
+      if (d + 32 <= D) accumulate_dot_chunks<QB, 1>(prob_pairs[0], values, shift, d, acc, D), d += 32;
+    }
+  }
+}
+#endif
 #else
 constexpr bool kAvx512 = false;
 #endif
@@ -1018,6 +1080,11 @@ void run_item(const Call& c, const Item& item, Scratch& s, float* partials) {
       if (wide) {
 #if defined(HEADINFER_AVX512)
         for_query_blocks(int(Q), [&](int q, auto block) {
+#if defined(HEADINFER_AVX512_BF16)
+          if constexpr (DT == kBFloat16)
+            if (bf16_dot)
+              return accumulate_tile_dot<decltype(block)::value>(scores + q * kTile, *values, shift, acc + q * D, D);
+#endif
           accumulate_tile_wide<DT, decltype(block)::value>(scores + q * kTile, *values, shift, acc + q * D, D);
         });
 #endif
