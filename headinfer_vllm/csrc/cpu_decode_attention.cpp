@@ -51,7 +51,7 @@
 // heads per KV head, else avx512; VDPBF16PS wants bf16, else avx512). A default build takes, for
 // decode, avx512 on a CPU with AMX tiles (on the one measured, Sapphire Rapids, VDPBF16PS ran at
 // half the FMAs' rate and neither amx nor avx512bf16 beat avx512), avx512bf16 on one with AVX-512
-// BF16 and no AMX (on AMD Zen 4 VDPBF16PS runs at the FMAs' rate: 1.5-1.9x avx512 per core), else
+// BF16 and no AMX (on AMD Zen 4 VDPBF16PS runs at the FMAs' rate: 1.45-1.6x avx512 per core), else
 // avx512 where the CPU has AVX-512, else portable (benchmarks/bench_cpu_attention.py measures
 // each). -DHEADINFER_CPU_ATTENTION_AMX, -DHEADINFER_CPU_ATTENTION_BF16_DOT and
 // -DHEADINFER_CPU_ATTENTION_FMA (FMAs only, decode and prefill) ask for amx, avx512bf16 and avx512;
@@ -1474,9 +1474,9 @@ struct DotProducts {
   using T = uint16_t;
   Scratch& s;
   const int64_t D, R;
-  const T* keys[kTile + 3];  // the tile's key rows in the pages, padded to a multiple of 4 with the first
-  const T* values[kTile];
-  __m512 scale;
+  const T* keys[kTile + 3] = {};  // the tile's key rows in the pages, padded to a multiple of 4 with the first
+  const T* values[kTile] = {};
+  __m512 scale = _mm512_setzero_ps();  // of the scores (set_queries)
 
   template <typename RowOf>
   void set_queries(int64_t rows, float query_scale, RowOf row_of) {
