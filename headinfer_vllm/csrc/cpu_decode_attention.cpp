@@ -711,10 +711,20 @@ inline void accumulate_tile_wide(const float* probs, const Rows<typename Element
     }
   }
 }
+#if defined(HEADINFER_BF16_DOT_PREFILL)
+// The elements of two rows x and y (32 bf16 each) in pairs for VDPBF16PS, in the wide slot order of
+// Wide<kBFloat16>: word j of `even` = (x[2j], y[2j]), of `odd` = (x[2j + 1], y[2j + 1]).
+inline void pair_rows(__m512i x, __m512i y, __m512i& even, __m512i& odd) {
+  const __mmask32 high_halves = 0xAAAAAAAAu;
+  even = _mm512_mask_blend_epi16(high_halves, x, _mm512_slli_epi32(y, 16));
+  odd = _mm512_mask_blend_epi16(high_halves, _mm512_srli_epi32(x, 16), y);
+}
+#endif
+
 #if defined(HEADINFER_AVX512_BF16)
 // acc[q][d .. d + 32 * NC) += sum over the tile's key pairs u of (p[q][2u], p[q][2u + 1]) . (v_2u[d'], v_2u+1[d'])
 // by VDPBF16PS: `prob_pairs` [QB][kTile / 2] the probabilities rounded to bf16 in pairs of keys (0 past the
-// tile); the values packed in pairs per load (pack_value_pair's words, wide slot order). A tile of an odd
+// tile); the values packed in pairs per load (pair_rows). A tile of an odd
 // number of keys pairs its last with the padding row (Rows), whose probability is 0.
 template <int QB, int NC>
 inline void accumulate_dot_chunks(const uint32_t* prob_pairs, const Rows<uint16_t>& values, int64_t shift, int64_t d,
@@ -722,18 +732,14 @@ inline void accumulate_dot_chunks(const uint32_t* prob_pairs, const Rows<uint16_
   __m512 sums[QB][2 * NC];
   for (int q = 0; q < QB; ++q)
     for (int j = 0; j < 2 * NC; ++j) sums[q][j] = _mm512_loadu_ps(acc + q * D + d + 16 * j);
-  const __mmask32 high_halves = 0xAAAAAAAAu;
   for (int t = 0; t < values.count; t += 2) {
-    __m512bh v[2 * NC];
-    for (int c = 0; c < NC; ++c) {
-      const __m512i x = _mm512_loadu_si512(values.rows[t] + shift + d + 32 * c);
-      const __m512i y = _mm512_loadu_si512(values.rows[t + 1] + shift + d + 32 * c);
-      v[2 * c] = (__m512bh)_mm512_mask_blend_epi16(high_halves, x, _mm512_slli_epi32(y, 16));
-      v[2 * c + 1] = (__m512bh)_mm512_mask_blend_epi16(high_halves, _mm512_srli_epi32(x, 16), y);
-    }
+    __m512i v[2 * NC];
+    for (int c = 0; c < NC; ++c)
+      pair_rows(_mm512_loadu_si512(values.rows[t] + shift + d + 32 * c),
+                _mm512_loadu_si512(values.rows[t + 1] + shift + d + 32 * c), v[2 * c], v[2 * c + 1]);
     for (int q = 0; q < QB; ++q) {
       const __m512bh p = (__m512bh)_mm512_set1_epi32(int(prob_pairs[q * (kTile / 2) + t / 2]));
-      for (int j = 0; j < 2 * NC; ++j) sums[q][j] = _mm512_dpbf16_ps(sums[q][j], p, v[j]);
+      for (int j = 0; j < 2 * NC; ++j) sums[q][j] = _mm512_dpbf16_ps(sums[q][j], p, (__m512bh)v[j]);
     }
   }
   for (int q = 0; q < QB; ++q)
@@ -1282,7 +1288,7 @@ inline Keys prefill_keys(const Call& c, int64_t seq_len, int64_t query_len, int6
 // keys and values widened once to fp32 rows [kTile][D] (wide slot order, as the queries). Scores
 // S^T [t][R] += broadcast(k_t[d]) * Qt[d][...]: 4 keys by R / 16 row vectors of FMAs per element, no
 // horizontal sums; the online softmax runs on 16 rows at a time; acc [R][D] += broadcast(p[t][r]) * v_t.
-// The bf16 dot variant (kDot) keeps everything in bf16 pairs and multiplies by VDPBF16PS (two bf16
+// DotProducts (bf16) keeps everything in bf16 pairs and multiplies by VDPBF16PS (two bf16
 // products summed in fp32 per lane, twice an FMA's work): Q^T in pairs, word [i][r] = elements 2i, 2i + 1
 // of row r, unscaled (the scale multiplies the sums); keys read in place, a 32-bit word (a pair of
 // elements) broadcast at a time; values and probabilities in pairs of keys, V [t / 2][D] word d =
@@ -1381,14 +1387,13 @@ inline void accumulate_pairs_t(const uint32_t* prob_pairs, int64_t R, int num_pa
     for (int j = 0; j < NC; ++j) _mm512_storeu_ps(acc + (r0 + i) * D + d0 + 16 * j, sums[i][j]);
 }
 
-// Vp[u][...] of values a and b (D bf16 elements each; b null: zeros): per 32 elements, words (a[2j], b[2j])
-// then (a[2j + 1], b[2j + 1]) for j < 16, the wide slot order of Wide<kBFloat16>.
+// Vp[u][...] of values a and b (D bf16 elements each; b null: zeros), per 32 elements as pair_rows gives them.
 inline void pack_value_pair(const uint16_t* a, const uint16_t* b, int64_t D, uint32_t* out) {
-  const __mmask32 high_halves = 0xAAAAAAAAu;
   for (int64_t d = 0; d < D; d += 32) {
-    const __m512i x = _mm512_loadu_si512(a + d), y = b ? _mm512_loadu_si512(b + d) : _mm512_setzero_si512();
-    _mm512_storeu_si512(out + d, _mm512_mask_blend_epi16(high_halves, x, _mm512_slli_epi32(y, 16)));
-    _mm512_storeu_si512(out + d + 16, _mm512_mask_blend_epi16(high_halves, _mm512_srli_epi32(x, 16), y));
+    __m512i even, odd;
+    pair_rows(_mm512_loadu_si512(a + d), b ? _mm512_loadu_si512(b + d) : _mm512_setzero_si512(), even, odd);
+    _mm512_storeu_si512(out + d, even);
+    _mm512_storeu_si512(out + d + 16, odd);
   }
 }
 
