@@ -1446,18 +1446,11 @@ struct FmaProducts {
 
   void end_tile(int) {}
 
-  // S^T [t .. t + 3][R] (keys past the tile's: scores of stale rows, dropped).
-  void score(int t, float* scores) {
-    const float* qt = s.queries.data();
-    const int nv = int(R / 16);
-    for (int j = 0; j < nv; j += 4) {
-      const int count = std::min(4, nv - j);
-      float* out = scores + t * R + 16 * j;
-      if (count == 4) score_keys_t<4>(qt + 16 * j, R, key_rows() + t * D, D, out);
-      else if (count == 3) score_keys_t<3>(qt + 16 * j, R, key_rows() + t * D, D, out);
-      else if (count == 2) score_keys_t<2>(qt + 16 * j, R, key_rows() + t * D, D, out);
-      else score_keys_t<1>(qt + 16 * j, R, key_rows() + t * D, D, out);
-    }
+  // S^T [t .. t + 3] of row vectors j .. j + NV - 1 (16 rows each) at `out`, rows R apart (keys past the
+  // tile's: scores of stale rows, dropped).
+  template <int NV>
+  void score(int t, int j, float* out) {
+    score_keys_t<NV>(s.queries.data() + 16 * j, R, key_rows() + t * D, D, out);
   }
 
   // acc [R][D] += P V over the tile's n keys (probs: P^T [kTile][R]).
@@ -1506,17 +1499,9 @@ struct DotProducts {
     for (int t = n; t < (n + 3) / 4 * 4; ++t) keys[t] = keys[0];
   }
 
-  void score(int t, float* scores) {
-    const int nv = int(R / 16);
-    for (int j = 0; j < nv; j += 4) {
-      const int count = std::min(4, nv - j);
-      const uint32_t* query_pairs = s.query_pairs.data() + 16 * j;
-      float* out = scores + t * R + 16 * j;
-      if (count == 4) score_keys_dot<4>(query_pairs, R, keys + t, D, scale, out);
-      else if (count == 3) score_keys_dot<3>(query_pairs, R, keys + t, D, scale, out);
-      else if (count == 2) score_keys_dot<2>(query_pairs, R, keys + t, D, scale, out);
-      else score_keys_dot<1>(query_pairs, R, keys + t, D, scale, out);
-    }
+  template <int NV>
+  void score(int t, int j, float* out) {
+    score_keys_dot<NV>(s.query_pairs.data() + 16 * j, R, keys + t, D, scale, out);
   }
 
   void accumulate(const float* probs, int n, float* acc) {
@@ -1574,7 +1559,15 @@ void run_prefill_item_wide(const Call& c, int64_t first_row, int64_t first_posit
         for (int64_t line = 0; line < D * int64_t(sizeof(T)); line += 64)
           prefetch_l2(k + line), prefetch_l2(k + B * row_stride * int64_t(sizeof(T)) + line);
       }
-      products.score(t, scores);
+      for (int j = 0; j < nv; j += 4) {  // at most 4 row vectors (64 rows) at a time: 16 accumulators
+        float* out = scores + t * R + 16 * j;
+        switch (std::min(4, nv - j)) {
+          case 4: products.template score<4>(t, j, out); break;
+          case 3: products.template score<3>(t, j, out); break;
+          case 2: products.template score<2>(t, j, out); break;
+          default: products.template score<1>(t, j, out);
+        }
+      }
     }
     if (c.logits_soft_cap > 0.0f) {
       const float cap = c.logits_soft_cap;
