@@ -328,15 +328,19 @@ inline void prefetch_l2(const void* address) {
 #endif
 }
 
-// The K and V rows of the next tile, prefetched a few at a time while this tile is scored, so that
-// memory and arithmetic overlap (a burst of prefetches would stall the loads that follow it).
-// The rows are `row_bytes` long (the heads an item attends); a tile is scored once per head
-// (`passes`), so each step prefetches 1/passes of a row per key scored.
+// The K and V rows of the next tile, prefetched a few at a time while this tile is scored and its
+// values weighted, so that memory and arithmetic overlap (a burst of prefetches would stall the
+// loads that follow it, and prefetching only while scoring left the memory idle while weighting: on
+// AMD Zen 4 spreading them over both raised the share of read bandwidth by about 10 points, README).
+// The rows are `row_bytes` long (the heads an item attends); the kernels pass over a tile's keys
+// `passes` times (prefetch_passes), each pass a step per key, so a step prefetches 1/passes of a
+// row per key.
 template <typename T>
 struct Prefetch {
   const char* rows[kTile];  // K row of each token; its V row follows `values` bytes on
   int num_rows = 0, next = 0;
   int64_t offset = 0;  // next line of rows[next] to prefetch, in bytes
+  int64_t elements = 0;  // step_part: the parts of a key's step taken so far, in row elements
   int64_t values = 0, row_bytes = 0, stride = 0, lines_per_key = 1;
 
   Prefetch(int64_t block_size, int64_t row_stride, int64_t row_elements, int64_t passes)
@@ -347,7 +351,7 @@ struct Prefetch {
 
   void reset(const Tile<T>& tile) {
     num_rows = next = 0;
-    offset = 0;
+    offset = elements = 0;
     for (int run = 0; run < tile.num_runs; ++run)
       for (int t = 0; t < tile.lengths[run]; ++t)
         rows[num_rows++] = reinterpret_cast<const char*>(tile.keys[run]) + t * stride;
@@ -361,6 +365,13 @@ struct Prefetch {
       lines -= n, offset += 64 * n;
       if (offset >= row_bytes) offset = 0, ++next;
     }
+  }
+
+  // `part` more of a pass that runs over the keys' rows in chunks, `whole` elements to a row: a step
+  // per row that the parts add up to.
+  void step_part(int64_t part, int64_t whole) {
+    elements += part;
+    if (elements >= whole) step(int(elements / whole)), elements %= whole;
   }
 };
 
@@ -432,8 +443,9 @@ inline void score_tile(const float* q_rows, int64_t D, const Tile<typename Eleme
 // acc[q][d .. d + 16 * NC) += sum_t probs[q * kTile + t] * v[t][d ..] over the tile, sums in registers.
 template <int DT, int QB, int NC>
 inline void accumulate_chunks(const float* probs, const Tile<typename Element<DT>::T>& tile, int64_t d,
-                              int64_t stride, float* acc, int64_t D) {
+                              int64_t stride, float* acc, int64_t D, Prefetch<typename Element<DT>::T>& prefetch) {
   using E = Element<DT>;
+  prefetch.step_part(tile.num_tokens * 16 * NC, D);  // once a chunk: a step per key would slow these short loops
   f32x8 sums[QB][2 * NC];
   for (int q = 0; q < QB; ++q)
     for (int j = 0; j < 2 * NC; ++j) sums[q][j] = load_floats(acc + q * D + d + 8 * j);
@@ -455,16 +467,16 @@ inline void accumulate_chunks(const float* probs, const Tile<typename Element<DT
 
 template <int DT, int QB>
 inline void accumulate_tile(const float* probs, const Tile<typename Element<DT>::T>& tile, int64_t stride,
-                            float* acc, int64_t D) {
+                            float* acc, int64_t D, Prefetch<typename Element<DT>::T>& prefetch) {
   if constexpr (QB > 4) {  // two blocks of 4: 16 accumulators would not fit in registers
-    accumulate_tile<DT, 4>(probs, tile, stride, acc, D);
-    accumulate_tile<DT, QB - 4>(probs + 4 * kTile, tile, stride, acc + 4 * D, D);
+    accumulate_tile<DT, 4>(probs, tile, stride, acc, D, prefetch);
+    accumulate_tile<DT, QB - 4>(probs + 4 * kTile, tile, stride, acc + 4 * D, D, prefetch);
   } else {
     using E = Element<DT>;
     constexpr int NC = 4 / QB;  // 8 accumulator registers
     int64_t d = 0;
-    for (; d + 16 * NC <= D; d += 16 * NC) accumulate_chunks<DT, QB, NC>(probs, tile, d, stride, acc, D);
-    for (; d + 16 <= D; d += 16) accumulate_chunks<DT, QB, 1>(probs, tile, d, stride, acc, D);
+    for (; d + 16 * NC <= D; d += 16 * NC) accumulate_chunks<DT, QB, NC>(probs, tile, d, stride, acc, D, prefetch);
+    for (; d + 16 <= D; d += 16) accumulate_chunks<DT, QB, 1>(probs, tile, d, stride, acc, D, prefetch);
     for (; d < D; ++d) {
       const float* p = probs;
       for (int run = 0; run < tile.num_runs; ++run) {
@@ -486,6 +498,17 @@ inline void for_query_blocks(int num_queries, Fn&& fn) {
   if (q + 4 <= num_queries) fn(q, std::integral_constant<int, 4>()), q += 4;
   if (q + 2 <= num_queries) fn(q, std::integral_constant<int, 2>()), q += 2;
   if (q < num_queries) fn(q, std::integral_constant<int, 1>());
+}
+
+// The passes over a tile's keys for one head of `num_queries` query rows, each a Prefetch step per
+// key: the scores once per block of rows (once for all of them with AMX tiles, `scores_at_once`),
+// the values once per block of at most 4 rows (a block of 8 runs as two).
+inline int64_t prefetch_passes(int num_queries, bool scores_at_once) {
+  int64_t passes = scores_at_once ? 1 : 0;
+  for_query_blocks(num_queries, [&](int, auto block) {
+    passes += (scores_at_once ? 0 : 1) + (decltype(block)::value + 3) / 4;
+  });
+  return passes;
 }
 
 // Index in slot order of element d of a row of D elements (see Element); `wide`: the AVX-512
@@ -677,11 +700,12 @@ inline void score_tile_amx(const uint32_t* query_pairs, int Q, int64_t D, const 
 // acc[q][d .. d + 32 * NC) += sum_t probs[q * kTile + t] * value t [d ..], sums in registers.
 template <int DT, int QB, int NC>
 inline void accumulate_wide_chunks(const float* probs, const Rows<typename Element<DT>::T>& values, int64_t shift, int64_t d,
-                                   float* acc, int64_t D) {
+                                   float* acc, int64_t D, Prefetch<typename Element<DT>::T>& prefetch) {
   __m512 sums[QB][2 * NC];
   for (int q = 0; q < QB; ++q)
     for (int j = 0; j < 2 * NC; ++j) sums[q][j] = _mm512_loadu_ps(acc + q * D + d + 16 * j);
   for (int t = 0; t < values.count; ++t) {
+    prefetch.step_part(32 * NC, D);
     __m512 v[2 * NC];
     for (int c = 0; c < NC; ++c) Wide<DT>::load32(values.rows[t] + shift + d + 32 * c, v[2 * c], v[2 * c + 1]);
     for (int q = 0; q < QB; ++q) {
@@ -695,19 +719,20 @@ inline void accumulate_wide_chunks(const float* probs, const Rows<typename Eleme
 
 template <int DT, int QB>
 inline void accumulate_tile_wide(const float* probs, const Rows<typename Element<DT>::T>& values, int64_t shift, float* acc,
-                                 int64_t D) {
+                                 int64_t D, Prefetch<typename Element<DT>::T>& prefetch) {
   if constexpr (QB > 4) {  // two blocks of 4: 16 accumulators each
-    accumulate_tile_wide<DT, 4>(probs, values, shift, acc, D);
-    accumulate_tile_wide<DT, QB - 4>(probs + 4 * kTile, values, shift, acc + 4 * D, D);
+    accumulate_tile_wide<DT, 4>(probs, values, shift, acc, D, prefetch);
+    accumulate_tile_wide<DT, QB - 4>(probs + 4 * kTile, values, shift, acc + 4 * D, D, prefetch);
   } else {
     constexpr int NC = QB == 4 ? 2 : 4;  // at most 16 accumulators, 8 values
     int64_t d = 0;
-    for (; d + 32 * NC <= D; d += 32 * NC) accumulate_wide_chunks<DT, QB, NC>(probs, values, shift, d, acc, D);
+    for (; d + 32 * NC <= D; d += 32 * NC)
+      accumulate_wide_chunks<DT, QB, NC>(probs, values, shift, d, acc, D, prefetch);
     if constexpr (NC >= 4) {
-      if (d + 64 <= D) accumulate_wide_chunks<DT, QB, 2>(probs, values, shift, d, acc, D), d += 64;
+      if (d + 64 <= D) accumulate_wide_chunks<DT, QB, 2>(probs, values, shift, d, acc, D, prefetch), d += 64;
     }
     if constexpr (NC >= 2) {
-      if (d + 32 <= D) accumulate_wide_chunks<DT, QB, 1>(probs, values, shift, d, acc, D), d += 32;
+      if (d + 32 <= D) accumulate_wide_chunks<DT, QB, 1>(probs, values, shift, d, acc, D, prefetch), d += 32;
     }
   }
 }
@@ -728,11 +753,12 @@ inline void pair_rows(__m512i x, __m512i y, __m512i& even, __m512i& odd) {
 // number of keys pairs its last with the padding row (Rows), whose probability is 0.
 template <int QB, int NC>
 inline void accumulate_dot_chunks(const uint32_t* prob_pairs, const Rows<uint16_t>& values, int64_t shift, int64_t d,
-                                  float* acc, int64_t D) {
+                                  float* acc, int64_t D, Prefetch<uint16_t>& prefetch) {
   __m512 sums[QB][2 * NC];
   for (int q = 0; q < QB; ++q)
     for (int j = 0; j < 2 * NC; ++j) sums[q][j] = _mm512_loadu_ps(acc + q * D + d + 16 * j);
   for (int t = 0; t < values.count; t += 2) {
+    prefetch.step_part(2 * 32 * NC, D);  // two keys
     __m512i v[2 * NC];
     for (int c = 0; c < NC; ++c)
       pair_rows(_mm512_loadu_si512(values.rows[t] + shift + d + 32 * c),
@@ -749,10 +775,10 @@ inline void accumulate_dot_chunks(const uint32_t* prob_pairs, const Rows<uint16_
 // accumulate_tile_wide by VDPBF16PS, the probabilities rounded to bf16 (as the prefill paths round them).
 template <int QB>
 inline void accumulate_tile_dot(const float* probs, const Rows<uint16_t>& values, int64_t shift, float* acc,
-                                int64_t D) {
+                                int64_t D, Prefetch<uint16_t>& prefetch) {
   if constexpr (QB > 4) {
-    accumulate_tile_dot<4>(probs, values, shift, acc, D);
-    accumulate_tile_dot<QB - 4>(probs + 4 * kTile, values, shift, acc + 4 * D, D);
+    accumulate_tile_dot<4>(probs, values, shift, acc, D, prefetch);
+    accumulate_tile_dot<QB - 4>(probs + 4 * kTile, values, shift, acc + 4 * D, D, prefetch);
   } else {
     static_assert(kTile == 32, "a row of probabilities is two registers");
     const __mmask16 low = __mmask16(values.count >= 16 ? 0xffffu : (1u << values.count) - 1);
@@ -765,12 +791,12 @@ inline void accumulate_tile_dot(const float* probs, const Rows<uint16_t>& values
     }
     constexpr int NC = QB == 4 ? 2 : 4;
     int64_t d = 0;
-    for (; d + 32 * NC <= D; d += 32 * NC) accumulate_dot_chunks<QB, NC>(prob_pairs[0], values, shift, d, acc, D);
+    for (; d + 32 * NC <= D; d += 32 * NC) accumulate_dot_chunks<QB, NC>(prob_pairs[0], values, shift, d, acc, D, prefetch);
     if constexpr (NC >= 4) {
-      if (d + 64 <= D) accumulate_dot_chunks<QB, 2>(prob_pairs[0], values, shift, d, acc, D), d += 64;
+      if (d + 64 <= D) accumulate_dot_chunks<QB, 2>(prob_pairs[0], values, shift, d, acc, D, prefetch), d += 64;
     }
     if constexpr (NC >= 2) {
-      if (d + 32 <= D) accumulate_dot_chunks<QB, 1>(prob_pairs[0], values, shift, d, acc, D), d += 32;
+      if (d + 32 <= D) accumulate_dot_chunks<QB, 1>(prob_pairs[0], values, shift, d, acc, D, prefetch), d += 32;
     }
   }
 }
@@ -1033,7 +1059,7 @@ void run_item(const Call& c, const Item& item, Scratch& s, float* partials) {
   const T* pages = static_cast<const T*>(c.unit_pages[item.unit]);
   const int32_t* table = c.block_table + item.request * c.block_table_stride;
   const int64_t row_stride = heads * D, page_elements = 2 * B * row_stride;
-  Prefetch<T> prefetch(B, row_stride, H * D, H);
+  Prefetch<T> prefetch(B, row_stride, H * D, H * prefetch_passes(int(Q), amx));
   auto attend = [&](const Tile<T>& first_head_tile) {
     float* scores = s.scores.data();
     const int num_tokens = first_head_tile.num_tokens;
@@ -1089,15 +1115,17 @@ void run_item(const Call& c, const Item& item, Scratch& s, float* partials) {
 #if defined(HEADINFER_AVX512_BF16)
           if constexpr (DT == kBFloat16)
             if (bf16_dot)
-              return accumulate_tile_dot<decltype(block)::value>(scores + q * kTile, *values, shift, acc + q * D, D);
+              return accumulate_tile_dot<decltype(block)::value>(scores + q * kTile, *values, shift, acc + q * D, D,
+                                                                 prefetch);
 #endif
-          accumulate_tile_wide<DT, decltype(block)::value>(scores + q * kTile, *values, shift, acc + q * D, D);
+          accumulate_tile_wide<DT, decltype(block)::value>(scores + q * kTile, *values, shift, acc + q * D, D,
+                                                           prefetch);
         });
 #endif
       } else {
         const Tile<T> tile = first_head_tile.shifted(shift);
         for_query_blocks(int(Q), [&](int q, auto block) {
-          accumulate_tile<DT, decltype(block)::value>(scores + q * kTile, tile, row_stride, acc + q * D, D);
+          accumulate_tile<DT, decltype(block)::value>(scores + q * kTile, tile, row_stride, acc + q * D, D, prefetch);
         });
       }
     }
@@ -1989,7 +2017,7 @@ void run_prefill_item(const Call& c, const int32_t* query_starts, const int32_t*
   const T* pages = static_cast<const T*>(c.unit_pages[item.unit]);
   const int32_t* table = c.block_table + item.request * c.block_table_stride;
   const int64_t row_stride = heads * D, page_elements = 2 * B * row_stride;
-  Prefetch<T> prefetch(B, row_stride, D, (rows + 7) / 8);
+  Prefetch<T> prefetch(B, row_stride, D, prefetch_passes(rows, false));
   // Scores of keys [first_key, first_key + tile.num_tokens): masked, then the online softmax.
   auto attend = [&](const Tile<T>& tile, int64_t first_key) {
     float* scores = s.scores.data();
@@ -2015,7 +2043,8 @@ void run_prefill_item(const Call& c, const int32_t* query_starts, const int32_t*
     }
     softmax_tile(scores, num_tokens, rows, D, s.max.data(), s.sum.data(), s.acc.data());
     for_query_blocks(rows, [&](int q, auto block) {
-      accumulate_tile<DT, decltype(block)::value>(scores + q * kTile, tile, row_stride, s.acc.data() + q * D, D);
+      accumulate_tile<DT, decltype(block)::value>(scores + q * kTile, tile, row_stride, s.acc.data() + q * D, D,
+                                                  prefetch);
     });
     prefetch.step(kTile);
   };
