@@ -368,10 +368,9 @@ struct Prefetch {
   }
 
   // `part` more of a pass that runs over the keys' rows in chunks, `whole` elements to a row: a step
-  // per row that the parts add up to.
+  // per row that the parts add up to (no division: it runs once per key on the AVX-512 paths).
   void step_part(int64_t part, int64_t whole) {
-    elements += part;
-    if (elements >= whole) step(int(elements / whole)), elements %= whole;
+    for (elements += part; elements >= whole; elements -= whole) step(1);
   }
 };
 
