@@ -9,6 +9,7 @@ staging ring only, under 10% of the KV, and the longest prompt's KV is over
 10x the device tier.
 """
 
+import functools
 import random
 
 import pytest
@@ -125,24 +126,24 @@ def test_device_tier_is_small_and_kv_is_streamed(runs):
 HALF_PRECISION = ("bfloat16", "float16")
 
 
-def half_precision_engine(dtype: str, backend: str, headinfer: dict | None = None, **options) -> dict:
-    """Engine arguments of the half-precision runs: the stock backend, or headinfer with a small host tier
-    and ``headinfer``'s other settings; ``options``: more engine arguments."""
+def half_precision_engine(dtype: str, backend: str, in_place: bool = False, **options) -> dict:
+    """Engine arguments of the half-precision runs: the stock backend, or headinfer with a small host tier,
+    attending in place (the C++ kernels) or streamed; ``options``: more engine arguments."""
     engine = dict(dtype=dtype, max_model_len=2048, enforce_eager=True, seed=0, max_num_batched_tokens=512, **options)
     if backend == "stock":
         return {**engine, "kv_cache_memory_bytes": 64 << 20}
-    settings = {"cpu_kv_cache_gib": 0.02, **(headinfer or {})}
+    settings = {"cpu_kv_cache_gib": 0.02, "cpu_attention": "auto" if in_place else "off"}
     return {**engine, "attention_backend": "headinfer", "additional_config": {"headinfer": settings}}
 
 
+@functools.cache  # the stock runs serve both of headinfer's (streamed and in place)
 def prompt_logprobs_run(model, dtype: str, backend: str, in_place: bool = False) -> list[float]:
     """Teacher-forced logprobs of three prompts' tokens, prefilled in chunks of up to 512 tokens; `in_place`:
-    headinfer attends in place (the C++ prefill kernel), not streamed as the suite's default (conftest.py)."""
+    headinfer attends in place (the C++ prefill kernel), else streamed."""
     rng = random.Random(1)
     batch = [[rng.randrange(3, SHAPE["vocab_size"]) for _ in range(n)] for n in (1500, 300, 7)]
     spec = {"model": str(model), "batches": [batch], "max_tokens": 1, "logprobs": 1, "prompt_logprobs": 1}
-    engine = half_precision_engine(dtype, backend, {"cpu_attention": "auto"} if in_place else None)
-    result = run_in_subprocess({**spec, "engine": engine})
+    result = run_in_subprocess({**spec, "engine": half_precision_engine(dtype, backend, in_place)})
     return [logprob for output in result["outputs"] for logprob in output["prompt_logprobs"]]
 
 
@@ -174,7 +175,7 @@ def greedy_decode_run(model, dtype: str, backend: str) -> list[list[tuple[int, f
     lengths = (700, 300, 90, 33, 17, 400, 5, 150, 1000, 64, 250, 9, 500, 120, 41, 800)
     batch = [[rng.randrange(3, SHAPE["vocab_size"]) for _ in range(n)] for n in lengths]
     spec = {"model": str(model), "batches": [batch], "max_tokens": 16, "logprobs": 1}
-    engine = half_precision_engine(dtype, backend, {"cpu_attention": "auto"}, max_num_seqs=16)
+    engine = half_precision_engine(dtype, backend, in_place=True, max_num_seqs=16)
     result = run_in_subprocess({**spec, "engine": engine})
     return [[(token, step[str(token)]) for token, step in zip(output["tokens"], output["logprobs"], strict=True)][1:]
             for output in result["outputs"]]
