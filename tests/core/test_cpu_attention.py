@@ -238,6 +238,22 @@ def test_block_table_view_with_row_stride():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scores_far_above_the_running_max_in_any_lane(dtype):
+    """Request 0's keys 48-63 (the second half of its second tile of 32 keys) and request 1's keys 64-79 (the
+    first half of its third) score about 200 above every other key: the running max must follow them, or
+    exp(score - max) overflows."""
+    case = Case([100, 100], heads=2, query_per_kv=4, head_dim=128, dtype=dtype, seed=71)
+    case.query = torch.ones_like(case.query)
+    keys = torch.arange(100)
+    for request, jump in enumerate([slice(48, 64), slice(64, 80)]):
+        level = torch.zeros(100)
+        level[jump] = 17.7  # score = level * 128 / sqrt(128)
+        blocks = case.block_table[request, keys // case.block_size].long()
+        case.pages[blocks, 0, keys % case.block_size] = (level[:, None, None] * torch.ones(2, 128)).to(dtype)
+    check(case)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_units_of_a_layer_in_one_call(dtype):
     """Streamed units of 2 heads and a resident run of 4 heads, given out of order; KV heads 2-3 in no unit."""
     generator = torch.Generator().manual_seed(31)
