@@ -8,7 +8,8 @@ their calls alternated (path A, B, C, A, B, C, ...) so that a shared machine's
 drift hits them alike. One decode token per request attends one layer at
 Llama-3-8B geometry (8 KV heads, 32 query heads, head_dim 128, bf16), read in
 place from pages ``[N, 2, B, G, D]`` on shuffled block ids, all units of the
-layer in one call, for units of one head and of 8 heads (vLLM's CPU platform
+layer in one call (made once into ``cpu_attention.KernelUnits``, as the CUDA
+split makes them), for units of one head and of 8 heads (vLLM's CPU platform
 layout), at 1 request x 32K and 8 requests x 4K tokens. Measured:
 
 - ``kv_read_gbps``: bytes of K and V attended / seconds per call, with every
@@ -143,7 +144,7 @@ class Layers:
             for first_head in range(0, heads, group):
                 units.append((first_head, buffer[offset : offset + unit_elements].view(shape)))
                 offset += unit_elements
-            self.layers.append(units)
+            self.layers.append(cpu_attention.KernelUnits(units))  # made once, as the CUDA split makes them
         # Every request's pages on shuffled block ids, as a fragmented cache would hold them.
         self.block_table = torch.randperm(num_blocks, generator=generator).int().view(requests, pages_per_request)
         self.seq_lens = torch.full((requests,), context, dtype=torch.int32)

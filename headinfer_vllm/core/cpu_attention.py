@@ -140,7 +140,7 @@ def decode_attention(
 
 def decode_attention_units(
     query: torch.Tensor,
-    units: Sequence[tuple[int, torch.Tensor]],
+    units: Sequence[tuple[int, torch.Tensor]] | KernelUnits,
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
@@ -162,7 +162,8 @@ def decode_attention_units(
             contiguous, holding the layer's KV heads ``first_kv_head ..
             first_kv_head + H_u - 1``. All units share N, B, D and the dtype;
             head counts may differ (a streamed unit and a resident run). Query
-            heads of KV heads in no unit are left untouched in ``out``.
+            heads of KV heads in no unit are left untouched in ``out``. Or the
+            same units made once into :class:`KernelUnits` (not checked again).
         block_table, seq_lens, scale, sliding_window, logits_soft_cap,
             num_threads: as in :func:`decode_attention` (one block table for
             every unit: their pages share block ids).
@@ -191,7 +192,7 @@ def decode_attention_units(
 
 def prefill_attention_units(
     query: torch.Tensor,
-    units: Sequence[tuple[int, torch.Tensor]],
+    units: Sequence[tuple[int, torch.Tensor]] | KernelUnits,
     query_starts: torch.Tensor,
     query_lens: torch.Tensor,
     block_table: torch.Tensor,
@@ -213,7 +214,7 @@ def prefill_attention_units(
         query: shape ``[T, num_query_heads, D]``, every chunk's tokens (rows of other requests,
             e.g. decode tokens, are neither read nor written); last dim contiguous, any row and
             head stride.
-        units: ``(first_kv_head, pages)`` per unit, as in :func:`decode_attention_units`.
+        units: ``(first_kv_head, pages)`` per unit, or :class:`KernelUnits`, as in :func:`decode_attention_units`.
         query_starts: shape ``[R]``, int32: the row of request ``r``'s first chunk token.
         query_lens: shape ``[R]``, int32: its chunk's tokens, ``0 <= query_lens[r] <= seq_lens[r]``
             (0: the request is skipped); they sit at positions ``seq_lens[r] - query_lens[r] ..
@@ -254,9 +255,60 @@ def prefill_attention_units(
     return out
 
 
+class KernelUnits:
+    """The units of one layer checked once and laid out as the C kernels take them.
+
+    ``units``: ``(first_kv_head, pages)`` per unit, ``pages [N, 2, B, H_u, D]`` contiguous CPU tensors
+    that share N, B, D and the dtype (see :func:`decode_attention_units`). Checking a unit and filling
+    the C arrays costs about 2 µs a unit on every call that passes a list; a caller that attends the
+    same units every step (a layer's host pages) makes this once and passes it instead. It holds the
+    tensors, and the C arrays hold their data pointers: the pages must not be resized or replaced
+    while it is in use (refilling them in place is what they are for).
+
+    Raises:
+        ValueError: no units, a unit that is not ``[N, 2, B, H, D]``, contiguous, on the CPU and of a
+            dtype in ``DTYPES``, units that differ in N, B, D or dtype, or a negative first head.
+    """
+
+    __slots__ = ("block_size", "count", "dtype", "end_head", "end_unit_first_head", "first_heads", "head_dim",
+                 "heads", "num_blocks", "pages", "units")
+
+    def __init__(self, units: Sequence[tuple[int, torch.Tensor]]) -> None:
+        if not units:
+            raise ValueError("headinfer: the CPU attention kernel needs at least one unit")
+        self.units = tuple(units)
+        self.count = count = len(self.units)
+        self.pages = (ctypes.c_void_p * count)()
+        self.heads = (ctypes.c_int64 * count)()
+        self.first_heads = (ctypes.c_int64 * count)()
+        first_pages = self.units[0][1]
+        self.end_head = 0
+        """One past the last KV head of any unit (the query needs ``end_head * query_per_kv`` heads)."""
+        self.end_unit_first_head = 0
+        """The first KV head of the unit that ends at ``end_head`` (for the error message)."""
+        for i, (first_head, pages) in enumerate(self.units):
+            _check_pages(pages, first_pages)
+            heads = pages.shape[3]
+            if first_head < 0:
+                raise ValueError(f"headinfer: a unit starts at KV head {first_head}: units need first heads >= 0")
+            if first_head + heads > self.end_head:
+                self.end_head, self.end_unit_first_head = first_head + heads, first_head
+            self.pages[i], self.heads[i], self.first_heads[i] = pages.data_ptr(), heads, first_head
+        self.dtype = first_pages.dtype
+        self.num_blocks, _, self.block_size, _, self.head_dim = first_pages.shape
+
+    def check_query_heads(self, query_per_kv: int, num_query_heads: int) -> None:
+        """Raises ValueError if a unit's KV heads need more than ``num_query_heads`` query heads."""
+        if self.end_head * query_per_kv > num_query_heads:
+            raise ValueError(
+                f"headinfer: KV heads {self.end_unit_first_head} .. {self.end_head - 1} need "
+                f"{self.end_head * query_per_kv} query heads, query has {num_query_heads}"
+            )
+
+
 def _unit_args(
     query: torch.Tensor,
-    units: Sequence[tuple[int, torch.Tensor]],
+    units: Sequence[tuple[int, torch.Tensor]] | KernelUnits,
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
     query_per_kv: int,
@@ -265,31 +317,17 @@ def _unit_args(
 ) -> tuple:
     """Checks the arguments both kernels share; returns their C arguments up to the output's
     strides, then ``out`` (allocated if None)."""
-    if not units:
-        raise ValueError("headinfer: the CPU attention kernel needs at least one unit")
+    if not isinstance(units, KernelUnits):
+        units = KernelUnits(units)
     if query.dim() != 3:
         raise ValueError(f"headinfer: query must be [rows, num_query_heads, D], got {list(query.shape)}")
     num_rows, num_query_heads = query.shape[0], query.shape[1]
-    first_pages = units[0][1]
-    # One pass over the units, each checked once: this runs per layer and step, for every unit.
-    count = len(units)
-    unit_pages = (ctypes.c_void_p * count)()
-    unit_heads = (ctypes.c_int64 * count)()
-    unit_first_heads = (ctypes.c_int64 * count)()
-    for i, (first_head, pages) in enumerate(units):
-        _check_pages(pages, first_pages)
-        heads = pages.shape[3]
-        if first_head < 0 or (first_head + heads) * query_per_kv > num_query_heads:
-            raise ValueError(
-                f"headinfer: KV heads {first_head} .. {first_head + heads - 1} need "
-                f"{(first_head + heads) * query_per_kv} query heads, query has {num_query_heads}"
-            )
-        unit_pages[i], unit_heads[i], unit_first_heads[i] = pages.data_ptr(), heads, first_head
-    num_blocks, _, block_size, _, head_dim = first_pages.shape
+    units.check_query_heads(query_per_kv, num_query_heads)
     if out is None:
         out = torch.zeros(query.shape, dtype=query.dtype)
-    _check_rows("query", query, first_pages.dtype, (num_rows, num_query_heads, head_dim))
-    _check_rows("out", out, first_pages.dtype, (num_rows, num_query_heads, head_dim))
+    shape = (num_rows, num_query_heads, units.head_dim)
+    _check_rows("query", query, units.dtype, shape)
+    _check_rows("out", out, units.dtype, shape)
     num_requests = seq_lens.shape[0] if seq_lens.dim() == 1 else -1
     _check_int32("block_table", block_table, 2, num_requests)
     _check_int32("seq_lens", seq_lens, 1, num_requests)
@@ -299,12 +337,12 @@ def _unit_args(
     ):
         raise ValueError(f"headinfer: sinks must be a contiguous CPU float32 tensor [{num_query_heads}]")
     return (
-        DTYPES[first_pages.dtype],
-        count,
-        unit_pages,
-        unit_heads,
-        unit_first_heads,
-        num_blocks, block_size, head_dim, query_per_kv, num_requests,
+        DTYPES[units.dtype],
+        units.count,
+        units.pages,
+        units.heads,
+        units.first_heads,
+        units.num_blocks, units.block_size, units.head_dim, query_per_kv, num_requests,
         query.data_ptr(), query.stride(0), query.stride(1),
         out.data_ptr(), out.stride(0), out.stride(1),
         out,

@@ -40,6 +40,7 @@ import math
 import statistics
 import time
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -48,6 +49,9 @@ from headinfer_vllm.core.page_store import HeadPageStore, consecutive_runs
 from headinfer_vllm.core.plan import StepPlan
 from headinfer_vllm.core.transfer import as_words
 from headinfer_vllm.core.variants import LayerAttention
+
+if TYPE_CHECKING:
+    from headinfer_vllm.core.cpu_attention import KernelUnits
 
 MIN_SPEEDUP = 1.1
 """``auto`` splits only when the plan predicts decode steps at least this much faster."""
@@ -250,7 +254,7 @@ def measure_cpu_rate(store: HeadPageStore, *, query_per_kv: int, num_threads: in
 
     layout, units = store.layout, _first_layer_units(store)
     page_bytes = layout.unit_bytes // layout.num_blocks
-    num_pages = max(1, min(layout.num_blocks, MEASURE_BYTES // (page_bytes * len(units))))
+    num_pages = max(1, min(layout.num_blocks, MEASURE_BYTES // (page_bytes * units.count)))
     query = torch.zeros(1, layout.num_kv_heads * query_per_kv, layout.head_dim, dtype=layout.dtype)
     out = torch.empty_like(query)
     block_table = torch.arange(num_pages, dtype=torch.int32)[None]
@@ -261,15 +265,19 @@ def measure_cpu_rate(store: HeadPageStore, *, query_per_kv: int, num_threads: in
         cpu_attention.decode_attention_units(query, units, block_table, seq_lens, 1.0, query_per_kv=query_per_kv,
                                              out=out, num_threads=num_threads)
         times.append(time.perf_counter() - started)
-    return num_pages * page_bytes * len(units) / statistics.median(times[1:])
+    return num_pages * page_bytes * units.count / statistics.median(times[1:])
 
 
-def _first_layer_units(store: HeadPageStore) -> list[tuple[int, torch.Tensor]]:
-    """``(first KV head, host pages [N, 2, B, G, D])`` of each streamed unit of the first layer that has any."""
+def _first_layer_units(store: HeadPageStore) -> KernelUnits:
+    """``(first KV head, host pages [N, 2, B, G, D])`` of each streamed unit of the first layer that has any,
+    made once for the kernel as :class:`CpuDecodeOffload` makes them."""
+    from headinfer_vllm.core import cpu_attention
+
     if not store.streamed_units:
         raise ValueError("headinfer: measuring the CPU kernel needs streamed units")
     layer, group_size = store.streamed_units[0][0], store.layout.head_group_size
-    return [(group * group_size, store.host_unit(layer, group)) for group in store.streamed_groups(layer)]
+    return cpu_attention.KernelUnits(
+        [(group * group_size, store.host_unit(layer, group)) for group in store.streamed_groups(layer)])
 
 
 def measure_layer_overhead(store: HeadPageStore, *, query_per_kv: int, num_threads: int, repeats: int = 20) -> float:
@@ -330,14 +338,16 @@ class CpuDecodeOffload:
         group_size = store.layout.head_group_size
         self._kv_heads: dict[int, slice] = {}
         """Per layer with CPU groups, its KV heads attended by the CPU (consecutive)."""
-        self._units: dict[int, list[tuple[int, torch.Tensor]]] = {}
-        """Per layer, ``(first KV head within the CPU heads, host pages [N, 2, B, G, D])`` per CPU group."""
+        self._units: dict[int, cpu_attention.KernelUnits] = {}
+        """Per layer, ``(first KV head within the CPU heads, host pages [N, 2, B, G, D])`` per CPU group,
+        checked once for the kernel."""
         for layer, groups in split.cpu_groups.items():
             if len(consecutive_runs(list(groups))) != 1:
                 raise ValueError(f"headinfer: the CPU groups of layer {layer} must be consecutive, got {groups}")
             first = groups[0] * group_size
             self._kv_heads[layer] = slice(first, (groups[-1] + 1) * group_size)
-            self._units[layer] = [(group * group_size - first, store.host_unit(layer, group)) for group in groups]
+            self._units[layer] = cpu_attention.KernelUnits(
+                [(group * group_size - first, store.host_unit(layer, group)) for group in groups])
         self._cuda = store.device.type == "cuda"
         self._queries_ready = torch.cuda.Event() if self._cuda else None
         self._sinks: dict[int, torch.Tensor] = {}
@@ -396,7 +406,7 @@ class CpuDecodeOffload:
             # The one host wait of the layer. The previous layer's output copy ran before it (same stream).
             self._queries_ready.synchronize()
         group_size, kv_group = self.store.layout.head_group_size, self.layer_groups[layer]
-        for first_head, pages in self._units[layer]:
+        for first_head, pages in self._units[layer].units:
             rows = pages.view(-1, group_size, pages.shape[-1])  # [N * 2 * B, G, D] token rows
             rows.index_copy_(0, self._new_rows[kv_group], new_tokens[:, first_head : first_head + group_size])
         variant = self.layers[layer]

@@ -417,6 +417,10 @@ class CpuKernel(TorchKernel):
         )
         self._decode_attention = cpu_attention.decode_attention_units
         self._prefill_attention = cpu_attention.prefill_attention_units
+        self._make_units = cpu_attention.KernelUnits
+        self._kernel_units: dict[tuple[PageViews, int], cpu_attention.KernelUnits] = {}
+        """Per (pages, first KV head) attended, the unit made once for the kernels (a fixed set: the staging
+        buffers and resident runs, made once, times their heads)."""
         self._num_threads = num_threads
         self._decode = _RequestRows.empty()
         self._prefill = _RequestRows.empty()
@@ -453,7 +457,9 @@ class CpuKernel(TorchKernel):
             "logits_soft_cap": variant.logits_soft_cap or 0.0, "sinks": self._kernel_sinks,
             "num_threads": self._num_threads,
         }
-        units = [(first_head, unit.pages)]
+        units = self._kernel_units.get((unit, first_head))
+        if units is None:
+            units = self._kernel_units[unit, first_head] = self._make_units([(first_head, unit.pages)])
         if self._prefill.count:
             prefill = self._prefill
             self._prefill_attention(

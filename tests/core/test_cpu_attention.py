@@ -280,6 +280,19 @@ def test_units_of_a_layer_in_one_call(dtype):
         rows = slice(first_head * query_per_kv, (first_head + unit_pages.shape[3]) * query_per_kv)
         alone = cpu_attention.decode_attention(query[:, rows], unit_pages, block_table, seq_lens, 0.1)
         assert torch.equal(alone, out[:, rows])
+    # Made once into KernelUnits: the same output; pages refilled in place are read as they are now.
+    prepared = cpu_attention.KernelUnits(units)
+
+    def attend(units):
+        result = torch.full(query.shape, 5.0, dtype=dtype)
+        return cpu_attention.decode_attention_units(query, units, block_table, seq_lens, 0.1,
+                                                    query_per_kv=query_per_kv, out=result, num_threads=3)
+
+    assert torch.equal(attend(prepared), out)
+    for _, unit_pages in units:
+        unit_pages.copy_(torch.randn(unit_pages.shape, generator=generator))
+    refilled = attend(prepared)
+    assert torch.equal(refilled, attend(units)) and not torch.equal(refilled, out)
 
 
 def test_pages_of_a_host_tier():
@@ -387,6 +400,9 @@ def test_bad_units_are_refused():
         run([(0, head), (2, head)])  # a KV head the layer does not have
     with pytest.raises(ValueError, match="need"):
         run([(-1, head)])
+    prepared = cpu_attention.KernelUnits([(0, head), (2, head)])  # checked against a query at each call
+    with pytest.raises(ValueError, match=r"KV heads 2 \.\. 2 need 6 query heads, query has 4"):
+        run(prepared)
 
 
 def test_the_path_asked_for_is_the_path_taken(isa):

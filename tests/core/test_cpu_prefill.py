@@ -270,15 +270,21 @@ def test_units_of_a_layer_in_one_call(dtype):
     """Two units (KV heads 0-1 and 2) of one layer; query heads of KV head 3 in no unit stay untouched."""
     case = PrefillCase(*WORKLOAD, heads=4, query_per_kv=2, head_dim=64, dtype=dtype, seed=37)
     first, second = case.pages[:, :, :, :2].contiguous(), case.pages[:, :, :, 2:3].contiguous()
-    out = torch.full(case.query.shape, SENTINEL, dtype=dtype)
-    cpu_attention.prefill_attention_units(
-        case.query, [(0, first), (2, second)], case.query_starts, case.query_lens, case.block_table, case.seq_lens,
-        64**-0.5, query_per_kv=2, out=out,
-    )
+
+    def attend(units):
+        out = torch.full(case.query.shape, SENTINEL, dtype=dtype)
+        return cpu_attention.prefill_attention_units(
+            case.query, units, case.query_starts, case.query_lens, case.block_table, case.seq_lens,
+            64**-0.5, query_per_kv=2, out=out,
+        )
+
+    units = [(0, first), (2, second)]
+    out = attend(units)
     rows = case.chunk_rows()
     expected = case.reference()
     assert relative_error(out[rows, :6], expected[rows, :6]) <= TOLERANCE[dtype]
     assert (out[:, 6:] == SENTINEL).all()
+    assert torch.equal(attend(cpu_attention.KernelUnits(units)), out)  # the units made once: the same
 
 
 def test_one_decode_token_equals_the_decode_kernel():
