@@ -382,7 +382,9 @@ struct Prefetch {
       : values(block_size * row_stride * int64_t(sizeof(T))),
         row_bytes(row_elements * int64_t(sizeof(T))),
         stride(row_stride * int64_t(sizeof(T))),
-        lines_per_key(std::max<int64_t>(1, ((row_bytes + 63) / 64 + passes - 1) / passes)) {}
+        lines_per_key(std::max<int64_t>(1, ((row_bytes + 63) / 64 + passes - 1) / passes)) {
+    at.spans = this;  // nothing to prefetch until reset
+  }
 
   void reset(const Tile<T>& tile) {
     num_spans = 0;
