@@ -260,10 +260,10 @@ class KernelUnits:
 
     ``units``: ``(first_kv_head, pages)`` per unit, ``pages [N, 2, B, H_u, D]`` contiguous CPU tensors
     that share N, B, D and the dtype (see :func:`decode_attention_units`). Checking a unit and filling
-    the C arrays costs about 2 µs a unit on every call that passes a list; a caller that attends the
-    same units every step (a layer's host pages) makes this once and passes it instead. It holds the
-    tensors, and the C arrays hold their data pointers: the pages must not be resized or replaced
-    while it is in use (refilling them in place is what they are for).
+    the C arrays costs about 1.5 µs a unit (AMD Zen 4) on every call that passes a list; a caller that
+    attends the same units every step (a layer's host pages) makes this once and passes it instead. It
+    holds the tensors, and the C arrays hold their data pointers: the pages must not be resized or
+    replaced while it is in use (refilling them in place is what they are for).
 
     Raises:
         ValueError: no units, a unit that is not ``[N, 2, B, H, D]``, contiguous, on the CPU and of a
