@@ -47,6 +47,7 @@ SDPA and vLLM's CPU kernel round them), accumulated in fp32. ``avx512`` keeps th
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -497,7 +498,9 @@ def cache_dir() -> Path:
 
 def build(isa: str = "auto") -> Path:
     """Path of the compiled library for ``isa`` (see ``ISAS``): from the cache, else compiled now (with, then
-    without ``-march=native``)."""
+    without ``-march=native``). A compile that the compiler refused is remembered beside the library it
+    would have made (``<library>.failed``, the compiler's output), so later processes fall back at once
+    instead of failing the same compile again; the key changes with the source, compiler, flags and CPU."""
     compiler = find_compiler()
     if compiler is None:
         raise RuntimeError(
@@ -509,7 +512,14 @@ def build(isa: str = "auto") -> Path:
     errors = []
     for flags in (FLAGS + _ISA_DEFINES[isa], PORTABLE_FLAGS + _ISA_DEFINES[isa]):
         path = cache_dir() / f"cpu_decode_attention-{_build_key(source, compiler, flags)}.so"
-        error = None if path.exists() else _compile(compiler, flags, path)
+        failed = path.with_suffix(".failed")
+        if path.exists():
+            error = None
+        elif failed.exists():
+            error = (f"{failed.read_text(errors='replace')}\n(the output of an earlier build, kept in {failed}: "
+                     "delete it to build again)")
+        else:
+            error = _compile(compiler, flags, path)
         if error is None:
             if errors:  # the native build failed: this one runs, but without the CPU's own instructions
                 logger.warning("headinfer: building the CPU attention kernel with -march=native failed; using a "
@@ -520,6 +530,21 @@ def build(isa: str = "auto") -> Path:
         "headinfer: building the CPU attention kernel failed (a C++17 compiler with OpenMP is needed: "
         "`apt install g++`; or turn CPU attention off). Compiler output, last lines:\n" + "\n".join(errors)
     )
+
+
+def _remember_failure(path: Path, error: str) -> None:
+    """Writes a failed build's output to ``path``, atomically."""
+    try:
+        handle, temporary = tempfile.mkstemp(suffix=".failed", dir=path.parent)
+    except OSError:
+        return  # a cache that cannot be written: the next process compiles again
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(error)
+        os.replace(temporary, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
 
 
 def _build_key(source: bytes, compiler: list[str], flags: tuple[str, ...]) -> str:
@@ -548,7 +573,9 @@ def _cpu_flags() -> str:
 def _compile(compiler: list[str], flags: tuple[str, ...], path: Path) -> str | None:
     """Compiles to a temporary file then renames it to ``path`` (atomic: concurrent builds are safe).
 
-    Returns None, or the tail of the compiler's output on failure.
+    Returns None, or the tail of the compiler's output on failure. Where the compiler ran and refused
+    the source, its output is also kept in ``path.with_suffix(".failed")`` (see :func:`build`); a
+    compiler that could not run or timed out is tried again next time.
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -564,6 +591,9 @@ def _compile(compiler: list[str], flags: tuple[str, ...], path: Path) -> str | N
         return str(error)
     if result.returncode != 0:
         os.unlink(temporary)
-        return "\n".join((result.stdout + result.stderr).strip().splitlines()[-20:])
+        error = "\n".join((result.stdout + result.stderr).strip().splitlines()[-20:])
+        if result.returncode > 0:  # refused; a negative code is a signal (killed, out of memory): not kept
+            _remember_failure(path.with_suffix(".failed"), error)
+        return error
     os.replace(temporary, path)
     return None

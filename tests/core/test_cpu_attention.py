@@ -438,7 +438,9 @@ def test_build_failure_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
     with pytest.raises(RuntimeError, match=r"apt install g\+\+.*turn CPU attention off"):
         cpu_attention.build()
-    assert not list(tmp_path.iterdir())  # no temporary file left behind
+    assert all(path.suffix == ".failed" for path in tmp_path.iterdir())  # no temporary file left behind
+    with pytest.raises(RuntimeError, match="output of an earlier build"):  # remembered: no compile again
+        cpu_attention.build()
     monkeypatch.setattr(cpu_attention, "find_compiler", lambda: None)
     with pytest.raises(RuntimeError, match="none was found"):
         cpu_attention.build()
@@ -446,21 +448,28 @@ def test_build_failure_says_what_to_do(tmp_path, monkeypatch):
 
 def test_a_failed_native_build_is_logged(tmp_path, monkeypatch, caplog):
     """A source the native flags cannot build (as an AMX intrinsic given a tile number that is no constant was)
-    still loads through the portable flags, and the log says so with the compiler's output."""
-    monkeypatch.setenv("HEADINFER_CACHE_DIR", str(tmp_path))
-
-    def compile_portable_only(compiler, flags, path):
-        if "-march=native" in flags:
-            return "Error: bad register name"
-        path.write_bytes(b"")
-        return None
-
-    monkeypatch.setattr(cpu_attention, "_compile", compile_portable_only)
-    for _ in range(2):  # built, then from the cache: said both times
+    still loads through the portable flags, and the log says so with the compiler's output; the failed
+    compile is remembered, so a later build (another process) falls back without compiling again."""
+    monkeypatch.setenv("HEADINFER_CACHE_DIR", str(tmp_path / "cache"))
+    calls = tmp_path / "calls"
+    compiler = tmp_path / "fake-c++"
+    compiler.write_text(  # refuses -march=native; else writes an empty "library" to the path after -o
+        "#!/bin/sh\n"
+        'if [ "$1" = --version ]; then echo "fake c++ 1.0"; exit 0; fi\n'
+        f'echo "$@" >> {calls}\n'
+        'case "$*" in *-march=native*) echo "Error: bad register name"; exit 1;; esac\n'
+        'while [ "$1" != "-o" ]; do shift; done; : > "$2"\n'
+    )
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CXX", str(compiler))
+    for attempt in range(2):  # built, then from the cache: said both times
         caplog.clear()
         with caplog.at_level("WARNING", logger=cpu_attention.logger.name):
             path = cpu_attention.build()
         assert path.exists() and "-march=native failed" in caplog.text and "bad register name" in caplog.text
+        assert ("output of an earlier build" in caplog.text) == (attempt == 1)
+    compiles = calls.read_text().splitlines()
+    assert len(compiles) == 2 and "-march=native" in compiles[0]  # native once, portable once
 
 
 def test_torch_thread_count_is_the_default(monkeypatch):
