@@ -26,6 +26,10 @@ layout), at 1 request x 32K and 8 requests x 4K tokens. Measured:
   run (/proc/stat), and the load average: a shared machine's figures are only
   as good as these.
 
+The machine's transparent huge page mode goes into the result too
+(``machine.transparent_hugepages``): the read bandwidth, and so ``of_read``,
+depends on the page size the buffers got.
+
 The CPU model, its SIMD flags and each path's name go into the result.
 Writes ``bench_cpu_attention.json`` and ``.png`` to ``--out`` (``--name`` changes the names).
 
@@ -51,7 +55,7 @@ import torch
 from headinfer_vllm.core import cpu_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine_facts import cpu_model, usable_cores
+from machine_facts import cpu_model, transparent_hugepages, usable_cores
 
 LLAMA3_8B = dict(num_query_heads=32, num_kv_heads=8, head_dim=128)
 GB = 1e9
@@ -276,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join(["python", *(sys.argv if argv is None else ["bench_cpu_attention.py", *argv])]),
         "machine": {"cpu": cpu_model(), "arch": platform.machine(), "simd_flags": simd_flags(),
                     "logical_cores": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
-                    "python": platform.python_version()},
+                    "python": platform.python_version(), "transparent_hugepages": transparent_hugepages()},
         "shapes": {**LLAMA3_8B, "dtype": "bfloat16", "block_size": args.block_size},
         "isas": args.isas,
         "auto_path": cpu_attention.instruction_path("auto"),
