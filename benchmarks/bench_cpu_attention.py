@@ -19,9 +19,13 @@ layout), at 1 request x 32K and 8 requests x 4K tokens. Measured:
   (goal: >= 0.7); medians over the repeats;
 - ``per_core_gbps``: one thread on one small layer (K/V in the caches) read
   again and again, timed by the thread's CPU time (``time.thread_time``: time
-  the scheduler gave other processes is not counted): the kernel's arithmetic
-  rate per core; ``speedup_vs_portable`` is its ratio to the portable path's,
-  a median of the per-repeat ratios;
+  the scheduler gave other processes is not counted): the kernel's rate per
+  core, a call's fixed cost (Python, ctypes, the kernel's setup) included;
+  ``speedup_vs_portable`` is its ratio to the portable path's, a median of the
+  per-repeat ratios; ``per_core_marginal_gbps``: the same layer over half the
+  tokens timed in the same rounds, the added bytes over the added time (the
+  arithmetic rate per key, the fixed cost apart: ``fixed_us`` a call), and
+  ``marginal_speedup_vs_portable`` its ratio;
 - ``contention``: the share of the CPUs that other processes used during the
   run (/proc/stat), and the load average: a shared machine's figures are only
   as good as these.
@@ -188,25 +192,47 @@ def from_dram(layers: Layers, probe: torch.Tensor, args) -> dict:
     return {"read_gbps": read, "read_gbps_samples": reads, "paths": rows}
 
 
-def in_cache(layers: Layers, args) -> dict:
-    """Each path on one thread, K/V in the caches, alternated; thread CPU time of ``calls`` calls a sample."""
+def in_cache(layers: Layers, half: Layers, args) -> dict:
+    """Each path on one thread, K/V in the caches, alternated; thread CPU time of ``calls`` calls a sample.
+
+    ``half``: the same layer shape over half the tokens, timed in the same rounds. A call costs a fixed
+    part (Python, ctypes, the kernel's setup) plus a part per key; the difference of the two sizes is the
+    per-key part alone: ``per_core_marginal_gbps`` (the arithmetic rate), and ``fixed_us`` the rest.
+    """
     calls = 2 if args.smoke else 5
     for isa in args.isas:
         for _ in range(3):
             layers.call(isa, 1)
-    samples: dict[str, list[float]] = {isa: [] for isa in args.isas}
+            half.call(isa, 1)
+    seconds: dict[str, list[tuple[float, float]]] = {isa: [] for isa in args.isas}
     for _ in range(3 * args.repeats):
         for isa in args.isas:
-            start = time.thread_time()
-            for _ in range(calls):
-                layers.call(isa, 1)
-            samples[isa].append(layers.kv_bytes * calls / (time.thread_time() - start) / GB)
-    rows = {isa: {"per_core_gbps": statistics.median(rates), "per_core_gbps_best": max(rates)}
-            for isa, rates in samples.items()}
-    if "portable" in samples:
-        for isa, rates in samples.items():  # ratio within each round: drift cancels
+            pair = []
+            for sized in (layers, half):
+                start = time.thread_time()
+                for _ in range(calls):
+                    sized.call(isa, 1)
+                pair.append((time.thread_time() - start) / calls)
+            seconds[isa].append((pair[0], pair[1]))
+    added = layers.kv_bytes - half.kv_bytes
+    rates = {isa: [layers.kv_bytes / whole / GB for whole, _ in pairs] for isa, pairs in seconds.items()}
+    # Per round, the added keys' bytes over the added time; None where the larger call did not take
+    # longer (the VM switched speed between the two), a round every ratio then skips.
+    marginal = {isa: [added / (whole - part) / GB if whole > part else None for whole, part in pairs]
+                for isa, pairs in seconds.items()}
+    rows = {}
+    for isa, pairs in seconds.items():
+        measured = [(whole, rate) for (whole, _), rate in zip(pairs, marginal[isa], strict=True) if rate]
+        rows[isa] = {"per_core_gbps": statistics.median(rates[isa]), "per_core_gbps_best": max(rates[isa]),
+                     "per_core_marginal_gbps": statistics.median(rate for _, rate in measured),
+                     "fixed_us": 1e6 * statistics.median(whole - layers.kv_bytes / (rate * GB)
+                                                         for whole, rate in measured)}
+    if "portable" in seconds:
+        for isa in seconds:  # ratios within each round: drift cancels
             rows[isa]["speedup_vs_portable"] = statistics.median(
-                rate / base for rate, base in zip(rates, samples["portable"], strict=True))
+                rate / base for rate, base in zip(rates[isa], rates["portable"], strict=True))
+            rows[isa]["marginal_speedup_vs_portable"] = statistics.median(
+                rate / base for rate, base in zip(marginal[isa], marginal["portable"], strict=True) if rate and base)
     return rows
 
 
@@ -221,9 +247,12 @@ def plot(report: dict, path: Path) -> None:
     width = 0.8 / len(isas)
     groups = sorted({row["group"] for row in report["in_cache"]})
     for i, isa in enumerate(isas):
-        rates = [next(r["paths"][isa]["per_core_gbps"] for r in report["in_cache"] if r["group"] == g) for g in groups]
-        bars = left.bar([g_index + i * width for g_index in range(len(groups))], rates, width, label=isa)
+        rows = [next(r["paths"][isa] for r in report["in_cache"] if r["group"] == g) for g in groups]
+        positions = [g_index + i * width for g_index in range(len(groups))]
+        bars = left.bar(positions, [row["per_core_gbps"] for row in rows], width, label=isa)
         left.bar_label(bars, fmt="%.1f", fontsize=7)
+        left.scatter(positions, [row["per_core_marginal_gbps"] for row in rows], marker="_", s=400, color="k",
+                     label="per key, fixed cost apart" if i == 0 else None)
     left.set_xticks([g_index + width * (len(isas) - 1) / 2 for g_index in range(len(groups))],
                     [f"units of {g} head{'s' if g > 1 else ''}" for g in groups])
     left.set(ylabel="GB/s of K/V per core (thread CPU time)", title="one core, K/V in cache: arithmetic rate")
@@ -263,6 +292,11 @@ def summarize(report: dict) -> dict:
             "per_core_gbps_median": statistics.median(row["per_core_gbps"] for row in per_core),
             "speedup_vs_portable_median": (statistics.median(row["speedup_vs_portable"] for row in per_core)
                                            if "speedup_vs_portable" in per_core[0] else None),
+            "per_core_marginal_gbps_median": statistics.median(row["per_core_marginal_gbps"] for row in per_core),
+            "marginal_speedup_vs_portable_median": (
+                statistics.median(row["marginal_speedup_vs_portable"] for row in per_core)
+                if "marginal_speedup_vs_portable" in per_core[0] else None),
+            "fixed_us_median": statistics.median(row["fixed_us"] for row in per_core),
         }
     return summary
 
@@ -308,13 +342,19 @@ def main(argv: list[str] | None = None) -> int:
     for group in args.groups:
         cached = Layers(buffer, requests=1, context=args.in_cache_tokens, block_size=block, group=group, count=1,
                         generator=generator)
+        half = Layers(buffer, requests=1, context=args.in_cache_tokens // 2, block_size=block, group=group, count=1,
+                      generator=generator)
         row = {"group": group, "context": args.in_cache_tokens, "kv_bytes": cached.kv_bytes,
-               "paths": in_cache(cached, args)}
+               "half_context": args.in_cache_tokens // 2, "paths": in_cache(cached, half, args)}
         report["in_cache"].append(row)
         print(f"{group}-head units, one core, K/V in cache: " + ", ".join(
             f"{isa} {r['per_core_gbps']:.1f} GB/s" + (f" ({r['speedup_vs_portable']:.2f}x portable)"
                                                     if "speedup_vs_portable" in r else "")
             for isa, r in row["paths"].items()), flush=True)
+        print(f"{group}-head units, one core, per key (the fixed cost of a call apart): " + ", ".join(
+            f"{isa} {r['per_core_marginal_gbps']:.1f} GB/s"
+            + (f" ({r['marginal_speedup_vs_portable']:.2f}x portable)" if "marginal_speedup_vs_portable" in r else "")
+            + f", {r['fixed_us']:.0f} us a call" for isa, r in row["paths"].items()), flush=True)
         for requests, context in args.shapes:
             layers = Layers(buffer, requests=requests, context=context, block_size=block, group=group,
                             count=layer_count(requests, context), generator=generator)
