@@ -1237,17 +1237,16 @@ void run_item(const Call& c, const Item& item, Scratch& s, float* partials) {
   const T* pages = static_cast<const T*>(c.unit_pages[item.unit]);
   const int32_t* table = c.block_table + item.request * c.block_table_stride;
   const int64_t row_stride = heads * D, page_elements = 2 * B * row_stride;
+  const int64_t values = B * row_stride;  // a V row lies this many elements past its K row (the page's V block)
   Prefetch<T> prefetch(B, row_stride, H * D, H * prefetch_passes(int(Q), amx));
   auto attend = [&](const Tile<T>& first_head_tile) {
     float* scores = s.scores.data();
     const int num_tokens = first_head_tile.num_tokens;
 #if defined(HEADINFER_AVX512)
-    // The AVX-512 kernels: the rows of the first head, listed once per tile; head h is h * D further.
-    std::optional<Rows<T>> keys, values;
-    if (wide) {
-      keys.emplace(first_head_tile.keys, first_head_tile.lengths, first_head_tile.num_runs, row_stride);
-      values.emplace(first_head_tile.values, first_head_tile.lengths, first_head_tile.num_runs, row_stride);
-    }
+    // The AVX-512 kernels: the K rows of the first head, listed once per tile; head h is h * D further,
+    // and its V rows `values` further still.
+    std::optional<Rows<T>> keys;
+    if (wide) keys.emplace(first_head_tile.keys, first_head_tile.lengths, first_head_tile.num_runs, row_stride);
 #endif
     for (int64_t h = 0; h < H; ++h) {
       const float* queries = s.queries.data() + h * Q * D;
@@ -1294,10 +1293,10 @@ void run_item(const Call& c, const Item& item, Scratch& s, float* partials) {
 #if defined(HEADINFER_AVX512_BF16)
           if constexpr (DT == kBFloat16)
             if (bf16_dot)
-              return accumulate_tile_dot<decltype(block)::value>(scores + q * kTile, *values, shift, acc + q * D, D,
-                                                                 prefetch);
+              return accumulate_tile_dot<decltype(block)::value>(scores + q * kTile, *keys, values + shift,
+                                                                 acc + q * D, D, prefetch);
 #endif
-          accumulate_tile_wide<DT, decltype(block)::value>(scores + q * kTile, *values, shift, acc + q * D, D,
+          accumulate_tile_wide<DT, decltype(block)::value>(scores + q * kTile, *keys, values + shift, acc + q * D, D,
                                                            prefetch);
         });
 #endif
