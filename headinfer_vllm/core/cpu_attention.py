@@ -183,9 +183,8 @@ def decode_attention_units(
     out = args[-1]
     bad_index = ctypes.c_int64(-1)
     status = library(isa).headinfer_decode_attention(
-        *args[:-1], block_table.data_ptr(), block_table.stride(0), block_table.shape[1], seq_lens.data_ptr(),
-        scale, sliding_window, logits_soft_cap, None if sinks is None else sinks.data_ptr(),
-        num_threads or torch.get_num_threads(), ctypes.byref(bad_index),
+        *args[:-1], seq_lens.data_ptr(), scale, sliding_window, logits_soft_cap,
+        None if sinks is None else sinks.data_ptr(), num_threads or torch.get_num_threads(), ctypes.byref(bad_index),
     )
     _raise_for(status, bad_index)
     return out
@@ -247,8 +246,7 @@ def prefill_attention_units(
         raise ValueError(f"headinfer: a prefill chunk lies outside the query's {query.shape[0]} rows")
     bad_index = ctypes.c_int64(-1)
     status = library(isa).headinfer_prefill_attention(
-        *args[:-1], query_starts.data_ptr(), query_lens.data_ptr(),
-        block_table.data_ptr(), block_table.stride(0), block_table.shape[1], seq_lens.data_ptr(),
+        *args[:-4], query_starts.data_ptr(), query_lens.data_ptr(), *args[-4:-1], seq_lens.data_ptr(),
         scale, sliding_window, logits_soft_cap, None if sinks is None else sinks.data_ptr(),
         num_threads or torch.get_num_threads(), ctypes.byref(bad_index),
     )
@@ -317,7 +315,9 @@ def _unit_args(
     sinks: torch.Tensor | None,
 ) -> tuple:
     """Checks the arguments both kernels share; returns their C arguments up to the output's
-    strides, then ``out`` (allocated if None)."""
+    strides, then the block table's three (pointer, row stride, columns), then ``out`` (allocated if
+    None). Each tensor's strides are read once: a ``stride(i)`` call costs about a third of a
+    microsecond, and this runs once per layer and step."""
     if not isinstance(units, KernelUnits):
         units = KernelUnits(units)
     if query.dim() != 3:
@@ -327,10 +327,10 @@ def _unit_args(
     if out is None:
         out = torch.zeros(query.shape, dtype=query.dtype)
     shape = (num_rows, num_query_heads, units.head_dim)
-    _check_rows("query", query, units.dtype, shape)
-    _check_rows("out", out, units.dtype, shape)
+    query_strides = _check_rows("query", query, units.dtype, shape)
+    out_strides = _check_rows("out", out, units.dtype, shape)
     num_requests = seq_lens.shape[0] if seq_lens.dim() == 1 else -1
-    _check_int32("block_table", block_table, 2, num_requests)
+    table_strides = _check_int32("block_table", block_table, 2, num_requests)
     _check_int32("seq_lens", seq_lens, 1, num_requests)
     if sinks is not None and (
         sinks.dtype != torch.float32 or sinks.shape != (num_query_heads,) or not sinks.is_contiguous()
@@ -344,8 +344,9 @@ def _unit_args(
         units.heads,
         units.first_heads,
         units.num_blocks, units.block_size, units.head_dim, query_per_kv, num_requests,
-        query.data_ptr(), query.stride(0), query.stride(1),
-        out.data_ptr(), out.stride(0), out.stride(1),
+        query.data_ptr(), query_strides[0], query_strides[1],
+        out.data_ptr(), out_strides[0], out_strides[1],
+        block_table.data_ptr(), table_strides[0], block_table.shape[1],
         out,
     )
 
@@ -371,21 +372,29 @@ def _check_pages(pages: torch.Tensor, first: torch.Tensor) -> None:
         raise ValueError("headinfer: every unit needs the same block count, block size, head dim and dtype")
 
 
-def _check_rows(name: str, tensor: torch.Tensor, dtype: torch.dtype, shape: tuple[int, int, int]) -> None:
-    if tuple(tensor.shape) != shape or tensor.dtype != dtype or not tensor.is_cpu:
+def _check_rows(name: str, tensor: torch.Tensor, dtype: torch.dtype, shape: tuple[int, int, int]) -> tuple[int, ...]:
+    """Raises ValueError unless ``tensor`` is a CPU ``dtype`` tensor of ``shape`` whose last dim is
+    contiguous; returns its strides."""
+    if tensor.shape != shape or tensor.dtype != dtype or not tensor.is_cpu:
         raise ValueError(
             f"headinfer: {name} must be a CPU {dtype} tensor {list(shape)}, got {tensor.dtype} "
             f"{list(tensor.shape)} on {tensor.device}"
         )
-    if tensor.stride(2) != 1 and shape[2] > 1:
+    strides = tensor.stride()
+    if strides[2] != 1 and shape[2] > 1:
         raise ValueError(f"headinfer: {name}'s last dim must be contiguous")
+    return strides
 
 
-def _check_int32(name: str, tensor: torch.Tensor, dims: int, rows: int) -> None:
+def _check_int32(name: str, tensor: torch.Tensor, dims: int, rows: int) -> tuple[int, ...]:
+    """Raises ValueError unless ``tensor`` is a ``dims``-d CPU int32 tensor of ``rows`` rows whose last
+    dim is contiguous; returns its strides."""
     if tensor.dtype != torch.int32 or tensor.dim() != dims or tensor.shape[0] != rows or not tensor.is_cpu:
         raise ValueError(f"headinfer: {name} must be a {dims}-d CPU int32 tensor with {rows} rows")
-    if tensor.shape[-1] > 1 and tensor.stride(-1) != 1:
+    strides = tensor.stride()
+    if tensor.shape[-1] > 1 and strides[-1] != 1:
         raise ValueError(f"headinfer: {name}'s last dim must be contiguous")
+    return strides
 
 
 # Building and loading ----------------------------------------------------------------------
