@@ -362,8 +362,8 @@ struct Prefetch {
       for (elements += part; elements >= whole; elements -= whole) step(1);
     }
 
-    // The K lines of the next `keys` steps' (not prefetched), at most `capacity` of them, to `out`;
-    // how many.
+    // Takes the K lines of the next `keys` steps without prefetching them: at most `capacity` of
+    // them, to `out`; returns how many.
     int take(int64_t keys, const char** out, int capacity) {
       int count = 0;
       visit(std::min<int64_t>(keys * spans->lines_per_key, capacity),
@@ -675,10 +675,11 @@ __attribute__((always_inline)) inline __m512 transpose_sums(const __m512* v) {
 }
 
 // Lanes q * TB .. q * TB + TB - 1 of `v` to row q (at q * kTile) of `rows`, QB * TB = 16: all TB
-// lanes, so that no store is masked (a masked store costs twice a plain one on AMD Zen 4, and scalar
-// reloads of a vector just stored would wait for the store to retire). In score_tile_wide the lanes
-// past the tile's keys (the padding rows of Rows) land inside row q, since first + TB <= kTile, and
-// nothing reads them.
+// lanes, each row's in one store of its size. (One masked 512-bit store a row took twice as long on
+// AMD Zen 4, where a 512-bit store takes two cycles, masked or not, and a 128-bit one about one;
+// scalar reloads of a vector just stored would wait for the store to retire.) In score_tile_wide
+// the lanes past the tile's keys (the padding rows of Rows) land inside row q, since
+// first + TB <= kTile, and nothing reads them.
 template <int QB, int TB>
 __attribute__((always_inline)) inline void store_rows(__m512 v, float* rows) {
   static_assert(QB * TB == 16 && TB >= 2, "one register: 8, 4, 2 or 1 rows");
