@@ -346,7 +346,7 @@ struct Prefetch {
     const char* line = nullptr;  // next K line to prefetch; null once the tile is done
     const char* end = nullptr;   // end of its span
     int next = 0;                // the span after it
-    int64_t elements = 0;        // step_part: the parts of a key's step taken so far, in row elements
+    int64_t elements = 0;        // steps_of_part: the parts of a key's step taken so far, in row elements
     const Prefetch* spans = nullptr;
 
     __attribute__((always_inline)) void step(int count) {
@@ -359,7 +359,7 @@ struct Prefetch {
     // `part` more of a pass that runs over the keys' rows in chunks, `whole` elements to a row: a
     // step per row that the parts add up to.
     __attribute__((always_inline)) void step_part(int64_t part, int64_t whole) {
-      for (elements += part; elements >= whole; elements -= whole) step(1);
+      step(int(steps_of_part(part, whole)));
     }
 
     // Takes the K lines of the next `keys` steps without prefetching them: at most `capacity` of
@@ -371,7 +371,7 @@ struct Prefetch {
       return count;
     }
 
-    // The steps that `part` more elements of a chunked pass complete (see step_part).
+    // The steps that `part` more elements of a chunked pass complete, `whole` elements to a row.
     int64_t steps_of_part(int64_t part, int64_t whole) {
       elements += part;
       const int64_t steps = elements / whole;
