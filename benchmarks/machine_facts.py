@@ -99,15 +99,27 @@ def meminfo() -> dict[str, int | None]:
     return {"total_bytes": fields["MemTotal"], "available_bytes": fields["MemAvailable"]}
 
 
-def cpu_model() -> str:
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_model(cpuinfo: Path = CPUINFO) -> str:
+    """The first CPU's model name, and on x86 its family, model and stepping numbers (decimal, as
+    /proc/cpuinfo gives them): a VM may name the CPU only "AMD EPYC", and AMD Zen 4 (family 25) and
+    Zen 5 (family 26) differ in the kernel's rates (README). Falls back to ``platform``'s words."""
+    fields: dict[str, str] = {}
     try:
-        with open("/proc/cpuinfo") as lines:
+        with open(cpuinfo) as lines:
             for line in lines:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first CPU's block ends
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    numbers = [(word, fields[key]) for word, key in (("family", "cpu family"), ("model", "model"),
+                                                      ("stepping", "stepping")) if key in fields]
+    return f"{name} ({', '.join(f'{word} {value}' for word, value in numbers)})" if numbers else name
 
 
 def package_version(name: str) -> str | None:
