@@ -25,13 +25,16 @@ The library is built once per source, compiler, flags and CPU into
 
 Instruction paths (``ISAS``; :func:`instruction_path` names the one built and the
 log says it): ``amx`` (bf16 keys scored with AMX tiles, the rest as avx512),
-``avx512bf16`` (AVX-512, bf16 multiplied with VDPBF16PS: the keys' scores, and the
-values weighted by the probabilities rounded to bf16), ``avx512`` (AVX-512, elements
-widened to fp32 in registers, fp32 FMAs), ``portable`` (8-float vector extensions:
-AVX2 on x86, NEON on Arm). By default: avx512 on a CPU with AMX tiles (Sapphire
-Rapids: VDPBF16PS at half the FMAs' rate), avx512bf16 on one with AVX-512 BF16 and no
-AMX (AMD Zen 4: VDPBF16PS at the FMAs' rate, twice their work), else avx512 where the
-CPU has AVX-512, else portable. The AVX-512 paths serve head dims that are a multiple
+``avx512bf16pv`` (AVX-512, bf16 multiplied with VDPBF16PS: the keys' scores, and the
+values weighted by the probabilities rounded to bf16), ``avx512bf16`` (the keys scored
+with VDPBF16PS, the values weighted as avx512), ``avx512`` (AVX-512, elements widened
+to fp32 in registers, fp32 FMAs), ``portable`` (8-float vector extensions: AVX2 on
+x86, NEON on Arm). By default: avx512 on a CPU with AMX tiles (Sapphire Rapids:
+VDPBF16PS at half the FMAs' rate); on one with AVX-512 BF16 and no AMX, avx512bf16pv
+on AMD Zen 4 (family 0x19: its 512-bit FMAs run in two halves, VDPBF16PS at their
+rate does twice their work) and avx512bf16 elsewhere (AMD Zen 5: the bf16 weighted sum
+gained nothing in cache and read 7-12% slower from DRAM); else avx512 where the CPU
+has AVX-512, else portable. The AVX-512 paths serve head dims that are a multiple
 of 32 (AMX: bf16, blocks of >= 16 tokens, <= 16 query heads per KV head; VDPBF16PS:
 bf16); other calls take the portable or avx512 code of the same build.
 ``$HEADINFER_CPU_ATTENTION_ISA`` (or ``library(isa)``) asks for another path: tests
@@ -39,7 +42,7 @@ and benchmarks build each. All accumulate in fp32.
 
 The prefill kernel (:func:`prefill_instruction_path`) multiplies bf16 with AMX tiles in the default
 and ``amx`` builds where the compiler and CPU have them and Linux permits (``amx``), else with
-VDPBF16PS where the CPU has AVX-512 BF16 (``avx512bf16``; always in the ``avx512bf16`` build): the
+VDPBF16PS where the CPU has AVX-512 BF16 (``avx512bf16``; always in the two VDPBF16PS builds): the
 scores' products summed in fp32, the probabilities rounded to bf16 for the product with V (as torch's
 SDPA and vLLM's CPU kernel round them), accumulated in fp32. ``avx512`` keeps the fp32 FMA prefill
 (and decode), so that tests cover it on every AVX-512 machine.
@@ -67,12 +70,13 @@ SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "cpu_decode_attention
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 PORTABLE_FLAGS = tuple(flag for flag in FLAGS if flag != "-march=native")
 ABI_VERSION = 4
-ISAS = ("amx", "avx512bf16", "avx512", "portable")
-"""Instruction paths; ``auto`` builds avx512 on a CPU with AMX tiles, avx512bf16 on one with AVX-512 BF16
-and no AMX, else avx512 where the CPU has AVX-512, else portable (what each measured: the README's CPU
-attention results)."""
+ISAS = ("amx", "avx512bf16pv", "avx512bf16", "avx512", "portable")
+"""Instruction paths; ``auto`` builds avx512 on a CPU with AMX tiles, on one with AVX-512 BF16 and no AMX
+avx512bf16pv (AMD Zen 4) or avx512bf16 (others, AMD Zen 5 among them), else avx512 where the CPU has
+AVX-512, else portable (what each measured: the README's CPU attention results)."""
 ISA_ENV = "HEADINFER_CPU_ATTENTION_ISA"
 _ISA_DEFINES = {"auto": (), "amx": ("-DHEADINFER_CPU_ATTENTION_AMX",),
+                "avx512bf16pv": ("-DHEADINFER_CPU_ATTENTION_BF16_PV",),
                 "avx512bf16": ("-DHEADINFER_CPU_ATTENTION_BF16_DOT",),
                 "avx512": ("-DHEADINFER_CPU_ATTENTION_FMA",),
                 "portable": ("-DHEADINFER_CPU_ATTENTION_PORTABLE",)}
@@ -430,8 +434,9 @@ def instruction_path(isa: str | None = None) -> str:
 
 def prefill_instruction_path(isa: str | None = None) -> str:
     """The path the prefill kernel of :func:`library` takes for bf16 head dims that are a multiple of 32:
-    ``amx`` (AMX tiles), ``avx512bf16`` (VDPBF16PS: the ``avx512bf16`` build, and the default build on a CPU
-    with AVX-512 BF16 but no AMX tiles), else the decode path's (:func:`instruction_path`)."""
+    ``amx`` (AMX tiles), ``avx512bf16`` (VDPBF16PS: the ``avx512bf16`` and ``avx512bf16pv`` builds, and the
+    default build on a CPU with AVX-512 BF16 but no AMX tiles), else the decode path's
+    (:func:`instruction_path`)."""
     return library(isa).headinfer_cpu_prefill_isa().decode()
 
 

@@ -28,10 +28,12 @@
 //   amx         bf16 keys scored by AMX tile products (TDPBF16PS: bf16 products summed in
 //               fp32) straight from the pages, 16 keys a tile; values as avx512. Needs
 //               __AMX_TILE__ and __AMX_BF16__ and Linux's permission (else avx512 at run time).
-//   avx512bf16  AVX-512 (16 floats a register), bf16 multiplied with VDPBF16PS (bf16 products
+//   avx512bf16pv  AVX-512 (16 floats a register), bf16 multiplied with VDPBF16PS (bf16 products
 //               summed in fp32, twice an FMA's work): keys scored (the query unscaled, the scale
-//               applied to the sums), values weighted by the probabilities rounded to bf16 (as the
+//               applied to the sums), and values weighted by the probabilities rounded to bf16 (as the
 //               prefill paths, torch's SDPA and vLLM's CPU kernel round them). Needs __AVX512BF16__.
+//   avx512bf16  keys scored as avx512bf16pv, values weighted as avx512 (fp32 probabilities, fp32
+//               FMAs). Needs __AVX512BF16__.
 //   avx512      AVX-512F/BW: 32 keys' or values' elements widened to fp32 in registers per
 //               load, fp32 FMAs; scores of 16 (query, key) pairs reduced by one transpose.
 //   portable    GCC/Clang vector extensions of 8 floats (AVX2 on x86, two NEON registers on
@@ -41,8 +43,8 @@
 //   amx         AMX tiles where the compiler, CPU and Linux allow (run_prefill_item_amx): the default
 //               build's and the amx path's.
 //   avx512bf16  VDPBF16PS over bf16 pairs, fp32 softmax (run_prefill_item_wide with DotProducts): the
-//               avx512bf16 path's, and the default build's where the CPU has AVX-512 BF16 but no AMX
-//               (or Linux refuses it).
+//               avx512bf16 and avx512bf16pv paths', and the default build's where the CPU has AVX-512
+//               BF16 but no AMX (or Linux refuses it).
 //   avx512      fp32 FMAs (run_prefill_item_wide with FmaProducts): the avx512 path's, and float32
 //               and float16 on every AVX-512 path.
 //
@@ -50,12 +52,16 @@
 // portable code in the same build (AMX also wants bf16, blocks of >= 16 tokens and <= 16 query
 // heads per KV head, else avx512; VDPBF16PS wants bf16, else avx512). A default build takes, for
 // decode, avx512 on a CPU with AMX tiles (on the one measured, Sapphire Rapids, VDPBF16PS ran at
-// half the FMAs' rate and neither amx nor avx512bf16 beat avx512), avx512bf16 on one with AVX-512
-// BF16 and no AMX (on AMD Zen 4 VDPBF16PS runs at the FMAs' rate: 1.45-1.6x avx512 per core), else
-// avx512 where the CPU has AVX-512, else portable (benchmarks/bench_cpu_attention.py measures
-// each). -DHEADINFER_CPU_ATTENTION_AMX, -DHEADINFER_CPU_ATTENTION_BF16_DOT and
-// -DHEADINFER_CPU_ATTENTION_FMA (FMAs only, decode and prefill) ask for amx, avx512bf16 and avx512;
-// -DHEADINFER_CPU_ATTENTION_PORTABLE for the portable code (tests and benchmarks build each).
+// half the FMAs' rate and neither amx nor avx512bf16 beat avx512); on one with AVX-512 BF16 and no
+// AMX, avx512bf16pv where 512-bit FMAs are split in two halves (AMD Zen 4, family 0x19, where
+// VDPBF16PS runs at the FMAs' rate: the bf16 weighted sum raised the in-cache rate 1.10-1.23x) and
+// avx512bf16 elsewhere (AMD Zen 5, family 0x1a: the same in-cache rate, 7-12% faster from DRAM;
+// decided at run time, bf16_values()); else avx512 where the CPU has AVX-512, else portable
+// (benchmarks/bench_cpu_attention.py measures each). -DHEADINFER_CPU_ATTENTION_AMX,
+// -DHEADINFER_CPU_ATTENTION_BF16_PV, -DHEADINFER_CPU_ATTENTION_BF16_DOT and
+// -DHEADINFER_CPU_ATTENTION_FMA (FMAs only, decode and prefill) ask for amx, avx512bf16pv,
+// avx512bf16 and avx512; -DHEADINFER_CPU_ATTENTION_PORTABLE for the portable code (tests and
+// benchmarks build each).
 // C++17 and OpenMP; no torch headers.
 
 #include <algorithm>
@@ -79,7 +85,8 @@
 #define HEADINFER_AMX_TILES 1  // this compiler and CPU take AMX tiles (used if Linux permits, at run time)
 #include <sys/syscall.h>
 #include <unistd.h>
-#if !defined(HEADINFER_CPU_ATTENTION_FMA) && !defined(HEADINFER_CPU_ATTENTION_BF16_DOT)
+#if !defined(HEADINFER_CPU_ATTENTION_FMA) && !defined(HEADINFER_CPU_ATTENTION_BF16_DOT) && \
+    !defined(HEADINFER_CPU_ATTENTION_BF16_PV)
 #define HEADINFER_AMX_PREFILL 1
 #endif
 #if defined(HEADINFER_CPU_ATTENTION_AMX)
@@ -87,8 +94,10 @@
 #endif
 #endif
 #if defined(__AVX512BF16__) && !defined(HEADINFER_CPU_ATTENTION_FMA)
-#if !defined(HEADINFER_AMX) && (defined(HEADINFER_CPU_ATTENTION_BF16_DOT) || !defined(HEADINFER_AMX_TILES))
+#if !defined(HEADINFER_AMX) && (defined(HEADINFER_CPU_ATTENTION_BF16_DOT) || defined(HEADINFER_CPU_ATTENTION_BF16_PV) || \
+                                !defined(HEADINFER_AMX_TILES))
 #define HEADINFER_AVX512_BF16 1  // decode by VDPBF16PS: asked for, or the default without AMX tiles (see above)
+#include <cpuid.h>                // bf16_values()
 #endif
 #define HEADINFER_BF16_DOT_PREFILL 1  // bf16 prefill by VDPBF16PS where AMX prefill is not built or not permitted
 #endif
@@ -814,8 +823,10 @@ inline void score_tile_amx(const uint32_t* query_pairs, int Q, int64_t D, const 
 #endif
 
 // acc[q][d .. d + 32 * NC) += sum_t probs[q * kTile + t] * value t [d ..], sums in registers.
+// Forced inline: in a build with both weighted sums (avx512bf16), GCC called this from the tile's loop
+// and kept `sums` in memory, a store of every accumulator per key (3x slower, AMD Zen 5).
 template <int DT, int QB, int NC>
-inline void accumulate_wide_chunks(const float* probs, const Rows<typename Element<DT>::T>& values, int64_t shift, int64_t d,
+__attribute__((always_inline)) inline void accumulate_wide_chunks(const float* probs, const Rows<typename Element<DT>::T>& values, int64_t shift, int64_t d,
                                    float* acc, int64_t D, Prefetch<typename Element<DT>::T>& prefetch) {
   __m512 sums[QB][2 * NC];
   for (int q = 0; q < QB; ++q)
@@ -1092,6 +1103,31 @@ bool is_bf16_dot(const Call& c) {
 #endif
 }
 
+// Whether calls whose keys are scored with VDPBF16PS weight the values with it too (avx512bf16pv), else
+// with fp32 FMAs (avx512bf16). By default, on AMD family 0x19 (Zen 4, the only one of that family with
+// AVX-512 BF16): its 512-bit FMAs run as two 256-bit halves, so VDPBF16PS's two products a lane doubled
+// the weighted sum's rate there (the in-cache rate rose 1.10-1.23x, README). On Zen 5 (family 0x1a),
+// whose FMAs are 512 bits wide, the two took the same time in cache, and the FMAs read 7-12% faster from
+// DRAM (a C++ A/B, 2 threads, 16-24 alternated calls a shape, both unit layouts); they also keep the
+// probabilities in fp32.
+bool bf16_values() {
+#if defined(HEADINFER_CPU_ATTENTION_BF16_PV)
+  return true;
+#elif defined(HEADINFER_CPU_ATTENTION_BF16_DOT) || !defined(HEADINFER_AVX512_BF16)
+  return false;
+#else
+  static const bool zen4 = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid(0, &eax, &ebx, &ecx, &edx)) return false;
+    const bool amd = ebx == 0x68747541 && edx == 0x69746e65 && ecx == 0x444d4163;  // "AuthenticAMD"
+    if (!amd || !__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return false;
+    const unsigned family = (eax >> 8) & 0xf;
+    return (family == 0xf ? family + ((eax >> 20) & 0xff) : family) == 0x19;
+  }();
+  return zen4;
+#endif
+}
+
 int64_t query_head(const Call& c, int unit, int head, int q) {
   return (c.unit_first_head[unit] + head) * c.query_per_kv + q;
 }
@@ -1202,6 +1238,7 @@ void run_item(const Call& c, const Item& item, Scratch& s, float* partials) {
   s.max.assign(H * Q, -std::numeric_limits<float>::infinity());
   s.sum.assign(H * Q, 0.0f);
   const bool wide = is_wide(c), bf16_dot = is_bf16_dot<DT>(c), amx = is_amx<DT>(c);
+  const bool bf16_pv = bf16_dot && bf16_values();
   if (wide) s.sum_lanes.assign(H * Q * 16, 0.0f);
   if (bf16_dot) s.query_bits.resize(H * Q * D);
   if (amx) s.query_pairs.resize(H * Q * D / 2);
@@ -1293,7 +1330,7 @@ void run_item(const Call& c, const Item& item, Scratch& s, float* partials) {
         for_query_blocks(int(Q), [&](int q, auto block) {
 #if defined(HEADINFER_AVX512_BF16)
           if constexpr (DT == kBFloat16)
-            if (bf16_dot)
+            if (bf16_pv)
               return accumulate_tile_dot<decltype(block)::value>(scores + q * kTile, *keys, values + shift,
                                                                  acc + q * D, D, prefetch);
 #endif
@@ -2330,7 +2367,7 @@ const char* headinfer_cpu_attention_isa() {
   if (amx_permitted()) return "amx";
   return "avx512";
 #elif defined(HEADINFER_AVX512_BF16)
-  return "avx512bf16";
+  return bf16_values() ? "avx512bf16pv" : "avx512bf16";
 #elif defined(HEADINFER_AVX512)
   return "avx512";
 #else

@@ -5,7 +5,7 @@ window, in blocks no request owns) holds NaN, so a kernel that reads one
 gives a NaN and fails: the checks prove what is not read as well as what is.
 
 Every test runs on each instruction path this compiler and CPU can build
-(``cpu_attention.available_isas()``: amx, avx512bf16, avx512, portable).
+(``cpu_attention.available_isas()``: amx, avx512bf16pv, avx512bf16, avx512, portable).
 """
 
 from __future__ import annotations
@@ -310,7 +310,8 @@ def test_pages_of_a_host_tier():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_one_key_returns_its_value_bit_for_bit(dtype):
     """softmax of one key is 1: out = V exactly, for every finite half-precision bit pattern (but bf16
-    subnormals on the avx512bf16 path: VDPBF16PS reads them as zeros, an error below 2^-126)."""
+    subnormals on the avx512bf16pv path: VDPBF16PS reads them as zeros, an error below 2^-126; avx512bf16
+    weights the values with fp32 FMAs, which take them exactly)."""
     bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
     values = bits[torch.isfinite(bits.float())]
     head_dim = 128
@@ -323,7 +324,7 @@ def test_one_key_returns_its_value_bit_for_bit(dtype):
     query = torch.ones(rows, 1, head_dim, dtype=dtype)
     output = cpu_attention.decode_attention(query, pages, block_table, seq_lens, 1.0)
     expected = values
-    if dtype == torch.bfloat16 and cpu_attention.instruction_path() == "avx512bf16":
+    if dtype == torch.bfloat16 and cpu_attention.instruction_path() == "avx512bf16pv":
         expected = torch.where(values.float().abs() < torch.finfo(torch.float32).tiny, 0.0, values)
     assert torch.equal(output, expected)  # bit for bit, but for the sign of zero
 
@@ -410,9 +411,36 @@ def test_the_path_asked_for_is_the_path_taken(isa):
     assert isa in cpu_attention.ISAS
 
 
+def cpu_facts() -> tuple[set[str], str | None, int | None]:
+    """The first CPU's flags, vendor and family number, from /proc/cpuinfo."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as lines:
+            for line in lines:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    family = fields.get("cpu family")
+    return set(fields.get("flags", "").split()), fields.get("vendor_id"), int(family) if family else None
+
+
+def test_the_default_weights_values_in_bf16_only_on_amd_zen4(monkeypatch):
+    """On a CPU with AVX-512 BF16 and no AMX the default build takes avx512bf16pv on AMD family 25 (Zen 4),
+    avx512bf16 on any other (bf16_values() reads CPUID; this reads /proc/cpuinfo)."""
+    flags, vendor, family = cpu_facts()
+    if "avx512_bf16" not in flags or "amx_tile" in flags or "avx512bf16" not in ISA_PATHS:
+        pytest.skip("the default build takes the VDPBF16PS paths only on a CPU with AVX-512 BF16 and no AMX")
+    monkeypatch.setenv(cpu_attention.ISA_ENV, "auto")
+    zen4 = vendor == "AuthenticAMD" and family == 25
+    assert cpu_attention.instruction_path() == ("avx512bf16pv" if zen4 else "avx512bf16")
+
+
 def test_an_unknown_path_is_refused(monkeypatch):
     monkeypatch.setenv(cpu_attention.ISA_ENV, "sse9")
-    with pytest.raises(ValueError, match="amx, avx512bf16, avx512, portable"):
+    with pytest.raises(ValueError, match="amx, avx512bf16pv, avx512bf16, avx512, portable"):
         Case([5]).run()
 
 

@@ -180,10 +180,13 @@ def test_torch_sdpa_before_and_after_the_kernel(isa):
 
 def test_prefill_instruction_paths(isa):
     """bf16 prefill takes AMX tiles in the default and ``amx`` builds where the CPU and Linux allow them, else
-    VDPBF16PS where the CPU has AVX-512 BF16 (always in the ``avx512bf16`` build); FMAs in the ``avx512`` build."""
+    VDPBF16PS where the CPU has AVX-512 BF16 (always in the ``avx512bf16`` and ``avx512bf16pv`` builds); FMAs in
+    the ``avx512`` build."""
     path = cpu_attention.prefill_instruction_path()
     if isa in ("avx512", "portable", "avx512bf16"):
         assert path == isa
+    elif isa == "avx512bf16pv":
+        assert path == "avx512bf16"
     elif isa == "amx":
         assert path == ("amx" if torch.cpu._is_amx_tile_supported() else "avx512bf16")
     else:
