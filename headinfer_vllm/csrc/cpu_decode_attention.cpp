@@ -52,10 +52,10 @@
 // portable code in the same build (AMX also wants bf16, blocks of >= 16 tokens and <= 16 query
 // heads per KV head, else avx512; VDPBF16PS wants bf16, else avx512). A default build takes, for
 // decode, avx512 on a CPU with AMX tiles (on the one measured, Sapphire Rapids, VDPBF16PS ran at
-// half the FMAs' rate and neither amx nor avx512bf16 beat avx512); on one with AVX-512 BF16 and no
-// AMX, avx512bf16pv where 512-bit FMAs are split in two halves (AMD Zen 4, family 0x19, where
+// half the FMAs' rate and neither amx nor avx512bf16pv beat avx512); on one with AVX-512 BF16 and
+// no AMX, avx512bf16pv where 512-bit FMAs are split in two halves (AMD Zen 4, family 0x19, where
 // VDPBF16PS runs at the FMAs' rate: the bf16 weighted sum raised the in-cache rate 1.10-1.23x) and
-// avx512bf16 elsewhere (AMD Zen 5, family 0x1a: the same in-cache rate, 7-12% faster from DRAM;
+// avx512bf16 elsewhere (AMD Zen 5, family 0x1a: 2-4% slower in cache, 7-17% faster from DRAM;
 // decided at run time, bf16_values()); else avx512 where the CPU has AVX-512, else portable
 // (benchmarks/bench_cpu_attention.py measures each). -DHEADINFER_CPU_ATTENTION_AMX,
 // -DHEADINFER_CPU_ATTENTION_BF16_PV, -DHEADINFER_CPU_ATTENTION_BF16_DOT and
@@ -826,8 +826,10 @@ inline void score_tile_amx(const uint32_t* query_pairs, int Q, int64_t D, const 
 // Forced inline: in a build with both weighted sums (avx512bf16), GCC called this from the tile's loop
 // and kept `sums` in memory, a store of every accumulator per key (3x slower, AMD Zen 5).
 template <int DT, int QB, int NC>
-__attribute__((always_inline)) inline void accumulate_wide_chunks(const float* probs, const Rows<typename Element<DT>::T>& values, int64_t shift, int64_t d,
-                                   float* acc, int64_t D, Prefetch<typename Element<DT>::T>& prefetch) {
+__attribute__((always_inline)) inline void accumulate_wide_chunks(const float* probs,
+                                                                  const Rows<typename Element<DT>::T>& values,
+                                                                  int64_t shift, int64_t d, float* acc, int64_t D,
+                                                                  Prefetch<typename Element<DT>::T>& prefetch) {
   __m512 sums[QB][2 * NC];
   for (int q = 0; q < QB; ++q)
     for (int j = 0; j < 2 * NC; ++j) sums[q][j] = _mm512_loadu_ps(acc + q * D + d + 16 * j);
@@ -1107,8 +1109,8 @@ bool is_bf16_dot(const Call& c) {
 // with fp32 FMAs (avx512bf16). By default, on AMD family 0x19 (Zen 4, the only one of that family with
 // AVX-512 BF16): its 512-bit FMAs run as two 256-bit halves, so VDPBF16PS's two products a lane doubled
 // the weighted sum's rate there (the in-cache rate rose 1.10-1.23x, README). On Zen 5 (family 0x1a),
-// whose FMAs are 512 bits wide, the two took the same time in cache, and the FMAs read 7-12% faster from
-// DRAM (a C++ A/B, 2 threads, 16-24 alternated calls a shape, both unit layouts); they also keep the
+// whose FMAs are 512 bits wide, the FMAs took 2-4% longer in cache and read 7-17% faster from DRAM (two
+// C++ A/Bs, 2 threads, 16-24 alternated calls a shape, both unit layouts); they also keep the
 // probabilities in fp32.
 bool bf16_values() {
 #if defined(HEADINFER_CPU_ATTENTION_BF16_PV)
