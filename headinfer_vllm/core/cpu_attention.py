@@ -33,7 +33,7 @@ x86, NEON on Arm). By default: avx512 on a CPU with AMX tiles (Sapphire Rapids:
 VDPBF16PS at half the FMAs' rate); on one with AVX-512 BF16 and no AMX, avx512bf16pv
 on AMD Zen 4 (family 0x19: its 512-bit FMAs run in two halves, VDPBF16PS at their
 rate does twice their work) and avx512bf16 elsewhere (AMD Zen 5: the FMAs' weighted sum
-took 2-4% longer in cache and read 7-17% faster from DRAM); else avx512 where the CPU
+took 0-7% longer in cache and read 5-17% faster from DRAM); else avx512 where the CPU
 has AVX-512, else portable. The AVX-512 paths serve head dims that are a multiple
 of 32 (AMX: bf16, blocks of >= 16 tokens, <= 16 query heads per KV head; VDPBF16PS:
 bf16); other calls take the portable or avx512 code of the same build.

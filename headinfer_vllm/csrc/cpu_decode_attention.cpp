@@ -55,7 +55,7 @@
 // half the FMAs' rate and neither amx nor avx512bf16pv beat avx512); on one with AVX-512 BF16 and
 // no AMX, avx512bf16pv where 512-bit FMAs are split in two halves (AMD Zen 4, family 0x19, where
 // VDPBF16PS runs at the FMAs' rate: the bf16 weighted sum raised the in-cache rate 1.10-1.23x) and
-// avx512bf16 elsewhere (AMD Zen 5, family 0x1a: 2-4% slower in cache, 7-17% faster from DRAM;
+// avx512bf16 elsewhere (AMD Zen 5, family 0x1a: 0-7% slower in cache, 5-17% faster from DRAM;
 // decided at run time, bf16_values()); else avx512 where the CPU has AVX-512, else portable
 // (benchmarks/bench_cpu_attention.py measures each). -DHEADINFER_CPU_ATTENTION_AMX,
 // -DHEADINFER_CPU_ATTENTION_BF16_PV, -DHEADINFER_CPU_ATTENTION_BF16_DOT and
@@ -1109,9 +1109,9 @@ bool is_bf16_dot(const Call& c) {
 // with fp32 FMAs (avx512bf16). By default, on AMD family 0x19 (Zen 4, the only one of that family with
 // AVX-512 BF16): its 512-bit FMAs run as two 256-bit halves, so VDPBF16PS's two products a lane doubled
 // the weighted sum's rate there (the in-cache rate rose 1.10-1.23x, README). On Zen 5 (family 0x1a),
-// whose FMAs are 512 bits wide, the FMAs took 2-4% longer in cache and read 7-17% faster from DRAM (two
-// C++ A/Bs, 2 threads, 16-24 alternated calls a shape, both unit layouts); they also keep the
-// probabilities in fp32.
+// whose FMAs are 512 bits wide, the FMAs took 0-7% longer in cache (C++ A/Bs and bench_cpu_attention) and
+// read 5-17% faster from DRAM (two C++ A/Bs, 2 threads, 16-24 alternated calls a shape, both unit
+// layouts); they also keep the probabilities in fp32.
 bool bf16_values() {
 #if defined(HEADINFER_CPU_ATTENTION_BF16_PV)
   return true;
