@@ -59,7 +59,7 @@ import torch
 from headinfer_vllm.core import cpu_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine_facts import cpu_model, transparent_hugepages, usable_cores
+from machine_facts import cpu_model, cpuinfo, transparent_hugepages, usable_cores
 
 LLAMA3_8B = dict(num_query_heads=32, num_kv_heads=8, head_dim=128)
 GB = 1e9
@@ -119,12 +119,8 @@ class Contention:
 
 def simd_flags() -> list[str]:
     """The CPU's SIMD features that the kernel's paths use (from /proc/cpuinfo)."""
-    try:
-        with open("/proc/cpuinfo") as lines:
-            line = next((line for line in lines if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return []
-    present = set(line.split(":", 1)[-1].split())
+    info = cpuinfo()
+    present = set((info.get("flags") or info.get("Features", "")).split())
     return [flag for flag in SIMD_FLAGS if flag in present]
 
 

@@ -54,7 +54,7 @@ from headinfer_vllm.tiny_models import SHAPE, save_tiny_model
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import run_context
-from machine_facts import cpu_model
+from machine_facts import cpu_model, cpuinfo
 
 BACKENDS = ("stock", "headinfer", "headinfer-streamed")
 VOCAB = 256
@@ -233,12 +233,7 @@ def cpu_prefill_path(dtype: str) -> str:
 
 def cpu_flags() -> list[str]:
     """The CPU's AVX-512 and AMX flags (what the stock CPU backend's kernels choose by)."""
-    try:
-        with open("/proc/cpuinfo") as lines:
-            flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
-    except OSError:
-        flags = []
-    return sorted(flag for flag in flags if flag.startswith(("avx512", "amx")))
+    return sorted(flag for flag in cpuinfo().get("flags", "").split() if flag.startswith(("avx512", "amx")))
 
 
 def main(argv: list[str]) -> dict:

@@ -102,13 +102,12 @@ def meminfo() -> dict[str, int | None]:
 CPUINFO = Path("/proc/cpuinfo")
 
 
-def cpu_model(cpuinfo: Path = CPUINFO) -> str:
-    """The first CPU's model name, and on x86 its family, model and stepping numbers (decimal, as
-    /proc/cpuinfo gives them): a VM may name the CPU only "AMD EPYC", and AMD Zen 4 (family 25) and
-    Zen 5 (family 26) differ in the kernel's rates (README). Falls back to ``platform``'s words."""
+def cpuinfo(path: Path = CPUINFO) -> dict[str, str]:
+    """The first CPU's fields in /proc/cpuinfo (``model name``, ``cpu family``, ``flags`` or, on Arm,
+    ``Features``, ...), values stripped; empty where the file is missing."""
     fields: dict[str, str] = {}
     try:
-        with open(cpuinfo) as lines:
+        with open(path) as lines:
             for line in lines:
                 if not line.strip():
                     break  # the first CPU's block ends
@@ -116,6 +115,14 @@ def cpu_model(cpuinfo: Path = CPUINFO) -> str:
                 fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    return fields
+
+
+def cpu_model(path: Path = CPUINFO) -> str:
+    """The first CPU's model name, and on x86 its family, model and stepping numbers (decimal, as
+    /proc/cpuinfo gives them): a VM may name the CPU only "AMD EPYC", and AMD Zen 4 (family 25) and
+    Zen 5 (family 26) differ in the kernel's rates (README). Falls back to ``platform``'s words."""
+    fields = cpuinfo(path)
     name = fields.get("model name") or platform.processor() or platform.machine()
     numbers = [(word, fields[key]) for word, key in (("family", "cpu family"), ("model", "model"),
                                                       ("stepping", "stepping")) if key in fields]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import machine_facts
 import pytest
 import torch
 
@@ -411,30 +412,15 @@ def test_the_path_asked_for_is_the_path_taken(isa):
     assert isa in cpu_attention.ISAS
 
 
-def cpu_facts() -> tuple[set[str], str | None, int | None]:
-    """The first CPU's flags, vendor and family number, from /proc/cpuinfo."""
-    fields = {}
-    try:
-        with open("/proc/cpuinfo") as lines:
-            for line in lines:
-                if not line.strip():
-                    break
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    family = fields.get("cpu family")
-    return set(fields.get("flags", "").split()), fields.get("vendor_id"), int(family) if family else None
-
-
 def test_the_default_weights_values_in_bf16_only_on_amd_zen4(monkeypatch):
     """On a CPU with AVX-512 BF16 and no AMX the default build takes avx512bf16pv on AMD family 25 (Zen 4),
     avx512bf16 on any other (bf16_values() reads CPUID; this reads /proc/cpuinfo)."""
-    flags, vendor, family = cpu_facts()
+    info = machine_facts.cpuinfo()  # benchmarks/, on the path (tests/conftest.py)
+    flags = set(info.get("flags", "").split())
     if "avx512_bf16" not in flags or "amx_tile" in flags or "avx512bf16" not in ISA_PATHS:
         pytest.skip("the default build takes the VDPBF16PS paths only on a CPU with AVX-512 BF16 and no AMX")
     monkeypatch.setenv(cpu_attention.ISA_ENV, "auto")
-    zen4 = vendor == "AuthenticAMD" and family == 25
+    zen4 = info.get("vendor_id") == "AuthenticAMD" and info.get("cpu family") == "25"
     assert cpu_attention.instruction_path() == ("avx512bf16pv" if zen4 else "avx512bf16")
 
 
